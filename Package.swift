@@ -1,0 +1,39 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// Boundaries (enforced by the dependency graph below):
+//   Qcow2Format        pure value types, no I/O, no C
+//   ClusterCompression codecs; the only place zlib/zstd/ISA-L enter
+//   DirectIO           the only target that talks to the kernel (files, io_uring, pwrite)
+//   QcowPress          the engine, image readers, and the public library API
+//   qcowpress          the command line, a thin layer over QcowPress
+let package = Package(
+    name: "QcowPress",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "QcowPress", targets: ["QcowPress"]),
+        .executable(name: "qcowpress", targets: ["qcowpress"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .systemLibrary(name: "CURing", pkgConfig: "liburing", providers: [.apt(["liburing-dev"])]),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CISAL", pkgConfig: "libisal", providers: [.apt(["libisal-dev"])]),
+        .target(name: "Qcow2Format"),
+        .target(name: "ClusterCompression", dependencies: ["CZstd", "CZlib", "CISAL"]),
+        .target(name: "DirectIO", dependencies: ["CURing"]),
+        .target(name: "QcowPress", dependencies: ["Qcow2Format", "ClusterCompression", "DirectIO"]),
+        .executableTarget(name: "qcowpress", dependencies: [
+            "QcowPress",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "Qcow2FormatTests", dependencies: ["Qcow2Format"]),
+        .testTarget(name: "ClusterCompressionTests", dependencies: ["ClusterCompression"]),
+        .testTarget(name: "DirectIOTests", dependencies: ["DirectIO"]),
+        .testTarget(name: "QcowPressTests", dependencies: ["QcowPress", "Qcow2Format", "ClusterCompression", "DirectIO"]),
+        .testTarget(name: "CLITests", dependencies: ["Qcow2Format", "qcowpress"]),
+    ]
+)

@@ -1,0 +1,90 @@
+import CURing
+import Glibc
+
+/// A source file or block device, read without filling the page cache: O_DIRECT where the file
+/// system allows it, otherwise buffered reads with the range dropped behind the reader.
+public final class InputFile: @unchecked Sendable {
+    public let path: String
+    public let fd: Int32
+    public let size: UInt64
+    /// True when reads bypass the page cache (O_DIRECT).
+    public let direct: Bool
+    /// Buffered reads: drop pages behind us (off for small files the caller may reread).
+    public let dropBehind: Bool
+
+    public init(path: String, direct wantDirect: Bool = true) throws(IOError) {
+        self.path = path
+        var st = stat()
+        if stat(path, &st) < 0 { throw IOError(errno: errno, operation: "open", path: path) }
+        let type = st.st_mode & S_IFMT
+        if type == S_IFDIR { throw IOError(errno: EISDIR, operation: "open", path: path) }
+        var fd: Int32 = -1
+        var direct = false
+        if wantDirect && (type == S_IFREG || type == S_IFBLK) {
+            fd = open(path, O_RDONLY | O_CLOEXEC | CURING_O_DIRECT)
+            direct = fd >= 0
+        }
+        if fd < 0 {
+            fd = open(path, O_RDONLY | O_CLOEXEC)
+            if fd < 0 { throw IOError(errno: errno, operation: "open", path: path) }
+        }
+        let end = lseek(fd, 0, SEEK_END)
+        if end < 0 {
+            let e = errno
+            close(fd)
+            throw IOError(errno: e, operation: "lseek", path: path)
+        }
+        self.fd = fd
+        self.size = UInt64(end)
+        self.direct = direct
+        self.dropBehind = true
+        if !direct { _ = posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL) }
+    }
+    deinit { close(fd) }
+
+    /// Reads up to `length` bytes at `offset` into `buffer` (which must be 4 KiB-aligned when
+    /// `offset` and `length` are 512-aligned, for O_DIRECT). Returns bytes read; stops early only at
+    /// end of file. Retries EINTR and short reads.
+    public func read(into buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64) throws(IOError) -> Int {
+        var done = 0
+        while done < length {
+            let want = length - done
+            let at = offset + UInt64(done)
+            let r = Sys.pread(fd, buffer + done, want, at)
+            if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
+            if r < 0 { throw IOError(errno: Int32(-r), operation: "read", path: path, offset: at) }
+            if r == 0 {
+                if at >= size { break }
+                // An injected or real zero-length read before EOF: not making progress.
+                throw IOError(errno: EIO, operation: "read (no progress)", path: path, offset: at)
+            }
+            done += r
+        }
+        if !direct && dropBehind && done > 0 {
+            _ = posix_fadvise(fd, off_t(offset), off_t(done), POSIX_FADV_DONTNEED)
+        }
+        return done
+    }
+
+    /// Data ranges of the file in [from, to), using SEEK_DATA/SEEK_HOLE. Where the file system
+    /// cannot tell, the whole range is data.
+    public func dataRanges(from: UInt64 = 0, to: UInt64? = nil) -> [Range<UInt64>] {
+        let end = to ?? size
+        var out: [Range<UInt64>] = []
+        var pos = from
+        while pos < end {
+            let d = lseek(fd, off_t(pos), SEEK_DATA)
+            if d < 0 {
+                if errno == ENXIO { break }  // no more data
+                return out + [pos..<end]  // not supported: everything is data
+            }
+            let dataStart = UInt64(d)
+            if dataStart >= end { break }
+            let h = lseek(fd, off_t(dataStart), SEEK_HOLE)
+            let holeStart = h < 0 ? end : min(end, UInt64(h))
+            out.append(dataStart..<holeStart)
+            pos = holeStart
+        }
+        return out
+    }
+}

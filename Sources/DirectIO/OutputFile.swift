@@ -1,0 +1,108 @@
+import CURing
+import Glibc
+
+/// How image bytes reach the disk.
+public enum IOMode: String, Sendable, CaseIterable {
+    /// io_uring with O_DIRECT (default).
+    case uring
+    /// pwrite on a dedicated thread with O_DIRECT.
+    case pwrite
+    /// Buffered pwrite (page cache) with the written range dropped behind the writer.
+    case buffered
+}
+
+/// A file being written by QcowPress. Only this type and the writers issue write syscalls.
+public final class OutputFile: @unchecked Sendable {
+    public let path: String
+    public let fd: Int32
+    /// True when opened with O_DIRECT.
+    public let direct: Bool
+
+    /// Creates `path` exclusively (it must not exist). With `direct`, tries O_DIRECT and falls back to
+    /// buffered I/O when the file system refuses it (tmpfs); `direct` then reads false.
+    public init(creating path: String, direct wantDirect: Bool) throws(IOError) {
+        self.path = path
+        let base = O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC
+        var fd: Int32 = -1
+        var direct = false
+        if wantDirect {
+            fd = open(path, base | CURING_O_DIRECT, 0o644)
+            if fd >= 0 {
+                direct = true
+            } else if errno != EINVAL {
+                throw IOError(errno: errno, operation: "open", path: path)
+            }
+        }
+        if fd < 0 {
+            fd = open(path, base, 0o644)
+            if fd < 0 { throw IOError(errno: errno, operation: "open", path: path) }
+        }
+        self.fd = fd
+        self.direct = direct
+    }
+
+    deinit { close(fd) }
+
+    /// Writes all of `length` bytes, retrying EINTR and continuing after short writes. A write that
+    /// makes no progress is reported as EIO (the disk refused more bytes without saying why).
+    public func pwriteAll(_ pointer: UnsafeRawPointer, length: Int, offset: UInt64) throws(IOError) {
+        var done = 0
+        while done < length {
+            let r = Sys.pwrite(fd, pointer + done, length - done, offset + UInt64(done))
+            if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
+            if r < 0 { throw IOError(errno: Int32(-r), operation: "pwrite", path: path, offset: offset + UInt64(done)) }
+            if r == 0 { throw IOError(errno: EIO, operation: "pwrite (no progress)", path: path, offset: offset + UInt64(done)) }
+            done += r
+        }
+    }
+
+    public func sync() throws(IOError) {
+        var e: Int32
+        repeat { e = Sys.fsync(fd) } while e == EINTR
+        if e != 0 { throw IOError(errno: e, operation: "fsync", path: path) }
+    }
+
+    public func truncate(to size: UInt64) throws(IOError) {
+        if ftruncate(fd, off_t(size)) < 0 { throw IOError(errno: errno, operation: "ftruncate", path: path) }
+    }
+
+    /// Starts writeback of a written range and drops it from the page cache (buffered mode only).
+    public func dropBehind(offset: UInt64, length: Int) {
+        guard !direct, length > 0 else { return }
+        // WAIT_BEFORE|WRITE|WAIT_AFTER makes the pages clean so DONTNEED can drop them.
+        _ = curing_sync_file_range(fd, Int64(offset), Int64(length), CURING_SYNC_RANGE_ALL)
+        _ = posix_fadvise(fd, off_t(offset), off_t(length), POSIX_FADV_DONTNEED)
+    }
+}
+
+/// Filesystem operations on names (rename, unlink, fsync of a directory).
+public enum FileNames {
+    public static func exists(_ path: String) -> Bool {
+        var st = stat()
+        return lstat(path, &st) == 0
+    }
+    public static func isDirectory(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+    }
+    public static func rename(_ from: String, _ to: String) throws(IOError) {
+        if Glibc.rename(from, to) < 0 { throw IOError(errno: errno, operation: "rename to \(to)", path: from) }
+    }
+    public static func unlink(_ path: String) {
+        _ = Glibc.unlink(path)
+    }
+    /// fsync of the directory holding `path`, so a rename is durable.
+    public static func syncDirectory(of path: String) {
+        let dir: String
+        if let slash = path.lastIndex(of: "/") {
+            dir = slash == path.startIndex ? "/" : String(path[..<slash])
+        } else {
+            dir = "."
+        }
+        let fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if fd >= 0 {
+            _ = Glibc.fsync(fd)
+            close(fd)
+        }
+    }
+}

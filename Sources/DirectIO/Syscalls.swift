@@ -1,0 +1,116 @@
+import CURing
+import Glibc
+import Synchronization
+
+/// The syscall seam: every write-side and read-side data call goes through these functions, so tests
+/// can force ENOSPC, EIO, EINTR and short transfers at a chosen call index.
+///
+/// Faults come from ``FaultInjection/install(_:)`` (tests) or from the environment variable
+/// `QCOWPRESS_FAULT` (end-to-end tests of the binary), e.g. `write:3:ENOSPC`, `write:2:short`,
+/// `write:1:EINTR`, `read:5:EIO`. The index counts data writes (or reads) from 1 in the process.
+public enum FaultInjection {
+    public enum Kind: Sendable, Equatable {
+        case fail(Int32)
+        /// Transfer only half of the request (rounded down to 512 bytes, at least 0).
+        case short
+    }
+    public enum Operation: String, Sendable { case write, read }
+    public struct Plan: Sendable, Equatable {
+        public var operation: Operation
+        /// 1-based index of the call that fails.
+        public var index: Int
+        public var kind: Kind
+        /// Fail every call from `index` on (otherwise only that one).
+        public var sticky: Bool
+        /// Only calls on this descriptor count (so concurrent tests do not disturb each other).
+        public var fd: Int32?
+        public init(operation: Operation, index: Int, kind: Kind, sticky: Bool = false, fd: Int32? = nil) {
+            self.operation = operation
+            self.index = index
+            self.kind = kind
+            self.sticky = sticky
+            self.fd = fd
+        }
+    }
+
+    struct State {
+        var plan: Plan?
+        var writes = 0
+        var reads = 0
+        var envChecked = false
+    }
+    static let state = Mutex(State())
+
+    public static func install(_ plan: Plan?) {
+        state.withLock { $0 = State(plan: plan, envChecked: true) }
+    }
+
+    /// Parses `op:index:kind[:sticky]` with kind ENOSPC, EIO, EINTR, EDQUOT or short.
+    public static func parse(_ s: String) -> Plan? {
+        let parts = s.split(separator: ":").map(String.init)
+        guard parts.count >= 3, let op = Operation(rawValue: parts[0]), let index = Int(parts[1]) else { return nil }
+        let kind: Kind
+        switch parts[2] {
+        case "ENOSPC": kind = .fail(ENOSPC)
+        case "EIO": kind = .fail(EIO)
+        case "EINTR": kind = .fail(EINTR)
+        case "EDQUOT": kind = .fail(EDQUOT)
+        case "short": kind = .short
+        default: return nil
+        }
+        return Plan(operation: op, index: index, kind: kind, sticky: parts.count > 3 && parts[3] == "sticky")
+    }
+
+    /// Counts one call and says whether it must be faulted.
+    static func check(_ op: Operation, fd: Int32) -> Kind? {
+        state.withLock { s in
+            if !s.envChecked {
+                s.envChecked = true
+                if let env = getenv("QCOWPRESS_FAULT") { s.plan = parse(String(cString: env)) }
+            }
+            guard let plan = s.plan, plan.fd == nil || plan.fd == fd else { return nil }
+            let n: Int
+            switch op {
+            case .write: s.writes += 1; n = s.writes
+            case .read: s.reads += 1; n = s.reads
+            }
+            guard let p = s.plan, p.operation == op else { return nil }
+            if n == p.index || (p.sticky && n > p.index) { return p.kind }
+            return nil
+        }
+    }
+}
+
+/// One function per syscall. Each returns the raw result (bytes or -errno) after the fault seam.
+enum Sys {
+    /// Applies an injected fault to a transfer request: returns a replacement result, or the length
+    /// to actually transfer.
+    @inline(__always)
+    static func fault(_ op: FaultInjection.Operation, fd: Int32, length: Int) -> (result: Int?, length: Int) {
+        switch FaultInjection.check(op, fd: fd) {
+        case nil: return (nil, length)
+        case .fail(let e): return (-Int(e), length)
+        case .short: return (nil, (length / 2) & ~511)
+        }
+    }
+
+    static func pwrite(_ fd: Int32, _ buf: UnsafeRawPointer, _ count: Int, _ offset: UInt64) -> Int {
+        let f = fault(.write, fd: fd, length: count)
+        if let r = f.result { return r }
+        if f.length == 0 { return 0 }
+        let r = Glibc.pwrite(fd, buf, f.length, off_t(offset))
+        return r < 0 ? -Int(Glibc.errno) : r
+    }
+
+    static func pread(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int, _ offset: UInt64) -> Int {
+        let f = fault(.read, fd: fd, length: count)
+        if let r = f.result { return r }
+        if f.length == 0 && count > 0 { return 0 }
+        let r = Glibc.pread(fd, buf, f.length, off_t(offset))
+        return r < 0 ? -Int(Glibc.errno) : r
+    }
+
+    static func fsync(_ fd: Int32) -> Int32 {
+        Glibc.fsync(fd) < 0 ? Glibc.errno : 0
+    }
+}

@@ -1,0 +1,341 @@
+import DirectIO
+import Glibc
+import Qcow2Format
+
+extension Qcow2Encoder {
+    /// Copies `bytes` into the image at guest offset `offset`. Safe to call from many tasks at once;
+    /// suspends (without blocking a thread) while the memory budget is used up.
+    public func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) async throws(QcowPressError) {
+        var batch: [WorkItem] = []
+        var c = offset >> UInt64(geometry.clusterBits)
+        var pos = 0
+        try checkRange(offset, bytes.count)
+        while pos < bytes.count {
+            let (a, b, full) = span(cluster: c, offset: offset + UInt64(pos), remaining: bytes.count - pos)
+            let src = bytes.baseAddress! + pos
+            if full {
+                if let slot = try intakeFull(cluster: c, src: src, length: b - a) {
+                    var s = slot
+                    if s == Self.needSlot {
+                        flush(&batch)
+                        s = await pool.acquire()
+                        try fillFull(cluster: c, slot: s, src: src, length: b - a)
+                    }
+                    batch.append(WorkItem(cluster: c, slot: s))
+                }
+            } else {
+                var slot = try claimPartial(cluster: c, range: a..<b)
+                if slot == Self.needSlot {
+                    flush(&batch)
+                    let s = await pool.acquire()
+                    slot = try installPartial(cluster: c, range: a..<b, slot: s)
+                }
+                if try fillPartial(cluster: c, slot: slot, range: a..<b, src: src) {
+                    batch.append(WorkItem(cluster: c, slot: slot))
+                }
+            }
+            if batch.count >= Self.batchSize { flush(&batch) }
+            pos += b - a
+            c += 1
+        }
+        flush(&batch)
+        mapLock.withLock { bytesIn += UInt64(bytes.count) }
+    }
+
+    /// The same as ``write(at:_:)`` for callers on their own OS threads: blocks while the budget is used up.
+    public func writeBlocking(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws(QcowPressError) {
+        var batch: [WorkItem] = []
+        var c = offset >> UInt64(geometry.clusterBits)
+        var pos = 0
+        try checkRange(offset, bytes.count)
+        while pos < bytes.count {
+            let (a, b, full) = span(cluster: c, offset: offset + UInt64(pos), remaining: bytes.count - pos)
+            let src = bytes.baseAddress! + pos
+            if full {
+                if let slot = try intakeFull(cluster: c, src: src, length: b - a) {
+                    var s = slot
+                    if s == Self.needSlot {
+                        flush(&batch)
+                        s = pool.acquireBlocking()
+                        try fillFull(cluster: c, slot: s, src: src, length: b - a)
+                    }
+                    batch.append(WorkItem(cluster: c, slot: s))
+                }
+            } else {
+                var slot = try claimPartial(cluster: c, range: a..<b)
+                if slot == Self.needSlot {
+                    flush(&batch)
+                    slot = try installPartial(cluster: c, range: a..<b, slot: pool.acquireBlocking())
+                }
+                if try fillPartial(cluster: c, slot: slot, range: a..<b, src: src) {
+                    batch.append(WorkItem(cluster: c, slot: slot))
+                }
+            }
+            if batch.count >= Self.batchSize { flush(&batch) }
+            pos += b - a
+            c += 1
+        }
+        flush(&batch)
+        mapLock.withLock { bytesIn += UInt64(bytes.count) }
+    }
+
+    /// Declares `length` bytes at `offset` to be zero: no data is copied, compressed or written.
+    /// Only whole clusters inside the range are marked; the partial ends are written as zero bytes.
+    public func writeZeroes(at offset: UInt64, length: UInt64) async throws(QcowPressError) {
+        let (head, tail) = try zeroWholeClusters(at: offset, length: length)
+        for r in [head, tail] where !r.isEmpty {
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(r.count), alignment: 16)
+            defer { buf.deallocate() }
+            buf.initializeMemory(as: UInt8.self, repeating: 0)
+            try await write(at: r.lowerBound, UnsafeRawBufferPointer(buf))
+        }
+    }
+
+    /// Blocking form of ``writeZeroes(at:length:)``.
+    public func writeZeroesBlocking(at offset: UInt64, length: UInt64) throws(QcowPressError) {
+        let (head, tail) = try zeroWholeClusters(at: offset, length: length)
+        for r in [head, tail] where !r.isEmpty {
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(r.count), alignment: 16)
+            defer { buf.deallocate() }
+            buf.initializeMemory(as: UInt8.self, repeating: 0)
+            try writeBlocking(at: r.lowerBound, UnsafeRawBufferPointer(buf))
+        }
+    }
+
+    // MARK: - internals
+
+    static let needSlot: Int32 = -2
+    /// Clusters handed to the workers at once: amortises the lock and wake-up (~64 KiB × 8 = 512 KiB
+    /// of work per hand-over at the default cluster size), small enough to keep both cores fed.
+    static let batchSize = 8
+
+    func checkRange(_ offset: UInt64, _ count: Int) throws(QcowPressError) {
+        let (end, overflow) = offset.addingReportingOverflow(UInt64(count))
+        if overflow || end > options.virtualSize {
+            throw .misuse("write of \(count) bytes at offset \(offset) is beyond the virtual size \(options.virtualSize)")
+        }
+    }
+
+    /// The part of cluster `c` a write starting at guest `offset` covers: [a, b) inside the cluster,
+    /// and whether it covers every valid byte of it.
+    @inline(__always)
+    func span(cluster c: UInt64, offset: UInt64, remaining: Int) -> (Int, Int, Bool) {
+        let a = Int(offset - (c << UInt64(geometry.clusterBits)))
+        let valid = validBytes(c)
+        let b = min(valid, a + remaining)
+        return (a, b, a == 0 && b == valid)
+    }
+
+    func checkOpen() throws(QcowPressError) {
+        switch state {
+        case .open: return
+        case .failed(let e): throw e
+        case .finishing, .done: throw .misuse("write after finish()")
+        }
+    }
+
+    /// Entry of guest cluster `c` (creating the region's table when needed). Caller holds mapLock.
+    func tableFor(_ c: UInt64) throws(QcowPressError) -> L2Table {
+        let r = geometry.l1Index(ofGuestCluster: c)
+        if let t = tables[r] { return t }
+        if completedRegions.contains(r) {
+            throw .misuse("overlapping write: guest cluster \(c) was already written")
+        }
+        let first = UInt64(r) << UInt64(geometry.l2Bits)
+        let n = Int(min(UInt64(geometry.l2Entries), guestClusters - first))
+        let t = L2Table(count: geometry.l2Entries, clusters: n)
+        tables[r] = t
+        return t
+    }
+
+    /// A whole-cluster write: zero clusters are recorded at once (returns nil); otherwise returns the
+    /// slot holding the copy, or `needSlot` when the caller must wait for one.
+    func intakeFull(cluster c: UInt64, src: UnsafeRawPointer, length: Int) throws(QcowPressError) -> Int32? {
+        if isAllZero(src, length) {
+            try markZero(c)
+            return nil
+        }
+        // Reserve the entry first so a concurrent overlapping write is refused.
+        let ready: Bool = try mapLock.withLock { () throws(QcowPressError) -> Bool in
+            try checkOpen()
+            let t = try tableFor(c)
+            let i = geometry.l2Index(ofGuestCluster: c)
+            guard t.entries[i] == 0, partials[c] == nil else {
+                throw .misuse("overlapping write: guest cluster \(c) was already written")
+            }
+            t.entries[i] = MapMarker.pending
+            return true
+        }
+        _ = ready
+        return Self.needSlot
+    }
+
+    func fillFull(cluster c: UInt64, slot: Int32, src: UnsafeRawPointer, length: Int) throws(QcowPressError) {
+        if slot < 0 {
+            try mapLock.withLock { () throws(QcowPressError) in try checkOpen() }
+            throw .cancelled
+        }
+        let p = pool.pointer(slot)
+        memcpy(p, src, length)
+        if length < clusterSize { memset(p + length, 0, clusterSize - length) }
+    }
+
+    func markZero(_ c: UInt64) throws(QcowPressError) {
+        let completed: Int? = try mapLock.withLock { () throws(QcowPressError) -> Int? in
+            try checkOpen()
+            let t = try tableFor(c)
+            let i = geometry.l2Index(ofGuestCluster: c)
+            guard t.entries[i] == 0, partials[c] == nil else {
+                throw .misuse("overlapping write: guest cluster \(c) was already written")
+            }
+            t.entries[i] = MapMarker.zero
+            t.done += 1
+            zeroClustersMarked += 1
+            return t.isComplete ? geometry.l1Index(ofGuestCluster: c) : nil
+        }
+        if let r = completed { announceRegion(r) }
+    }
+
+    /// Claims [range) of a partial cluster. Returns its slot, or `needSlot` if the cluster has none yet.
+    func claimPartial(cluster c: UInt64, range: Range<Int>) throws(QcowPressError) -> Int32 {
+        try mapLock.withLock { () throws(QcowPressError) -> Int32 in
+            try checkOpen()
+            guard var p = partials[c] else {
+                let t = try tableFor(c)
+                guard t.entries[geometry.l2Index(ofGuestCluster: c)] == 0 else {
+                    throw .misuse("overlapping write: guest cluster \(c) was already written")
+                }
+                return Self.needSlot
+            }
+            guard !range.overlaps(any: p.claimed) else {
+                throw .misuse("overlapping write at guest offset \((c << UInt64(geometry.clusterBits)) + UInt64(range.lowerBound))")
+            }
+            p.claimed.append(range)
+            partials[c] = p
+            return p.slot
+        }
+    }
+
+    /// Installs a fresh zeroed slot for a partial cluster, or returns the one another producer
+    /// installed meanwhile (giving ours back).
+    func installPartial(cluster c: UInt64, range: Range<Int>, slot: Int32) throws(QcowPressError) -> Int32 {
+        if slot < 0 {
+            try mapLock.withLock { () throws(QcowPressError) in try checkOpen() }
+            throw .cancelled
+        }
+        memset(pool.pointer(slot), 0, clusterSize)
+        var giveBack = false
+        let result: Result<Int32, QcowPressError> = mapLock.withLock {
+            if case .failed(let e) = state { return .failure(e) }
+            if var p = partials[c] {
+                giveBack = true
+                guard !range.overlaps(any: p.claimed) else {
+                    return .failure(.misuse("overlapping write at guest offset \((c << UInt64(geometry.clusterBits)) + UInt64(range.lowerBound))"))
+                }
+                p.claimed.append(range)
+                partials[c] = p
+                return .success(p.slot)
+            }
+            let t: L2Table
+            do throws(QcowPressError) { t = try tableFor(c) } catch { return .failure(error) }
+            let i = geometry.l2Index(ofGuestCluster: c)
+            guard t.entries[i] == 0 else {
+                giveBack = true
+                return .failure(.misuse("overlapping write: guest cluster \(c) was already written"))
+            }
+            t.entries[i] = MapMarker.pending
+            partials[c] = PartialCluster(slot: slot, claimed: [range], filled: 0)
+            return .success(slot)
+        }
+        if giveBack { pool.release(slot) }
+        return try result.get()
+    }
+
+    /// Copies a claimed range in; returns true when this completed the cluster (it is then removed
+    /// from the partial table and must be queued by the caller).
+    func fillPartial(cluster c: UInt64, slot: Int32, range: Range<Int>, src: UnsafeRawPointer) throws(QcowPressError) -> Bool {
+        memcpy(pool.pointer(slot) + range.lowerBound, src, range.count)
+        let valid = validBytes(c)
+        return mapLock.withLock {
+            guard var p = partials[c] else { return false }
+            p.filled += range.count
+            if p.filled >= valid {
+                partials[c] = nil
+                return true
+            }
+            partials[c] = p
+            return false
+        }
+    }
+
+    /// Marks the whole clusters of [offset, offset+length) zero; returns the unaligned head and tail.
+    func zeroWholeClusters(at offset: UInt64, length: UInt64) throws(QcowPressError) -> (Range<UInt64>, Range<UInt64>) {
+        try checkRange(offset, 0)
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        if overflow || end > options.virtualSize {
+            throw .misuse("zero range of \(length) bytes at offset \(offset) is beyond the virtual size \(options.virtualSize)")
+        }
+        let cs = UInt64(clusterSize)
+        var first = (offset + cs - 1) / cs
+        // The image's last cluster counts as whole when the range reaches the virtual size.
+        let lastEnd = end == options.virtualSize ? guestClusters : end / cs
+        if first >= lastEnd { return (offset..<end, end..<end) }
+        let head = offset..<min(end, first * cs)
+        let tail = min(end, max(lastEnd * cs, head.upperBound))..<end
+        var completed: [Int] = []
+        let wholeBytes = UInt64(tail.lowerBound - head.upperBound)
+        try mapLock.withLock { () throws(QcowPressError) in
+            try checkOpen()
+            while first < lastEnd {
+                let r = geometry.l1Index(ofGuestCluster: first)
+                let regionFirst = UInt64(r) << UInt64(geometry.l2Bits)
+                let regionEnd = min(regionFirst + UInt64(geometry.l2Entries), guestClusters)
+                let stop = min(regionEnd, lastEnd)
+                if first == regionFirst && stop == regionEnd && tables[r] == nil {
+                    // A whole untouched region: no table at all.
+                    if completedRegions.contains(r) {
+                        throw .misuse("overlapping write: guest cluster \(first) was already written")
+                    }
+                    completedRegions.insert(r)
+                    zeroClustersMarked += stop - first
+                } else {
+                    let t = try tableFor(first)
+                    for c in first..<stop {
+                        let i = geometry.l2Index(ofGuestCluster: c)
+                        guard t.entries[i] == 0, partials[c] == nil else {
+                            throw .misuse("overlapping write: guest cluster \(c) was already written")
+                        }
+                        t.entries[i] = MapMarker.zero
+                    }
+                    t.done += Int(stop - first)
+                    zeroClustersMarked += stop - first
+                    if t.isComplete { completed.append(r) }
+                }
+                first = stop
+            }
+            bytesIn += wholeBytes
+        }
+        for r in completed { announceRegion(r) }
+        return (head, tail)
+    }
+
+    /// Hands a batch of complete clusters to the workers.
+    func flush(_ batch: inout [WorkItem]) {
+        guard !batch.isEmpty else { return }
+        let n = UInt64(batch.count)
+        resultLock.withLock { expected += n }
+        workLock.withLock {
+            workQueue.append(contentsOf: batch)
+            workLock.signal()
+            if batch.count > 1 { workLock.broadcast() }
+        }
+        batch.removeAll(keepingCapacity: true)
+    }
+
+    func announceRegion(_ r: Int) {
+        resultLock.withLock {
+            readyRegions.append(r)
+            resultLock.signal()
+        }
+    }
+}

@@ -1,0 +1,155 @@
+import ClusterCompression
+import DirectIO
+import Glibc
+import Qcow2Format
+
+/// Writes a qcow2 image from data arriving in any order, from any number of producers at once.
+///
+/// ```
+/// producers ──write()──► assembly (slots) ──► workers (zero test, compress) ──► writer thread
+///                                                                     packs buffers, io_uring/pwrite
+/// ```
+/// Writes may have any offset and length; a cluster may be completed by several writes; bytes never
+/// written read as zero. Producers wait only when the memory budget is used up. Until ``finish()``
+/// returns, the image lives under a temporary name next to the destination and its first cluster
+/// holds no header, so nothing at the destination looks like a finished image.
+///
+/// Threads: `threads` compression workers and one writer that alone owns the output stream, the
+/// ring and the refcounts. Locks: `mapLock` (tables, partial clusters, state), `workLock` (work queue),
+/// `resultLock` (result queue); none is taken while holding another.
+public final class Qcow2Encoder: @unchecked Sendable {
+    public let destination: String
+    let tempPath: String
+    let options: EncoderOptions
+    let geometry: ClusterGeometry
+    let plan: MemoryPlan
+    let file: OutputFile
+    let pool: SlotPool
+    let clusterSize: Int
+    let guestClusters: UInt64
+    let startTime = monotonicNanoseconds()
+
+    enum State { case open, finishing, done, failed(QcowPressError) }
+
+    // Guarded by mapLock.
+    let mapLock = ConditionLock()
+    var state = State.open
+    var tables: [Int: L2Table] = [:]
+    var completedRegions = Set<Int>()
+    var partials: [UInt64: PartialCluster] = [:]
+    var bytesIn: UInt64 = 0
+    /// Clusters recorded as zero at intake (zero test on the producer's bytes, or writeZeroes).
+    var zeroClustersMarked: UInt64 = 0
+
+    // Guarded by workLock.
+    struct WorkItem { var cluster: UInt64; var slot: Int32 }
+    let workLock = ConditionLock()
+    var workQueue: [WorkItem] = []
+    var workHead = 0
+    var workersStop = false
+    var codecNanoseconds: UInt64 = 0
+
+    // Guarded by resultLock.
+    enum ResultKind { case zero, raw, compressed(Int) }
+    struct ResultItem { var cluster: UInt64; var slot: Int32; var kind: ResultKind }
+    let resultLock = ConditionLock()
+    var results: [ResultItem] = []
+    var readyRegions: [Int] = []
+    var expected: UInt64 = 0
+    var inputClosed = false
+    var writerStop = false
+
+    let completion = Completion<EncoderSummary>()
+    var notes: [String] = []
+
+    /// Creates the image (under a temporary name) and starts the worker and writer threads.
+    public init(destination: String, options: EncoderOptions) throws(QcowPressError) {
+        try options.validate()
+        if FileNames.isDirectory(destination) {
+            throw .invalidArgument("\(destination): is a directory")
+        }
+        if FileNames.exists(destination) && !options.overwrite {
+            throw .destinationExists(path: destination)
+        }
+        self.destination = destination
+        self.options = options
+        geometry = ClusterGeometry(clusterSize: options.clusterSize)!
+        clusterSize = options.clusterSize
+        guestClusters = geometry.guestClusters(forVirtualSize: options.virtualSize)
+        plan = MemoryPlan(options: options)
+        tempPath = Self.temporaryName(for: destination)
+        do {
+            file = try OutputFile(creating: tempPath, direct: options.ioMode != .buffered)
+        } catch {
+            throw QcowPressError.from(error)
+        }
+        pool = SlotPool(slotSize: clusterSize, count: plan.slotCount)
+        if options.ioMode != .buffered && !file.direct {
+            notes.append("O_DIRECT refused by the file system; using buffered writes with the page cache dropped behind")
+        }
+        let (writer, note) = makeBufferWriter(file, mode: options.ioMode, queueDepth: MemoryPlan.bufferCount * 2)
+        if let note { notes.append(note) }
+        let sink = StreamSink(encoder: self, writer: writer)
+        for i in 0..<options.threads {
+            let settings = options.compression
+            startThread(name: "qp-worker-\(i)") { [self] in workerLoop(settings) }
+        }
+        startThread(name: "qp-writer") { sink.run() }
+    }
+
+    static func temporaryName(for destination: String) -> String {
+        let slash = destination.lastIndex(of: "/")
+        let dir = slash.map { String(destination[...$0]) } ?? ""
+        let name = slash.map { String(destination[destination.index(after: $0)...]) } ?? destination
+        return "\(dir).\(name).qcowpress-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
+    }
+
+    /// Guest bytes a cluster holds (the last one may be short).
+    @inline(__always)
+    func validBytes(_ c: UInt64) -> Int {
+        let start = c << UInt64(geometry.clusterBits)
+        return Int(min(UInt64(clusterSize), options.virtualSize - start))
+    }
+
+    /// Fallbacks the engine took (io_uring → pwrite, O_DIRECT → buffered).
+    public var fallbackNotes: [String] { notes }
+
+    /// Guest bytes written or announced so far (for progress).
+    public var bytesReceived: UInt64 { mapLock.withLock { bytesIn } }
+}
+
+/// A one-shot result that async tasks and OS threads can both wait for.
+final class Completion<T: Sendable>: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var value: Result<T, QcowPressError>?
+    private var waiters: [CheckedContinuation<Result<T, QcowPressError>, Never>] = []
+
+    func resolve(_ r: Result<T, QcowPressError>) {
+        let w: [CheckedContinuation<Result<T, QcowPressError>, Never>] = lock.withLock {
+            if value != nil { return [] }
+            value = r
+            lock.broadcast()
+            let w = waiters
+            waiters = []
+            return w
+        }
+        for c in w { c.resume(returning: r) }
+    }
+    func waitBlocking() -> Result<T, QcowPressError> {
+        lock.withLock {
+            while value == nil { lock.wait() }
+            return value!
+        }
+    }
+    func wait() async -> Result<T, QcowPressError> {
+        await withCheckedContinuation { c in
+            let v: Result<T, QcowPressError>? = lock.withLock {
+                if let value { return value }
+                waiters.append(c)
+                return nil
+            }
+            if let v { c.resume(returning: v) }
+        }
+    }
+    var isResolved: Bool { lock.withLock { value != nil } }
+}

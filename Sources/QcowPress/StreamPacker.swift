@@ -1,0 +1,75 @@
+/// The compressed write cache's placement logic, kept free of I/O so it can be property-tested.
+///
+/// Host space is written as a stream of equal, cluster-aligned buffers. Inside the buffer being
+/// filled, compressed clusters are appended byte by byte from the front (they may start anywhere
+/// and cross host-cluster boundaries, as qcow2 allows), while clusters that must be cluster-aligned
+/// (uncompressed data, L2 tables) are placed at the front when it is aligned, otherwise taken from
+/// the back. The buffer is full when the two ends meet; the gap left is smaller than the item that
+/// did not fit, so no whole host cluster inside it is ever left unreferenced-but-counted.
+public struct StreamPacker: Sendable {
+    public let clusterSize: Int
+    public let bufferSize: Int
+    /// Host offset of the buffer being filled (cluster-aligned).
+    public private(set) var bufferStart: UInt64
+    /// Next free byte for compressed data, relative to `bufferStart`.
+    public private(set) var front: Int = 0
+    /// Start of the back region of aligned clusters, relative to `bufferStart`.
+    public private(set) var back: Int
+
+    public init(clusterSize: Int, bufferSize: Int, firstHostOffset: UInt64) {
+        precondition(bufferSize % clusterSize == 0 && bufferSize >= 2 * clusterSize)
+        precondition(firstHostOffset % UInt64(clusterSize) == 0)
+        self.clusterSize = clusterSize
+        self.bufferSize = bufferSize
+        self.bufferStart = firstHostOffset
+        self.back = bufferSize
+    }
+
+    public var isEmpty: Bool { front == 0 && back == bufferSize }
+
+    /// Where a compressed cluster of `length` bytes goes (offset inside the buffer), or nil when the
+    /// buffer is full: submit it and call ``advance()``.
+    public mutating func placeCompressed(length: Int) -> Int? {
+        precondition(length > 0 && length < clusterSize)
+        guard front + length <= back else { return nil }
+        let at = front
+        front += length
+        return at
+    }
+
+    /// Where a cluster-aligned cluster goes (offset inside the buffer), or nil when the buffer is full.
+    public mutating func placeAligned() -> Int? {
+        if front % clusterSize == 0 && front + clusterSize <= back {
+            let at = front
+            front += clusterSize
+            return at
+        }
+        let frontClusterEnd = (front + clusterSize - 1) / clusterSize * clusterSize
+        guard back - clusterSize >= frontClusterEnd else { return nil }
+        back -= clusterSize
+        return back
+    }
+
+    /// The byte ranges of the current buffer that hold data (front part rounded up to a cluster,
+    /// back part), relative to `bufferStart`.
+    public var usedRanges: [Range<Int>] {
+        var r: [Range<Int>] = []
+        let frontEnd = (front + clusterSize - 1) / clusterSize * clusterSize
+        if frontEnd > 0 { r.append(0..<frontEnd) }
+        if back < bufferSize { r.append(back..<bufferSize) }
+        return r
+    }
+
+    /// Host offset just past everything placed so far (cluster-aligned).
+    public var hostEnd: UInt64 {
+        if back < bufferSize { return bufferStart + UInt64(bufferSize) }
+        return bufferStart + UInt64((front + clusterSize - 1) / clusterSize * clusterSize)
+    }
+
+    /// Moves on to the next buffer, right after the current one's last used cluster.
+    public mutating func advance() {
+        bufferStart = hostEnd
+        front = 0
+        back = bufferSize
+    }
+}

@@ -1,0 +1,178 @@
+import DirectIO
+import Glibc
+import Qcow2Format
+
+extension StreamSink {
+    /// Writes the last buffer, the L1 table, refcount blocks and table, then the header; syncs and
+    /// renames the image to its final name.
+    func finalize() throws(QcowPressError) {
+        let remaining = enc.mapLock.withLock { enc.tables.keys.sorted() }
+        for r in remaining { try flushRegion(r) }
+        do {
+            try writer.drain()
+            // The last buffer: only its used ranges are written (a gap stays a hole).
+            let buf = buffers[current]
+            let frontEnd = (packer.front + cs - 1) / cs * cs
+            buf.zero(from: packer.front, to: frontEnd)
+            for range in packer.usedRanges {
+                try enc.file.pwriteAll(buf.pointer + range.lowerBound, length: range.count,
+                                       offset: packer.bufferStart + UInt64(range.lowerBound))
+            }
+        } catch {
+            throw QcowPressError.from(error)
+        }
+        let g = enc.geometry
+        let dataEnd = packer.hostEnd
+        let l1Bytes = l1.count * 8
+        let l1Clusters = l1.isEmpty ? 0 : Int(g.clusters(forBytes: UInt64(l1Bytes)))
+        let l1Offset = l1.isEmpty ? 0 : dataEnd
+        let order = enc.options.refcountOrder
+        let dataClusters = (dataEnd >> bits) + UInt64(l1Clusters)
+        let (blocks, tableClusters) = g.refcountLayout(dataClusters: dataClusters, refcountOrder: order)
+        let blocksOffset = dataEnd + UInt64(l1Clusters * cs)
+        let tableOffset = blocksOffset + blocks * UInt64(cs)
+        let fileEnd = tableOffset + tableClusters * UInt64(cs)
+        for i in 0..<l1Clusters { addRef(l1Offset + UInt64(i * cs)) }
+        for i in 0..<blocks { addRef(blocksOffset + i * UInt64(cs)) }
+        for i in 0..<tableClusters { addRef(tableOffset + i * UInt64(cs)) }
+
+        do {
+            if l1Clusters > 0 {
+                let b = AlignedBuffer(capacity: l1Clusters * cs)
+                for (i, e) in l1.enumerated() { storeBE64(b.bytes, i * 8, e) }
+                try enc.file.pwriteAll(b.pointer, length: l1Clusters * cs, offset: l1Offset)
+            }
+            let codec = RefcountBlockCodec(refcountOrder: order)
+            let perBlock = Int(g.clustersPerRefcountBlock(refcountOrder: order))
+            let block = AlignedBuffer(capacity: cs)
+            let table = AlignedBuffer(capacity: Int(tableClusters) * cs)
+            for bi in 0..<Int(blocks) {
+                block.zero(from: 0, to: cs)
+                let first = bi * perBlock
+                let last = min(refcounts.count, first + perBlock)
+                if first < last {
+                    for i in first..<last where refcounts[i] != 0 {
+                        codec.set(block.bytes, i - first, UInt64(refcounts[i]))
+                    }
+                }
+                let at = blocksOffset + UInt64(bi * cs)
+                try enc.file.pwriteAll(block.pointer, length: cs, offset: at)
+                storeBE64(table.bytes, bi * 8, at)
+            }
+            try enc.file.pwriteAll(table.pointer, length: Int(tableClusters) * cs, offset: tableOffset)
+
+            var h = Qcow2Header(clusterBits: UInt32(bits), size: enc.options.virtualSize, l1Size: UInt32(l1.count),
+                                l1TableOffset: l1Offset, refcountTableOffset: tableOffset,
+                                refcountTableClusters: UInt32(tableClusters))
+            h.refcountOrder = UInt32(order)
+            if (enc.options.compression?.algorithm ?? enc.options.headerCompressionType) == .zstd { h.compressionType = .zstd }
+            h.backingFile = enc.options.backingFile
+            h.extensions = Qcow2Header.defaultExtensions(clusterBits: UInt32(bits), backingFormat: enc.options.backingFile == nil ? nil : enc.options.backingFormat)
+            let bytes = h.serialized()
+            let hb = AlignedBuffer(capacity: cs)
+            bytes.withUnsafeBytes { hb.bytes.copyMemory(from: $0) }
+            try enc.file.pwriteAll(hb.pointer, length: cs, offset: 0)
+            try enc.file.truncate(to: fileEnd)
+            try enc.file.sync()
+            try FileNames.rename(enc.tempPath, enc.destination)
+            FileNames.syncDirectory(of: enc.destination)
+        } catch {
+            throw QcowPressError.from(error)
+        }
+        enc.succeed(summary(fileEnd: fileEnd))
+    }
+
+    func summary(fileEnd: UInt64) -> EncoderSummary {
+        var ru = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &ru)
+        let codecNs = enc.workLock.withLock { enc.codecNanoseconds }
+        return EncoderSummary(
+            destination: enc.destination,
+            virtualSize: enc.options.virtualSize,
+            clusterSize: cs,
+            compression: enc.options.compression?.description ?? "none",
+            bytesIn: enc.bytesReceived,
+            bytesOut: fileEnd,
+            clustersZero: clustersZero + enc.mapLock.withLock { enc.zeroClustersMarked },
+            clustersCompressed: clustersCompressed,
+            clustersUncompressed: clustersRaw,
+            codecSeconds: Double(codecNs) / 1e9,
+            producerStallSeconds: enc.pool.stallSeconds,
+            diskBusySeconds: Double(diskWaitNanoseconds) / 1e9,
+            wallSeconds: Double(monotonicNanoseconds() - enc.startTime) / 1e9,
+            threads: enc.options.threads,
+            memoryLimit: enc.options.memoryLimit,
+            peakRSSBytes: Int(ru.ru_maxrss) * 1024,
+            ioMode: writer.modeDescription,
+            notes: enc.notes)
+    }
+}
+
+extension Qcow2Encoder {
+    /// Completes the image: queues partially written clusters (their unwritten bytes are zero),
+    /// waits for every cluster to reach the disk, writes the metadata and header, syncs, and renames
+    /// the image to its destination. Call once, after every write has returned.
+    public func finish() async throws(QcowPressError) -> EncoderSummary {
+        try beginFinish()
+        return try await completion.wait().get()
+    }
+
+    /// Blocking form of ``finish()``, for callers on their own OS threads.
+    public func finishBlocking() throws(QcowPressError) -> EncoderSummary {
+        try beginFinish()
+        return try completion.waitBlocking().get()
+    }
+
+    /// Stops everything and removes the partial output. Writers waiting for memory are woken with
+    /// ``QcowPressError/cancelled``.
+    public func cancel() {
+        fail(.cancelled)
+    }
+
+    func beginFinish() throws(QcowPressError) {
+        let items: [WorkItem] = try mapLock.withLock { () throws(QcowPressError) -> [WorkItem] in
+            switch state {
+            case .open: state = .finishing
+            case .failed(let e): throw e
+            case .finishing, .done: throw .misuse("finish() called twice")
+            }
+            let items = partials.map { WorkItem(cluster: $0.key, slot: $0.value.slot) }
+            partials.removeAll()
+            return items
+        }
+        var batch = items
+        flush(&batch)
+        resultLock.withLock {
+            inputClosed = true
+            resultLock.signal()
+        }
+    }
+
+    func succeed(_ s: EncoderSummary) {
+        mapLock.withLock { state = .done }
+        stopWorkers()
+        completion.resolve(.success(s))
+    }
+
+    /// Puts the encoder in the failed state (first error wins), stops all threads and removes the
+    /// temporary file.
+    func fail(_ e: QcowPressError) {
+        let first: Bool = mapLock.withLock {
+            switch state {
+            case .failed, .done: return false
+            default:
+                state = .failed(e)
+                return true
+            }
+        }
+        guard first else { return }
+        pool.fail()
+        stopWorkers()
+        resultLock.withLock {
+            writerStop = true
+            resultLock.broadcast()
+        }
+        FileNames.unlink(tempPath)
+        completion.resolve(.failure(e))
+    }
+}

@@ -1,0 +1,27 @@
+import ArgumentParser
+import Foundation
+import QcowPress
+
+struct Info: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show an image's header fields, named as qemu-img info names them.")
+
+    @Option(name: .customLong("output"), help: "human or json")
+    var output: OutputFormat = .human
+
+    @Argument(help: "The image.")
+    var image: String
+
+    func run() throws {
+        let info = try ImageInfo(path: image)
+        switch output {
+        case .human: print(info.text, terminator: "")
+        case .json: print(try encodeJSON(info))
+        }
+    }
+}
+
+func encodeJSON<T: Encodable>(_ v: T) throws -> String {
+    let e = JSONEncoder()
+    e.outputFormatting = [.prettyPrinted, .sortedKeys]
+    return String(decoding: try e.encode(v), as: UTF8.self)
+}

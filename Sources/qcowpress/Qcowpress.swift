@@ -1,0 +1,36 @@
+import ArgumentParser
+import Glibc
+import QcowPress
+
+@main
+struct Qcowpress: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "qcowpress",
+        abstract: "Write qcow2 images fast: convert, inspect.",
+        subcommands: [Convert.self, Info.self])
+
+    /// Parses and runs; every failure is one line on stderr and exit status 1 (usage included),
+    /// as qemu-img users expect; help and version exit 0.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success {
+                print(fullMessage(for: error))
+                Glibc.exit(0)
+            }
+            if let e = error as? ExitCode { Glibc.exit(e.rawValue) }
+            let message: String
+            if let q = error as? QcowPressError { message = q.message } else { message = Self.message(for: error) }
+            writeStderr("qcowpress: \(message)\n")
+            Glibc.exit(1)
+        }
+    }
+}
+
+func writeStderr(_ s: String) {
+    var s = s
+    s.withUTF8 { p in _ = Glibc.write(2, p.baseAddress, p.count) }
+}

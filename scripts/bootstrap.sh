@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the Debian packages QcowPress needs, only when something is missing.
+# C libraries: liburing, libzstd, zlib, ISA-L (fast deflate); qemu-utils is the test oracle.
+set -euo pipefail
+need=()
+for pkg in liburing-dev libzstd-dev zlib1g-dev libisal-dev qemu-utils pkg-config; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "bootstrap: installing ${need[*]}" >&2
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi

@@ -56,6 +56,19 @@ public final class OutputFile: @unchecked Sendable {
         }
     }
 
+    /// Reads back bytes this process wrote (used to patch a table in place). Returns bytes read.
+    public func preadAll(_ pointer: UnsafeMutableRawPointer, length: Int, offset: UInt64) throws(IOError) -> Int {
+        var done = 0
+        while done < length {
+            let r = Sys.pread(fd, pointer + done, length - done, offset + UInt64(done))
+            if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
+            if r < 0 { throw IOError(errno: Int32(-r), operation: "pread", path: path, offset: offset + UInt64(done)) }
+            if r == 0 { break }
+            done += r
+        }
+        return done
+    }
+
     public func sync() throws(IOError) {
         var e: Int32
         repeat { e = Sys.fsync(fd) } while e == EINTR

@@ -4,79 +4,127 @@ import Qcow2Format
 
 extension Qcow2Encoder {
     /// Copies `bytes` into the image at guest offset `offset`. Safe to call from many tasks at once;
-    /// suspends (without blocking a thread) while the memory budget is used up.
+    /// suspends (without blocking a thread) while the memory budget is used up. The memory must stay
+    /// valid until the call returns.
     public func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) async throws(QcowPressError) {
-        var batch: [WorkItem] = []
-        var c = offset >> UInt64(geometry.clusterBits)
-        var pos = 0
         try checkRange(offset, bytes.count)
-        while pos < bytes.count {
-            let (a, b, full) = span(cluster: c, offset: offset + UInt64(pos), remaining: bytes.count - pos)
-            let src = bytes.baseAddress! + pos
-            if full {
-                if let slot = try intakeFull(cluster: c, src: src, length: b - a) {
-                    var s = slot
-                    if s == Self.needSlot {
-                        flush(&batch)
-                        s = await pool.acquire()
-                        try fillFull(cluster: c, slot: s, src: src, length: b - a)
-                    }
-                    batch.append(WorkItem(cluster: c, slot: s))
-                }
-            } else {
-                var slot = try claimPartial(cluster: c, range: a..<b)
-                if slot == Self.needSlot {
-                    flush(&batch)
-                    let s = await pool.acquire()
-                    slot = try installPartial(cluster: c, range: a..<b, slot: s)
-                }
-                if try fillPartial(cluster: c, slot: slot, range: a..<b, src: src) {
-                    batch.append(WorkItem(cluster: c, slot: slot))
-                }
-            }
-            if batch.count >= Self.batchSize { flush(&batch) }
-            pos += b - a
-            c += 1
+        var cursor = IntakeCursor()
+        while try intakeStep(offset: offset, bytes: bytes, cursor: &cursor) {
+            cursor.spare = await pool.acquire()
+            if cursor.spare! < 0 { try failIfStopped() }
         }
-        flush(&batch)
-        mapLock.withLock { bytesIn += UInt64(bytes.count) }
+        finishIntake(&cursor, count: bytes.count)
     }
 
-    /// The same as ``write(at:_:)`` for callers on their own OS threads: blocks while the budget is used up.
-    public func writeBlocking(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws(QcowPressError) {
-        var batch: [WorkItem] = []
-        var c = offset >> UInt64(geometry.clusterBits)
-        var pos = 0
+    /// Copies `bytes` into the image at `offset` (see ``write(at:_:)-(UInt64,UnsafeRawBufferPointer)``).
+    public func write(at offset: UInt64, _ bytes: [UInt8]) async throws(QcowPressError) {
+        try await write(at: offset, bytes[...])
+    }
+
+    /// Copies `bytes` into the image at `offset`.
+    public func write(at offset: UInt64, _ bytes: ArraySlice<UInt8>) async throws(QcowPressError) {
         try checkRange(offset, bytes.count)
-        while pos < bytes.count {
-            let (a, b, full) = span(cluster: c, offset: offset + UInt64(pos), remaining: bytes.count - pos)
-            let src = bytes.baseAddress! + pos
-            if full {
-                if let slot = try intakeFull(cluster: c, src: src, length: b - a) {
-                    var s = slot
-                    if s == Self.needSlot {
-                        flush(&batch)
-                        s = pool.acquireBlocking()
-                        try fillFull(cluster: c, slot: s, src: src, length: b - a)
-                    }
-                    batch.append(WorkItem(cluster: c, slot: s))
-                }
-            } else {
-                var slot = try claimPartial(cluster: c, range: a..<b)
-                if slot == Self.needSlot {
-                    flush(&batch)
-                    slot = try installPartial(cluster: c, range: a..<b, slot: pool.acquireBlocking())
-                }
-                if try fillPartial(cluster: c, slot: slot, range: a..<b, src: src) {
-                    batch.append(WorkItem(cluster: c, slot: slot))
-                }
-            }
-            if batch.count >= Self.batchSize { flush(&batch) }
-            pos += b - a
-            c += 1
+        var cursor = IntakeCursor()
+        func step() throws(QcowPressError) -> Bool {
+            try bytes.withUnsafeBytes { p in
+                Result { () throws(QcowPressError) -> Bool in try intakeStep(offset: offset, bytes: p, cursor: &cursor) }
+            }.get()
         }
-        flush(&batch)
-        mapLock.withLock { bytesIn += UInt64(bytes.count) }
+        while try step() {
+            cursor.spare = await pool.acquire()
+            if cursor.spare! < 0 { try failIfStopped() }
+        }
+        finishIntake(&cursor, count: bytes.count)
+    }
+
+    /// The same as ``write(at:_:)-(UInt64,UnsafeRawBufferPointer)`` for callers on their own OS
+    /// threads: blocks while the budget is used up.
+    public func writeBlocking(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws(QcowPressError) {
+        try checkRange(offset, bytes.count)
+        var cursor = IntakeCursor()
+        while try intakeStep(offset: offset, bytes: bytes, cursor: &cursor) {
+            cursor.spare = pool.acquireBlocking()
+            if cursor.spare! < 0 { try failIfStopped() }
+        }
+        finishIntake(&cursor, count: bytes.count)
+    }
+
+    /// Progress of one write call through its clusters.
+    struct IntakeCursor {
+        var pos = 0
+        var batch: [WorkItem] = []
+        /// A slot acquired (by waiting) for the next cluster that needs one.
+        var spare: Int32? = nil
+    }
+
+    /// Takes clusters from `cursor.pos` on, using only slots free right now (or the spare).
+    /// Returns true when it stopped because it needs a slot: the caller waits for one and calls
+    /// again. Nothing is reserved for a cluster until its slot is in hand, so a retry is clean.
+    func intakeStep(offset: UInt64, bytes: UnsafeRawBufferPointer, cursor: inout IntakeCursor) throws(QcowPressError) -> Bool {
+        var c = (offset + UInt64(cursor.pos)) >> UInt64(geometry.clusterBits)
+        do throws(QcowPressError) {
+            while cursor.pos < bytes.count {
+                let (a, b, full) = span(cluster: c, offset: offset + UInt64(cursor.pos), remaining: bytes.count - cursor.pos)
+                let src = bytes.baseAddress! + cursor.pos
+                if full && isAllZero(src, b - a) {
+                    try markZero(c)
+                } else if full {
+                    guard let slot = takeSlot(&cursor) else { return true }
+                    do throws(QcowPressError) {
+                        try reserveFull(cluster: c)
+                    } catch {
+                        pool.release(slot)
+                        throw error
+                    }
+                    let p = pool.pointer(slot)
+                    memcpy(p, src, b - a)
+                    if b - a < clusterSize { memset(p + (b - a), 0, clusterSize - (b - a)) }
+                    cursor.batch.append(WorkItem(cluster: c, slot: slot))
+                } else {
+                    var slot = try claimPartial(cluster: c, range: a..<b)
+                    if slot == Self.needSlot {
+                        guard let fresh = takeSlot(&cursor) else { return true }
+                        slot = try installPartial(cluster: c, range: a..<b, slot: fresh)
+                    }
+                    if try fillPartial(cluster: c, slot: slot, range: a..<b, src: src) {
+                        cursor.batch.append(WorkItem(cluster: c, slot: slot))
+                    }
+                }
+                if cursor.batch.count >= Self.batchSize { flush(&cursor.batch) }
+                cursor.pos += b - a
+                c += 1
+            }
+        } catch {
+            flush(&cursor.batch)
+            if let s = cursor.spare { pool.release(s) }
+            cursor.spare = nil
+            throw error
+        }
+        return false
+    }
+
+    /// The spare slot, or one free right now; nil after handing queued work to the workers (so
+    /// the caller's wait can be satisfied by them).
+    @inline(__always)
+    func takeSlot(_ cursor: inout IntakeCursor) -> Int32? {
+        if let s = cursor.spare {
+            cursor.spare = nil
+            return s
+        }
+        if let s = pool.tryAcquire() { return s }
+        flush(&cursor.batch)
+        return nil
+    }
+
+    func finishIntake(_ cursor: inout IntakeCursor, count: Int) {
+        flush(&cursor.batch)
+        if let s = cursor.spare { pool.release(s) }
+        mapLock.withLock { bytesIn += UInt64(count) }
+    }
+
+    func failIfStopped() throws(QcowPressError) {
+        try mapLock.withLock { () throws(QcowPressError) in try checkOpen() }
+        throw .cancelled
     }
 
     /// Declares `length` bytes at `offset` to be zero: no data is copied, compressed or written.
@@ -148,15 +196,9 @@ extension Qcow2Encoder {
         return t
     }
 
-    /// A whole-cluster write: zero clusters are recorded at once (returns nil); otherwise returns the
-    /// slot holding the copy, or `needSlot` when the caller must wait for one.
-    func intakeFull(cluster c: UInt64, src: UnsafeRawPointer, length: Int) throws(QcowPressError) -> Int32? {
-        if isAllZero(src, length) {
-            try markZero(c)
-            return nil
-        }
-        // Reserve the entry first so a concurrent overlapping write is refused.
-        let ready: Bool = try mapLock.withLock { () throws(QcowPressError) -> Bool in
+    /// Reserves the entry of a whole-cluster write, so a concurrent overlapping write is refused.
+    func reserveFull(cluster c: UInt64) throws(QcowPressError) {
+        try mapLock.withLock { () throws(QcowPressError) in
             try checkOpen()
             let t = try tableFor(c)
             let i = geometry.l2Index(ofGuestCluster: c)
@@ -164,20 +206,7 @@ extension Qcow2Encoder {
                 throw .misuse("overlapping write: guest cluster \(c) was already written")
             }
             t.entries[i] = MapMarker.pending
-            return true
         }
-        _ = ready
-        return Self.needSlot
-    }
-
-    func fillFull(cluster c: UInt64, slot: Int32, src: UnsafeRawPointer, length: Int) throws(QcowPressError) {
-        if slot < 0 {
-            try mapLock.withLock { () throws(QcowPressError) in try checkOpen() }
-            throw .cancelled
-        }
-        let p = pool.pointer(slot)
-        memcpy(p, src, length)
-        if length < clusterSize { memset(p + length, 0, clusterSize - length) }
     }
 
     func markZero(_ c: UInt64) throws(QcowPressError) {
@@ -219,10 +248,6 @@ extension Qcow2Encoder {
     /// Installs a fresh zeroed slot for a partial cluster, or returns the one another producer
     /// installed meanwhile (giving ours back).
     func installPartial(cluster c: UInt64, range: Range<Int>, slot: Int32) throws(QcowPressError) -> Int32 {
-        if slot < 0 {
-            try mapLock.withLock { () throws(QcowPressError) in try checkOpen() }
-            throw .cancelled
-        }
         memset(pool.pointer(slot), 0, clusterSize)
         var giveBack = false
         let result: Result<Int32, QcowPressError> = mapLock.withLock {

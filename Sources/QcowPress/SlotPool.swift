@@ -27,6 +27,11 @@ final class SlotPool: @unchecked Sendable {
     @inline(__always)
     func pointer(_ slot: Int32) -> UnsafeMutableRawPointer { arena.pointer + Int(slot) * slotSize }
 
+    /// A free slot, or nil without waiting.
+    func tryAcquire() -> Int32? {
+        lock.withLock { failed ? nil : free.popLast() }
+    }
+
     /// Takes a slot, blocking the calling OS thread while none is free. Returns -1 once the pool
     /// was failed (the engine stopped).
     func acquireBlocking() -> Int32 {

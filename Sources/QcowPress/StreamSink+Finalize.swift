@@ -8,21 +8,14 @@ extension StreamSink {
     func finalize() throws(QcowPressError) {
         let remaining = enc.mapLock.withLock { enc.tables.keys.sorted() }
         for r in remaining { try flushRegion(r) }
+        let dataEnd: UInt64
         do {
             try writer.drain()
-            // The last buffer: only its used ranges are written (a gap stays a hole).
-            let buf = buffers[current]
-            let frontEnd = (packer.front + cs - 1) / cs * cs
-            buf.zero(from: packer.front, to: frontEnd)
-            for range in packer.usedRanges {
-                try enc.file.pwriteAll(buf.pointer + range.lowerBound, length: range.count,
-                                       offset: packer.bufferStart + UInt64(range.lowerBound))
-            }
+            dataEnd = try writeLastBuffer()
         } catch {
             throw QcowPressError.from(error)
         }
         let g = enc.geometry
-        let dataEnd = packer.hostEnd
         let l1Bytes = l1.count * 8
         let l1Clusters = l1.isEmpty ? 0 : Int(g.clusters(forBytes: UInt64(l1Bytes)))
         let l1Offset = l1.isEmpty ? 0 : dataEnd
@@ -80,6 +73,59 @@ extension StreamSink {
             throw QcowPressError.from(error)
         }
         enc.succeed(summary(fileEnd: fileEnd))
+    }
+
+    /// Writes the last buffer with its gap closed: the clusters of the back region move down to
+    /// just after the front's last cluster, and the L1/L2 entries that point at them move too (an
+    /// L2 table already on disk is patched in place). Returns the end of the data stream.
+    func writeLastBuffer() throws(IOError) -> UInt64 {
+        let buf = buffers[current]
+        let start = packer.bufferStart
+        let frontEnd = (packer.front + cs - 1) / cs * cs
+        buf.zero(from: packer.front, to: frontEnd)
+        // Lowest source first: destinations are never above sources, so memmove in order is safe.
+        let items = backItems.sorted { $0.offset < $1.offset }
+        var moved: [(from: UInt64, to: UInt64)] = []
+        for (k, item) in items.enumerated() {
+            let dest = frontEnd + k * cs
+            if dest != item.offset { memmove(buf.pointer + dest, buf.pointer + item.offset, cs) }
+            moved.append((start + UInt64(item.offset), start + UInt64(dest)))
+        }
+        let end = frontEnd + items.count * cs
+        // Tables first: a data entry is patched wherever its table now lives.
+        for (k, item) in items.enumerated() {
+            if case .table(let r) = item.owner {
+                refcounts[Int(moved[k].from >> bits)] -= 1
+                addRef(moved[k].to)
+                l1[r] = L1Entry(l2Offset: moved[k].to, copied: true).rawValue
+            }
+        }
+        for (k, item) in items.enumerated() {
+            guard case .data(let c) = item.owner, moved[k].from != moved[k].to else { continue }
+            refcounts[Int(moved[k].from >> bits)] -= 1
+            addRef(moved[k].to)
+            let g = enc.geometry
+            let table = L1Entry(rawValue: l1[g.l1Index(ofGuestCluster: c)]).l2Offset
+            let entryAt = table + UInt64(g.l2Index(ofGuestCluster: c) * 8)
+            let value = L2Entry.standard(hostOffset: moved[k].to, copied: true).rawValue
+            if entryAt >= start {
+                storeBE64(buf.bytes, Int(entryAt - start), value)
+            } else {
+                try patchOnDisk(at: entryAt, value: value)
+            }
+        }
+        if end > 0 { try enc.file.pwriteAll(buf.pointer, length: end, offset: start) }
+        return start + UInt64(end)
+    }
+
+    /// Read-modify-write of one 8-byte entry in a table already written (one 4 KiB block).
+    func patchOnDisk(at offset: UInt64, value: UInt64) throws(IOError) {
+        let block = AlignedBuffer(capacity: 4096)
+        let base = offset & ~4095
+        let n = try enc.file.preadAll(block.pointer, length: 4096, offset: base)
+        guard n == 4096 else { throw IOError(errno: EIO, operation: "read back L2 table", path: enc.tempPath, offset: base) }
+        storeBE64(block.bytes, Int(offset - base), value)
+        try enc.file.pwriteAll(block.pointer, length: 4096, offset: base)
     }
 
     func summary(fileEnd: UInt64) -> EncoderSummary {

@@ -24,6 +24,10 @@ final class StreamSink: @unchecked Sendable {
     var clustersRaw: UInt64 = 0
     var diskWaitNanoseconds: UInt64 = 0
     let keepZeroFlag: Bool
+    /// Who references each cluster placed in the back region of the current buffer, so the last
+    /// buffer can be compacted at the end (its gap closed) and the references moved with it.
+    enum BackOwner { case data(UInt64), table(Int) }
+    var backItems: [(offset: Int, owner: BackOwner)] = []
 
     init(encoder: Qcow2Encoder, writer: any BufferWriter) {
         enc = encoder
@@ -107,7 +111,7 @@ final class StreamSink: @unchecked Sendable {
             clustersZero += 1
             entry = MapMarker.zero
         case .raw:
-            let (p, host) = try placeAligned()
+            let (p, host) = try placeAligned(owner: .data(item.cluster))
             memcpy(p, enc.pool.pointer(item.slot), cs)
             enc.pool.release(item.slot)
             addRef(host)
@@ -133,9 +137,10 @@ final class StreamSink: @unchecked Sendable {
         if complete { try flushRegion(r) }
     }
 
-    func placeAligned() throws(QcowPressError) -> (UnsafeMutableRawPointer, UInt64) {
+    func placeAligned(owner: BackOwner) throws(QcowPressError) -> (UnsafeMutableRawPointer, UInt64) {
         while true {
             if let at = packer.placeAligned() {
+                if at == packer.back { backItems.append((at, owner)) }
                 return (buffers[current].pointer + at, packer.bufferStart + UInt64(at))
             }
             try submitCurrent()
@@ -160,6 +165,7 @@ final class StreamSink: @unchecked Sendable {
         do {
             try writer.submit(buf, length: packer.bufferSize, offset: packer.bufferStart, tag: current)
             packer.advance()
+            backItems.removeAll(keepingCapacity: true)
             if freeBuffers.isEmpty {
                 let t0 = monotonicNanoseconds()
                 freeBuffers += try writer.reap(wait: true)
@@ -191,7 +197,7 @@ final class StreamSink: @unchecked Sendable {
             if e != 0 { any = true }
         }
         guard any else { return }
-        let (p, host) = try placeAligned()
+        let (p, host) = try placeAligned(owner: .table(r))
         let out = UnsafeMutableRawBufferPointer(start: p, count: cs)
         for i in 0..<t.count { storeBE64(out, i * 8, t.entries[i]) }
         addRef(host)

@@ -12,6 +12,8 @@ public struct EncoderSummary: Sendable, Codable, Equatable {
     public var clustersZero: UInt64
     public var clustersCompressed: UInt64
     public var clustersUncompressed: UInt64
+    /// Clusters that point at host clusters written for an identical earlier cluster (no bytes written).
+    public var clustersShared: UInt64
     /// CPU seconds spent in the codec, summed over workers.
     public var codecSeconds: Double
     /// Seconds producers waited for memory (back-pressure).

@@ -293,6 +293,38 @@ extension Qcow2Encoder {
         }
     }
 
+    /// Declares that the `length` bytes at `destination` are identical to the bytes written at
+    /// `source` (earlier or still in flight): the destination's clusters point at the same host
+    /// clusters, and nothing is copied, compressed or written. Both offsets must be cluster-aligned
+    /// and `length` a multiple of the cluster size (or reach the end of the image).
+    public func writeCopy(at destination: UInt64, from source: UInt64, length: UInt64) throws(QcowPressError) {
+        let cs = UInt64(clusterSize)
+        guard destination % cs == 0, source % cs == 0, length > 0 else {
+            throw .misuse("writeCopy needs cluster-aligned offsets (cluster size \(cs))")
+        }
+        try checkRange(destination, Int(length))
+        try checkRange(source, Int(length))
+        guard length % cs == 0 || destination + length == options.virtualSize else {
+            throw .misuse("writeCopy length \(length) is not a multiple of the cluster size")
+        }
+        let n = (length + cs - 1) / cs
+        let d0 = destination / cs
+        let s0 = source / cs
+        if d0 < s0 + n && s0 < d0 + n { throw .misuse("writeCopy ranges overlap") }
+        var items: [ResultItem] = []
+        items.reserveCapacity(Int(n))
+        for k in 0..<n {
+            try reserveFull(cluster: d0 + k)
+            items.append(ResultItem(cluster: d0 + k, slot: -1, kind: .copy(from: s0 + k)))
+        }
+        resultLock.withLock {
+            expected += n
+            results.append(contentsOf: items)
+            resultLock.signal()
+        }
+        mapLock.withLock { bytesIn += length }
+    }
+
     /// Marks the whole clusters of [offset, offset+length) zero; returns the unaligned head and tail.
     func zeroWholeClusters(at offset: UInt64, length: UInt64) throws(QcowPressError) -> (Range<UInt64>, Range<UInt64>) {
         try checkRange(offset, 0)

@@ -50,7 +50,7 @@ public final class Qcow2Encoder: @unchecked Sendable {
     var codecNanoseconds: UInt64 = 0
 
     // Guarded by resultLock.
-    enum ResultKind { case zero, raw, compressed(Int) }
+    enum ResultKind { case zero, raw, compressed(Int), copy(from: UInt64) }
     struct ResultItem { var cluster: UInt64; var slot: Int32; var kind: ResultKind }
     let resultLock = ConditionLock()
     var results: [ResultItem] = []

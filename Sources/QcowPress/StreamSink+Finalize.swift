@@ -8,10 +8,14 @@ extension StreamSink {
     func finalize() throws(QcowPressError) {
         let remaining = enc.mapLock.withLock { enc.tables.keys.sorted() }
         for r in remaining { try flushRegion(r) }
+        if let (src, _) = deferredCopies.first {
+            throw .misuse("copy from guest cluster \(src), which was never written")
+        }
         let dataEnd: UInt64
         do {
             try writer.drain()
             dataEnd = try writeLastBuffer()
+            try applyDiskFlagClears()
         } catch {
             throw QcowPressError.from(error)
         }
@@ -92,26 +96,33 @@ extension StreamSink {
             moved.append((start + UInt64(item.offset), start + UInt64(dest)))
         }
         let end = frontEnd + items.count * cs
+        // Each slot's whole refcount moves with it (a shared raw cluster has several references).
+        let counts = moved.map { refcounts[Int($0.from >> bits)] }
+        for m in moved { refcounts[Int(m.from >> bits)] = 0 }
+        for (k, m) in moved.enumerated() {
+            addRef(m.to)
+            refcounts[Int(m.to >> bits)] += counts[k] - 1
+        }
         // Tables first: a data entry is patched wherever its table now lives.
         for (k, item) in items.enumerated() {
             if case .table(let r) = item.owner {
-                refcounts[Int(moved[k].from >> bits)] -= 1
-                addRef(moved[k].to)
                 l1[r] = L1Entry(l2Offset: moved[k].to, copied: true).rawValue
             }
         }
         for (k, item) in items.enumerated() {
             guard case .data(let c) = item.owner, moved[k].from != moved[k].to else { continue }
-            refcounts[Int(moved[k].from >> bits)] -= 1
-            addRef(moved[k].to)
             let g = enc.geometry
-            let table = L1Entry(rawValue: l1[g.l1Index(ofGuestCluster: c)]).l2Offset
-            let entryAt = table + UInt64(g.l2Index(ofGuestCluster: c) * 8)
-            let value = L2Entry.standard(hostOffset: moved[k].to, copied: true).rawValue
-            if entryAt >= start {
-                storeBE64(buf.bytes, Int(entryAt - start), value)
-            } else {
-                try patchOnDisk(at: entryAt, value: value)
+            let referrers = sharers[moved[k].from] ?? [c]
+            let shared = sharers[moved[k].from] != nil
+            for ref in referrers {
+                let table = L1Entry(rawValue: l1[g.l1Index(ofGuestCluster: ref)]).l2Offset
+                let entryAt = table + UInt64(g.l2Index(ofGuestCluster: ref) * 8)
+                let value = L2Entry.standard(hostOffset: moved[k].to, copied: !shared).rawValue
+                if entryAt >= start {
+                    storeBE64(buf.bytes, Int(entryAt - start), value)
+                } else {
+                    try patchOnDisk(at: entryAt, value: value)
+                }
             }
         }
         if end > 0 { try enc.file.pwriteAll(buf.pointer, length: end, offset: start) }
@@ -142,6 +153,7 @@ extension StreamSink {
             clustersZero: clustersZero + enc.mapLock.withLock { enc.zeroClustersMarked },
             clustersCompressed: clustersCompressed,
             clustersUncompressed: clustersRaw,
+            clustersShared: clustersShared,
             codecSeconds: Double(codecNs) / 1e9,
             producerStallSeconds: enc.pool.stallSeconds,
             diskBusySeconds: Double(diskWaitNanoseconds) / 1e9,

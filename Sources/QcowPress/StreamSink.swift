@@ -28,6 +28,13 @@ final class StreamSink: @unchecked Sendable {
     /// buffer can be compacted at the end (its gap closed) and the references moved with it.
     enum BackOwner { case data(UInt64), table(Int) }
     var backItems: [(offset: Int, owner: BackOwner)] = []
+    /// Copies (dst ← src) waiting for their source cluster's final entry.
+    var deferredCopies: [UInt64: [UInt64]] = [:]
+    /// Uncompressed host clusters referenced by more than one guest cluster, with every referrer.
+    var sharers: [UInt64: [UInt64]] = [:]
+    /// Entries in tables already on disk whose copied flag must be cleared at the end.
+    var diskFlagClears: [UInt64] = []
+    var clustersShared: UInt64 = 0
 
     init(encoder: Qcow2Encoder, writer: any BufferWriter) {
         enc = encoder
@@ -107,6 +114,9 @@ final class StreamSink: @unchecked Sendable {
     func handle(_ item: Qcow2Encoder.ResultItem) throws(QcowPressError) {
         let entry: UInt64
         switch item.kind {
+        case .copy(let src):
+            try copyEntry(dst: item.cluster, src: src)
+            return
         case .zero:
             clustersZero += 1
             entry = MapMarker.zero
@@ -126,13 +136,22 @@ final class StreamSink: @unchecked Sendable {
             clustersCompressed += 1
             entry = L2Entry.compressed(d).rawValue
         }
+        try setFinal(item.cluster, entry)
+    }
+
+    /// Records the final entry of guest cluster `c`, resolves copies waiting for it, and writes
+    /// the region's table when this was its last cluster.
+    func setFinal(_ c: UInt64, _ entry: UInt64) throws(QcowPressError) {
         let geometry = enc.geometry
-        let r = geometry.l1Index(ofGuestCluster: item.cluster)
+        let r = geometry.l1Index(ofGuestCluster: c)
         let complete: Bool = enc.mapLock.withLock {
             guard let t = enc.tables[r] else { return false }
-            t.entries[geometry.l2Index(ofGuestCluster: item.cluster)] = entry
+            t.entries[geometry.l2Index(ofGuestCluster: c)] = entry
             t.done += 1
             return t.isComplete
+        }
+        if let waiting = deferredCopies.removeValue(forKey: c) {
+            for d in waiting { try resolveCopy(dst: d, src: c, entry: entry) }
         }
         if complete { try flushRegion(r) }
     }

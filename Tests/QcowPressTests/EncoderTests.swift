@@ -178,3 +178,56 @@ import Testing
         #expect(throws: QcowPressError.self) { _ = try Qcow2Encoder(destination: dir.appendingPathComponent("y").path, options: bad) }
     }
 }
+
+/// Identical chunks stored once: copies share host clusters; refcounts count every reference
+/// (qemu-img check stays clean, including the copied flags), and the image reads right.
+@Suite struct DedupTests {
+    @Test(.enabled(if: EncoderTests.haveQemuImg), arguments: [4096, 65536], ["none", "zstd"])
+    func copiesShareHostClusters(clusterSize: Int, codec: String) async throws {
+        let t = EncoderTests()
+        let dir = try t.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let chunk = 256 << 10
+        let chunks = 24
+        let size = chunks * chunk
+        // Chunk kinds: 0..3 distinct patterns; the image repeats them.
+        let patterns = (0..<4).map { k -> [UInt8] in
+            if k == 3 { return [UInt8](repeating: 0, count: chunk) }
+            return t.makeSource(size: chunk, seed: UInt64(100 + k))
+        }
+        let noise: [UInt8] = (0..<chunk).map { _ in UInt8.random(in: 0...255) }
+        let order = (0..<chunks).map { $0 % 5 == 4 ? 4 : ($0 * 7) % 4 }
+        var image = [UInt8]()
+        for k in order { image += k == 4 ? noise : patterns[k] }
+        let raw = dir.appendingPathComponent("src.raw")
+        try Data(image).write(to: raw)
+        var options = EncoderOptions(virtualSize: UInt64(size))
+        options.clusterSize = clusterSize
+        options.compression = codec == "none" ? nil : CompressionSettings(algorithm: .zstd)
+        let dst = dir.appendingPathComponent("out.qcow2").path
+        let enc = try Qcow2Encoder(destination: dst, options: options)
+        var firstAt: [Int: Int] = [:]
+        // Copies are sometimes declared before their source is written (deferred in the engine).
+        var pendingCopies: [(Int, Int)] = []
+        for (i, k) in order.enumerated() {
+            if let f = firstAt[k] {
+                if i % 3 == 0 {
+                    try enc.writeCopy(at: UInt64(i * chunk), from: UInt64(f * chunk), length: UInt64(chunk))
+                } else {
+                    pendingCopies.append((i, f))
+                }
+            } else {
+                firstAt[k] = i
+                try await enc.write(at: UInt64(i * chunk), k == 4 ? noise : patterns[k])
+            }
+        }
+        for (i, f) in pendingCopies { try enc.writeCopy(at: UInt64(i * chunk), from: UInt64(f * chunk), length: UInt64(chunk)) }
+        let s = try await enc.finish()
+        #expect(s.clustersShared > 0)
+        #expect(try t.qemuImg(["check", dst]) == 0)
+        #expect(try t.qemuImg(["compare", "-f", "raw", "-F", "qcow2", raw.path, dst]) == 0)
+        // Stored once: the image holds about one copy of each distinct chunk.
+        let fileSize = try FileManager.default.attributesOfItem(atPath: dst)[.size] as! Int
+        #expect(fileSize < 5 * chunk + (1 << 20))
+    }
+}

@@ -16,6 +16,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         .systemLibrary(name: "CURing", pkgConfig: "liburing", providers: [.apt(["liburing-dev"])]),
@@ -25,7 +26,14 @@ let package = Package(
         .target(name: "Qcow2Format"),
         .target(name: "ClusterCompression", dependencies: ["CZstd", "CZlib", "CISAL"]),
         .target(name: "DirectIO", dependencies: ["CURing"]),
-        .target(name: "QcowPress", dependencies: ["Qcow2Format", "ClusterCompression", "DirectIO"]),
+        // Backup formats (PBS datastore, VMA archives): parsing, verification, decryption. Knows
+        // nothing of qcow2 allocation; zstd/zlib enter here for whole-blob and whole-stream decoding.
+        .target(name: "BackupSources", dependencies: [
+            "DirectIO", "CZstd", "CZlib",
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "_CryptoExtras", package: "swift-crypto"),
+        ]),
+        .target(name: "QcowPress", dependencies: ["Qcow2Format", "ClusterCompression", "DirectIO", "BackupSources"]),
         .executableTarget(name: "qcowpress", dependencies: [
             "QcowPress",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -33,6 +41,7 @@ let package = Package(
         .testTarget(name: "Qcow2FormatTests", dependencies: ["Qcow2Format"]),
         .testTarget(name: "ClusterCompressionTests", dependencies: ["ClusterCompression"]),
         .testTarget(name: "DirectIOTests", dependencies: ["DirectIO"]),
+        .testTarget(name: "BackupSourcesTests", dependencies: ["BackupSources"]),
         .testTarget(name: "QcowPressTests", dependencies: ["QcowPress", "Qcow2Format", "ClusterCompression", "DirectIO"]),
         .testTarget(name: "CLITests", dependencies: ["Qcow2Format", "qcowpress"]),
     ]

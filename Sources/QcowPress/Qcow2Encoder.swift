@@ -111,6 +111,9 @@ public final class Qcow2Encoder: @unchecked Sendable {
         return Int(min(UInt64(clusterSize), options.virtualSize - start))
     }
 
+    /// The image's virtual size.
+    public var virtualSize: UInt64 { options.virtualSize }
+
     /// Fallbacks the engine took (io_uring → pwrite, O_DIRECT → buffered).
     public var fallbackNotes: [String] { notes }
 

@@ -9,29 +9,14 @@ struct Convert: ParsableCommand {
     var sourceFormat: String?
     @Option(name: .customShort("O"), help: "Output format (qcow2).")
     var outputFormat: String = "qcow2"
-    @Flag(name: .customShort("c"), help: "Compress clusters (zlib level 6 unless -o says otherwise).")
-    var compress = false
-    @Option(name: .customShort("o"), help: "compression_type=zlib|zstd, cluster_size=N, compression_level=N, refcount_bits=N, backing_file=F, backing_fmt=F")
-    var formatOptions: [String] = []
-    @Flag(name: .customShort("p"), help: "Progress bar on stderr when it is a terminal.")
-    var progress = false
-    @Option(help: "Compression workers (default: all cores).")
-    var threads: Int?
-    @Option(name: .customLong("memory-limit"), help: "The engine's memory budget (default 256M).")
-    var memoryLimit: String?
-    @Option(help: "uring (default), pwrite or buffered.")
-    var io: String?
-    @Option(name: .customLong("output"), help: "human or json (a summary on stdout).")
-    var output: OutputFormat = .human
-    @Flag(help: "Overwrite an existing destination.")
-    var force = false
+    @OptionGroup var encoder: EncoderArguments
     @Argument(help: "Source image.")
     var source: String
     @Argument(help: "Destination image.")
     var destination: String
 
     func run() throws {
-        let o = try ImageOptionParser(formatOptions)
+        _ = try ImageOptionParser(encoder.formatOptions)
         guard outputFormat == "qcow2" else {
             throw QcowPressError.invalidArgument("output format '\(outputFormat)' is not supported (qcow2)")
         }
@@ -46,21 +31,11 @@ struct Convert: ParsableCommand {
         if detected == "qcow2" && sourceFormat != "raw" {
             throw QcowPressError.unsupported(path: source, what: "qcow2 sources are not readable yet; pass -f raw to copy the file as raw")
         }
-        var options = EncoderOptions(virtualSize: reader.size)
-        try o.apply(to: &options, compress: compress)
-        if let threads { options.threads = threads }
-        if let m = memoryLimit { options.memoryLimit = try parseSize(m, what: "--memory-limit") }
-        if let io {
-            guard let mode = IOMode(rawValue: io) else {
-                throw QcowPressError.invalidArgument("--io '\(io)' must be uring, pwrite or buffered")
-            }
-            options.ioMode = mode
-        }
-        options.overwrite = force
-        let summary = try runEncoder(destination: destination, options: options, showProgress: progress) { enc in
+        let options = try encoder.encoderOptions(virtualSize: reader.size)
+        let summary = try runEncoder(destination: destination, options: options, showProgress: encoder.progress) { enc in
             try reader.feed(enc)
         }
-        if output == .json { print(try encodeJSON(summary)) }
+        if encoder.output == .json { print(try encodeJSON(summary)) }
     }
 }
 
@@ -68,10 +43,8 @@ struct Convert: ParsableCommand {
 /// removed, exit 130/143), a progress bar on a TTY, fallback notes once on stderr.
 func runEncoder(destination: String, options: EncoderOptions, showProgress: Bool,
                 feed: (Qcow2Encoder) throws -> Void) throws -> EncoderSummary {
-    let signals = SignalWatcher.shared
     let encoder = try Qcow2Encoder(destination: destination, options: options)
-    signals.onSignal = { encoder.cancel() }
-    for n in encoder.fallbackNotes { writeStderr("qcowpress: note: \(n)\n") }
+    watch(encoder)
     let bar = showProgress && isatty(2) != 0 ? ProgressBar(total: options.virtualSize) { encoder.bytesReceived } : nil
     defer { bar?.stop() }
     do {
@@ -81,4 +54,10 @@ func runEncoder(destination: String, options: EncoderOptions, showProgress: Bool
         throw error
     }
     return try encoder.finishBlocking()
+}
+
+/// Makes a signal cancel `encoder` (removing its temporary file) and says its fallbacks once.
+func watch(_ encoder: Qcow2Encoder) {
+    SignalWatcher.shared.add { encoder.cancel() }
+    for n in encoder.fallbackNotes { writeStderr("qcowpress: note: \(n)\n") }
 }

@@ -7,12 +7,11 @@ import Synchronization
 /// file), and exits 130/143.
 final class SignalWatcher: @unchecked Sendable {
     static let shared = SignalWatcher()
-    private let handler = Mutex<(@Sendable () -> Void)?>(nil)
+    private let handlers = Mutex<[@Sendable () -> Void]>([])
 
-    var onSignal: (@Sendable () -> Void)? {
-        get { handler.withLock { $0 } }
-        set { handler.withLock { $0 = newValue } }
-    }
+    /// Adds work to do on SIGINT/SIGTERM before exiting (cancel an encoder, remove files).
+    func add(_ h: @escaping @Sendable () -> Void) { handlers.withLock { $0.append(h) } }
+    func run() { for h in handlers.withLock({ $0 }) { h() } }
 
     private init() {
         var set = sigset_t()
@@ -28,7 +27,7 @@ final class SignalWatcher: @unchecked Sendable {
             sigaddset(&set, SIGTERM)
             var sig: Int32 = 0
             sigwait(&set, &sig)
-            SignalWatcher.shared.onSignal?()
+            SignalWatcher.shared.run()
             exit(128 + sig)
         }, nil)
     }

@@ -1,0 +1,83 @@
+import Foundation
+
+/// A snapshot in a local PBS datastore directory: `<ds>/[ns/<a>/ns/<b>/]<type>/<id>/<time>/`.
+/// Every name that comes from the command line or the manifest is checked so that no path can
+/// leave the datastore (no `/` inside components, no `.` or `..`).
+public struct PBSSnapshot: Sendable {
+    public let datastore: String
+    public let directory: String
+    public let manifest: PBSManifest
+    public let manifestPath: String
+
+    /// - Parameters:
+    ///   - snapshot: `vm/100/2026-11-20T10:00:00Z`.
+    ///   - namespace: `a/b` (each component becomes `ns/<component>`), or nil.
+    public init(datastore: String, namespace: String?, snapshot: String) throws(SourceError) {
+        self.datastore = datastore
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: datastore, isDirectory: &isDir), isDir.boolValue else {
+            throw SourceError(.missing, path: datastore, "datastore directory does not exist")
+        }
+        guard FileManager.default.fileExists(atPath: datastore + "/.chunks") else {
+            throw SourceError(.damaged, path: datastore, "not a datastore (no .chunks directory)")
+        }
+        var dir = datastore
+        if let namespace, !namespace.isEmpty {
+            let parts = namespace.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
+            guard parts.count <= 7 else { throw SourceError(.damaged, path: namespace, "namespace deeper than 7 levels") }
+            for p in parts {
+                try Self.checkComponent(p, what: "namespace component")
+                dir += "/ns/" + p
+            }
+        }
+        let parts = snapshot.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count == 3, ["vm", "ct", "host"].contains(parts[0]) else {
+            throw SourceError(.damaged, path: snapshot, "snapshot must be TYPE/ID/TIME with TYPE vm, ct or host")
+        }
+        try Self.checkComponent(parts[1], what: "backup id")
+        try Self.checkComponent(parts[2], what: "backup time")
+        dir += "/" + parts.joined(separator: "/")
+        guard FileManager.default.fileExists(atPath: dir) else {
+            throw SourceError(.missing, path: dir, "snapshot does not exist")
+        }
+        directory = dir
+        manifestPath = dir + "/index.json.blob"
+        manifest = try PBSManifest(path: manifestPath)
+    }
+
+    /// Refuses names that could escape the datastore.
+    public static func checkComponent(_ s: String, what: String) throws(SourceError) {
+        guard !s.isEmpty, s != ".", s != "..", !s.contains("/"), !s.contains("\0") else {
+            throw SourceError(.damaged, path: s, "\(what) '\(s)' is not a plain name")
+        }
+    }
+
+    /// The archives of the snapshot that are disk images (`*.img.fidx`), with their sizes.
+    public var images: [PBSManifest.File] {
+        manifest.files.filter { $0.filename.hasSuffix(".fidx") }
+    }
+
+    /// Opens an image archive: `drive-scsi0.img.fidx` (".fidx" optional), checks its index against
+    /// the manifest (size and csum).
+    public func openImage(_ archive: String) throws(SourceError) -> (PBSFixedIndex, PBSManifest.File) {
+        let name = archive.hasSuffix(".fidx") ? archive : archive + ".fidx"
+        try Self.checkComponent(name, what: "archive name")
+        guard let entry = manifest.files.first(where: { $0.filename == name }) else {
+            let known = images.map(\.filename).joined(separator: ", ")
+            throw SourceError(.missing, path: directory, "archive '\(name)' is not in the manifest (images: \(known))")
+        }
+        let index = try PBSFixedIndex(path: directory + "/" + name)
+        guard index.indexCsum == entry.csum else {
+            throw SourceError(.damaged, path: index.path, "index checksum does not match the manifest's csum for \(name)")
+        }
+        guard index.size == entry.size else {
+            throw SourceError(.damaged, path: index.path, "size \(index.size) at offset 64 does not match the manifest's \(entry.size)")
+        }
+        return (index, entry)
+    }
+
+    public func chunkPath(_ digest: ArraySlice<UInt8>) -> String {
+        let hex = hexString(digest)
+        return datastore + "/.chunks/" + hex.prefix(4) + "/" + hex
+    }
+}

@@ -1,0 +1,254 @@
+import BackupSources
+import DirectIO
+import Foundation
+
+/// Restores disk images from a snapshot in a local Proxmox Backup Server datastore into qcow2.
+///
+/// Chunks are loaded in parallel (read, CRC, decrypt, decompress, SHA-256 on `loaders` threads)
+/// and handed to the encoder as they complete. An all-zero chunk is recognised by its digest and
+/// never read. A chunk seen before in the same image becomes a ``Qcow2Encoder/writeCopy(at:from:length:)``
+/// (stored once). Chunks used more than once are kept in a shared, bounded cache, preferring those
+/// with the most uses still to come.
+public struct PBSRestore: Sendable {
+    public struct Options: Sendable {
+        /// Chunk loader threads (read + verify + decode). Default: every core; PBS's own restore
+        /// measured gains up to 16 in flight on real disks.
+        public var loaders: Int = max(2, EncoderOptions.defaultThreads)
+        /// Point repeated chunks at the host clusters already written (default on).
+        public var dedup: Bool = true
+        /// Memory for decoded chunks that will be used again (shared by all drives of one restore).
+        public var cacheBytes: Int = 64 << 20
+        public init() {}
+    }
+
+    /// What one drive's restore did.
+    public struct Summary: Sendable, Codable {
+        public var archive: String
+        public var image: EncoderSummary
+        public var chunks: Int
+        public var chunksRead: Int
+        public var chunksFromCache: Int
+        public var chunksZero: Int
+        /// Chunks stored as references to an identical earlier chunk.
+        public var chunksShared: Int
+        /// Guest bytes that were not written again thanks to sharing.
+        public var dedupBytesSaved: UInt64
+    }
+
+    public let snapshot: PBSSnapshot
+    public let reader: PBSChunkReader
+
+    /// Opens a snapshot; `keyFile` and `password` are needed for encrypted backups.
+    public init(datastore: String, namespace: String?, snapshot: String, keyFile: String?,
+                password: @escaping () throws(QcowPressError) -> String) throws(QcowPressError) {
+        do throws(SourceError) {
+            let snap = try PBSSnapshot(datastore: datastore, namespace: namespace, snapshot: snapshot)
+            var key: PBSKey? = nil
+            if let keyFile {
+                key = try PBSKey.load(path: keyFile) { () throws(SourceError) -> String in
+                    do throws(QcowPressError) { return try password() } catch {
+                        throw SourceError(.wrongKey, path: keyFile, error.message)
+                    }
+                }
+                try snap.manifest.verify(key: key!, path: snap.manifestPath)
+            } else if snap.manifest.files.contains(where: { $0.cryptMode == "encrypt" }) {
+                throw SourceError(.wrongKey, path: snap.manifestPath, "the backup is encrypted: pass --keyfile")
+            }
+            self.snapshot = snap
+            reader = PBSChunkReader(snapshot: snap, key: key)
+        } catch {
+            throw QcowPressError(error)
+        }
+    }
+
+    /// The disk images of the snapshot: archive name and size in bytes.
+    public var archives: [(name: String, size: UInt64)] {
+        snapshot.images.map { ($0.filename, $0.size) }
+    }
+
+    /// Restores `archives` (name, destination) one after another, sharing one chunk cache.
+    public func restore(_ jobs: [(archive: String, destination: String)], encoder: EncoderOptions,
+                        options: Options = Options(), started: (Qcow2Encoder) -> Void = { _ in }) throws(QcowPressError) -> [Summary] {
+        var indexes: [PBSFixedIndex] = []
+        do throws(SourceError) {
+            for j in jobs { indexes.append(try snapshot.openImage(j.archive).0) }
+        } catch {
+            throw QcowPressError(error)
+        }
+        // Uses still to come for each digest across every job: the cache's hint.
+        var uses: [ArraySlice<UInt8>: Int] = [:]
+        for idx in indexes { for i in 0..<idx.chunkCount { uses[idx.digest(i), default: 0] += 1 } }
+        let cache = ChunkCache(capacity: options.cacheBytes, uses: uses)
+        var out: [Summary] = []
+        for (j, job) in jobs.enumerated() {
+            var eo = encoder
+            // Rounded up to whole 512-byte sectors, as QEMU sizes every block device.
+            eo.virtualSize = (indexes[j].size + 511) & ~511
+            out.append(try restoreOne(index: indexes[j], archive: job.archive, destination: job.destination,
+                                      encoder: eo, options: options, cache: cache, started: started))
+        }
+        return out
+    }
+
+    func restoreOne(index: PBSFixedIndex, archive: String, destination: String, encoder eo: EncoderOptions,
+                    options: Options, cache: ChunkCache, started: (Qcow2Encoder) -> Void) throws(QcowPressError) -> Summary {
+        let enc = try Qcow2Encoder(destination: destination, options: eo)
+        started(enc)
+        let cs = index.chunkSize
+        let zeroFull = reader.zeroDigest(length: cs)
+        let lastLen = index.chunkLength(max(0, index.chunkCount - 1))
+        let zeroLast = lastLen == cs ? zeroFull : reader.zeroDigest(length: lastLen)
+        let canShare = options.dedup && cs % eo.clusterSize == 0
+        // Plan in guest order: zero, copy of an earlier chunk, or load.
+        enum Step { case zero, copy(Int), load }
+        var firstAt: [ArraySlice<UInt8>: Int] = [:]
+        var steps: [Step] = []
+        steps.reserveCapacity(index.chunkCount)
+        for i in 0..<index.chunkCount {
+            let d = index.digest(i)
+            let len = index.chunkLength(i)
+            if d.elementsEqual(len == cs ? zeroFull : zeroLast) {
+                steps.append(.zero)
+            } else if canShare, len == cs, let f = firstAt[d] {
+                steps.append(.copy(f))
+            } else {
+                if firstAt[d] == nil { firstAt[d] = i }
+                steps.append(.load)
+            }
+        }
+        let counters = RestoreCounters()
+        let next = ChunkQueue((0..<index.chunkCount).map { UInt64($0)..<UInt64($0 + 1) })
+        let group = ThreadGroup()
+        let reader = self.reader
+        let name = archive.hasSuffix(".fidx") ? archive : archive + ".fidx"
+        let plan = steps
+        for t in 0..<max(1, options.loaders) {
+            group.spawn(name: "qp-pbs-\(t)") { () throws(QcowPressError) in
+                let buf = AlignedBuffer(capacity: cs)
+                var raw: [UInt8] = []
+                while let r = next.next() {
+                    let i = Int(r.lowerBound)
+                    let at = UInt64(i) * UInt64(cs)
+                    let len = index.chunkLength(i)
+                    do throws(QcowPressError) {
+                        switch plan[i] {
+                        case .zero:
+                            try enc.writeZeroesBlocking(at: at, length: UInt64(len))
+                            counters.add(zero: 1)
+                        case .copy(let f):
+                            try enc.writeCopy(at: at, from: UInt64(f) * UInt64(cs), length: UInt64(len))
+                            counters.add(shared: 1, saved: UInt64(len))
+                            cache.consume(index.digest(i))
+                        case .load:
+                            let d = index.digest(i)
+                            let out = UnsafeMutableRawBufferPointer(start: buf.pointer, count: len)
+                            if cache.take(d, into: out) {
+                                counters.add(cached: 1)
+                            } else {
+                                do throws(SourceError) {
+                                    try reader.load(digest: d, length: len, into: out, raw: &raw,
+                                                    what: "chunk \(i) of \(name) (guest offset \(at))")
+                                } catch {
+                                    throw QcowPressError(error)
+                                }
+                                counters.add(read: 1)
+                                cache.offer(d, UnsafeRawBufferPointer(out))
+                            }
+                            try enc.writeBlocking(at: at, UnsafeRawBufferPointer(out))
+                        }
+                    } catch {
+                        next.stop()
+                        throw error
+                    }
+                }
+            }
+        }
+        if let e = group.wait() {
+            enc.cancel()
+            throw e
+        }
+        let s = try enc.finishBlocking()
+        return counters.summary(archive: name, image: s, chunks: index.chunkCount)
+    }
+}
+
+extension QcowPressError {
+    /// Maps a backup-source error to the error a caller switches on.
+    init(_ e: SourceError) {
+        switch e.kind {
+        case .unsupported: self = .unsupported(path: e.path, what: e.detail)
+        case .io: self = .io(IOError(errno: e.errno ?? EIO, operation: e.detail, path: e.path))
+        case .damaged, .missing, .wrongKey: self = .inputDamaged(path: e.path, location: e.detail)
+        }
+    }
+}
+
+final class RestoreCounters: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var read = 0, cached = 0, zero = 0, shared = 0
+    private var saved: UInt64 = 0
+    func add(read r: Int = 0, cached c: Int = 0, zero z: Int = 0, shared s: Int = 0, saved v: UInt64 = 0) {
+        lock.withLock {
+            read += r; cached += c; zero += z; shared += s; saved += v
+        }
+    }
+    func summary(archive: String, image: EncoderSummary, chunks: Int) -> PBSRestore.Summary {
+        lock.withLock {
+            PBSRestore.Summary(archive: archive, image: image, chunks: chunks, chunksRead: read, chunksFromCache: cached,
+                               chunksZero: zero, chunksShared: shared, dedupBytesSaved: saved)
+        }
+    }
+}
+
+/// Decoded chunks that will be used again, in bounded memory. Each entry knows how many uses are
+/// still to come (from the indexes); it leaves the cache after its last use, and when space runs
+/// out the entry with the fewest uses to come is dropped first (hot chunks stay).
+final class ChunkCache: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private let capacity: Int
+    private var used = 0
+    private var remaining: [ArraySlice<UInt8>: Int]
+    private var entries: [ArraySlice<UInt8>: [UInt8]] = [:]
+
+    init(capacity: Int, uses: [ArraySlice<UInt8>: Int]) {
+        self.capacity = capacity
+        remaining = uses
+    }
+
+    /// Counts a use that needs no data (a shared copy).
+    func consume(_ d: ArraySlice<UInt8>) {
+        lock.withLock { dropUse(d) }
+    }
+
+    private func dropUse(_ d: ArraySlice<UInt8>) {
+        let left = (remaining[d] ?? 1) - 1
+        remaining[d] = left
+        if left <= 0, let e = entries.removeValue(forKey: d) { used -= e.count }
+    }
+
+    /// Copies a cached chunk out (counting the use); false when absent.
+    func take(_ d: ArraySlice<UInt8>, into out: UnsafeMutableRawBufferPointer) -> Bool {
+        lock.withLock {
+            guard let e = entries[d], e.count == out.count else { return false }
+            e.withUnsafeBytes { out.copyMemory(from: $0) }
+            dropUse(d)
+            return true
+        }
+    }
+
+    /// Offers a freshly loaded chunk (its use is counted); kept only if it will be used again.
+    func offer(_ d: ArraySlice<UInt8>, _ bytes: UnsafeRawBufferPointer) {
+        lock.withLock {
+            dropUse(d)
+            let left = remaining[d] ?? 0
+            guard left > 0, entries[d] == nil, bytes.count <= capacity else { return }
+            while used + bytes.count > capacity {
+                guard let victim = entries.keys.min(by: { (remaining[$0] ?? 0) < (remaining[$1] ?? 0) }),
+                      (remaining[victim] ?? 0) <= left else { return }
+                used -= entries.removeValue(forKey: victim)!.count
+            }
+            entries[d] = Array(bytes)
+            used += bytes.count
+        }
+    }
+}

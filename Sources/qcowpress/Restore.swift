@@ -1,0 +1,111 @@
+import ArgumentParser
+import Foundation
+import QcowPress
+
+struct Restore: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Restore disk images from backups into qcow2.",
+                                                    subcommands: [RestorePBS.self])
+}
+
+struct RestorePBS: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "pbs", abstract: "Restore from a local Proxmox Backup Server datastore.")
+
+    @Option(help: "The datastore directory.")
+    var datastore: String
+    @Option(help: "Namespace (a/b).")
+    var ns: String?
+    @Option(help: "Key file of an encrypted backup.")
+    var keyfile: String?
+    @Option(name: .customLong("password-file"), help: "File holding the key file's passphrase.")
+    var passwordFile: String?
+    @Flag(help: "List the snapshot's disk archives with their sizes.")
+    var list = false
+    @Option(help: "Restore every drive into this directory, one qcow2 each.")
+    var all: String?
+    @Option(help: "Chunk loader threads (default: cores, at least 2).")
+    var loaders: Int?
+    @Flag(name: .customLong("no-dedup"), help: "Write repeated chunks again instead of sharing their clusters.")
+    var noDedup = false
+    @Option(name: .customLong("chunk-cache"), help: "Memory for chunks used more than once (default 64M).")
+    var chunkCache: String?
+    @OptionGroup var encoder: EncoderArguments
+    @Argument(help: "vm/100/2026-11-20T10:00:00Z")
+    var snapshot: String
+    @Argument(help: "drive-scsi0.img.fidx (\".fidx\" optional)")
+    var archive: String?
+    @Argument(help: "Destination qcow2.")
+    var destination: String?
+
+    func run() throws {
+        let keyfile = self.keyfile
+        let passwordFile = self.passwordFile
+        let restore = try PBSRestore(datastore: datastore, namespace: ns, snapshot: snapshot, keyFile: keyfile) { () throws(QcowPressError) -> String in
+            try readPassword(file: passwordFile, prompt: "Passphrase for \(keyfile ?? "key"): ")
+        }
+        if list {
+            for a in restore.archives {
+                print("\(a.name)\t\(a.size)")
+            }
+            return
+        }
+        var jobs: [(archive: String, destination: String)] = []
+        if let all {
+            guard archive == nil, destination == nil else {
+                throw QcowPressError.invalidArgument("--all OUTDIR takes no ARCHIVE or DST")
+            }
+            try FileManager.default.createDirectory(atPath: all, withIntermediateDirectories: true)
+            for a in restore.archives {
+                // drive-scsi0.img.fidx -> OUTDIR/drive-scsi0.qcow2 (names were checked: no '/', no '..').
+                var base = a.name
+                if base.hasSuffix(".fidx") { base.removeLast(5) }
+                if base.hasSuffix(".img") { base.removeLast(4) }
+                jobs.append((a.name, all + "/" + base + ".qcow2"))
+            }
+            if !encoder.force {
+                for j in jobs where FileManager.default.fileExists(atPath: j.destination) {
+                    throw QcowPressError.destinationExists(path: j.destination)
+                }
+            }
+        } else {
+            guard let archive, let destination else {
+                throw QcowPressError.invalidArgument("restore pbs needs SNAPSHOT ARCHIVE DST (or --list, or --all OUTDIR)")
+            }
+            jobs = [(archive, destination)]
+        }
+        let eo = try encoder.encoderOptions(virtualSize: 0)
+        var ro = PBSRestore.Options()
+        if let loaders { ro.loaders = loaders }
+        ro.dedup = !noDedup
+        if let c = chunkCache { ro.cacheBytes = try parseSize(c, what: "--chunk-cache") }
+        var bar: ProgressBar? = nil
+        let summaries = try restore.restore(jobs, encoder: eo, options: ro) { enc in
+            watch(enc)
+            bar?.stop()
+            bar = encoder.progress && isatty(2) != 0 ? ProgressBar(total: enc.virtualSize) { enc.bytesReceived } : nil
+        }
+        bar?.stop()
+        if encoder.output == .json {
+            print(try encodeJSON(summaries.count == 1 && all == nil ? AnyEncodable(summaries[0]) : AnyEncodable(summaries)))
+        }
+    }
+}
+
+struct AnyEncodable: Encodable {
+    let value: any Encodable
+    init(_ v: any Encodable) { value = v }
+    func encode(to encoder: Encoder) throws { try value.encode(to: encoder) }
+}
+
+/// The passphrase from a file (first line) or from the terminal without echo.
+func readPassword(file: String?, prompt: String) throws(QcowPressError) -> String {
+    if let file {
+        guard let s = try? String(contentsOfFile: file, encoding: .utf8) else {
+            throw .invalidArgument("\(file): cannot read the password file")
+        }
+        return String(s.split(separator: "\n", omittingEmptySubsequences: false).first ?? "")
+    }
+    guard isatty(0) != 0, let p = getpass(prompt) else {
+        throw .invalidArgument("the key file is protected by a passphrase: pass --password-file or run on a terminal")
+    }
+    return String(cString: p)
+}

@@ -1,0 +1,162 @@
+import Foundation
+import Testing
+
+/// `restore pbs` against datastores made by Tests/Support/pbs_datastore.py (an independent writer
+/// that follows proxmox-backup's sources; see PBS-FORMAT-NOTES.md).
+@Suite(.enabled(if: Harness.haveQemuImg && PBSFixture.available, "needs qemu-img and python3"))
+struct PBSRestoreTests {
+    static let snapshot = "vm/100/2026-11-20T10:00:00Z"
+
+    @Test(arguments: [
+        PBSFixture.Variant(name: "plain 4 MiB chunks", chunk: 4 << 20),
+        PBSFixture.Variant(name: "uncompressed blobs", chunk: 1 << 20, extra: ["--no-compress"]),
+        PBSFixture.Variant(name: "encrypted, kdf none", chunk: 1 << 20, kdf: "none"),
+        PBSFixture.Variant(name: "encrypted, scrypt", chunk: 1 << 20, kdf: "scrypt"),
+        PBSFixture.Variant(name: "encrypted, pbkdf2, namespace", chunk: 1 << 20, kdf: "pbkdf2", ns: "team/a"),
+    ])
+    func restoresEveryKind(variant: PBSFixture.Variant) throws {
+        let f = try PBSFixture(variant)
+        defer { f.remove() }
+        for codec in [[], ["-c"], ["-c", "-o", "compression_type=zstd"]] {
+            let dst = f.dir.appendingPathComponent("out.qcow2").path
+            try? FileManager.default.removeItem(atPath: dst)
+            let r = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + [Self.snapshot, "drive-scsi0.img", dst, "--output", "json"] + codec)
+            #expect(r.status == 0, "\(variant.name) \(codec): \(r.stderr)")
+            try Harness.expectGood(dst, equals: f.rawA)
+            let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [String: Any]
+            #expect((json["chunksZero"] as? Int ?? 0) > 0, "zero chunks are recognised by digest")
+            #expect((json["chunksShared"] as? Int ?? 0) > 0, "repeated chunks are stored once")
+        }
+    }
+
+    @Test func listAndAllDrives() throws {
+        let f = try PBSFixture(.init(name: "two drives", chunk: 1 << 20))
+        defer { f.remove() }
+        let list = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + [Self.snapshot, "--list"])
+        #expect(list.status == 0)
+        #expect(list.stdout.contains("drive-scsi0.img.fidx") && list.stdout.contains("drive-virtio1.img.fidx"))
+        let out = f.dir.appendingPathComponent("all").path
+        let r = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + [Self.snapshot, "--all", out, "-c", "-o", "compression_type=zstd"])
+        #expect(r.status == 0, "\(r.stderr)")
+        try Harness.expectGood(out + "/drive-scsi0.qcow2", equals: f.rawA)
+        try Harness.expectGood(out + "/drive-virtio1.qcow2", equals: f.rawB)
+        // A second run refuses to overwrite.
+        let again = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + [Self.snapshot, "--all", out])
+        #expect(again.status == 1 && again.stderr.contains("already exists"))
+        // --no-dedup writes repeated chunks again and still equals the source.
+        let nd = f.dir.appendingPathComponent("nd.qcow2").path
+        let r2 = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + [Self.snapshot, "drive-scsi0.img", nd, "--no-dedup", "--output", "json"])
+        #expect(r2.status == 0)
+        #expect(r2.stdout.contains("\"chunksShared\" : 0"))
+        try Harness.expectGood(nd, equals: f.rawA)
+    }
+
+    @Test(arguments: ["chunk-crc", "chunk-digest", "chunk-zstd", "chunk-truncated", "chunk-empty", "blob-magic",
+                      "missing-chunk", "fidx-magic", "fidx-csum", "fidx-size", "fidx-digest", "truncated-fidx",
+                      "missing-fidx", "manifest-csum", "manifest-size", "manifest-crc", "manifest-json"])
+    func damagedDatastoreIsRefused(mode: String) throws {
+        let f = try PBSFixture(.init(name: mode, chunk: 1 << 20, corrupt: mode))
+        defer { f.remove() }
+        let dst = f.dir.appendingPathComponent("out.qcow2")
+        let r = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + [Self.snapshot, "drive-scsi0.img", dst.path])
+        #expect(r.status == 1, "\(mode): status \(r.status) \(r.stderr)")
+        #expect(r.stderr.split(separator: "\n").count == 1, "\(mode): \(r.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: dst.path))
+        #expect(try Harness.strayFiles(in: f.dir, except: ["a.raw", "b.raw", "ds", "key.json", "pw"]).isEmpty)
+    }
+
+    @Test(arguments: ["chunk-tag", "chunk-iv", "wrong-key", "manifest-signature"])
+    func damagedEncryptedDatastoreIsRefused(mode: String) throws {
+        let f = try PBSFixture(.init(name: mode, chunk: 1 << 20, kdf: "none", corrupt: mode))
+        defer { f.remove() }
+        let dst = f.dir.appendingPathComponent("out.qcow2")
+        let r = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + [Self.snapshot, "drive-scsi0.img", dst.path])
+        #expect(r.status == 1, "\(mode): status \(r.status) \(r.stderr)")
+        #expect(r.stderr.split(separator: "\n").count == 1, "\(mode): \(r.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: dst.path))
+    }
+
+    @Test func namesCannotLeaveTheDatastore() throws {
+        let f = try PBSFixture(.init(name: "paths", chunk: 1 << 20))
+        defer { f.remove() }
+        for (snap, archive) in [("vm/100/../../..", "drive-scsi0.img"), ("vm/../x", "a"), (Self.snapshot, "../../../etc/passwd"),
+                                (Self.snapshot, "a/b.fidx")] {
+            let r = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + [snap, archive, f.dir.appendingPathComponent("o.qcow2").path])
+            #expect(r.status == 1, "\(snap) \(archive): \(r.stderr)")
+        }
+        let r = try Harness.qcowpress(["restore", "pbs", "--datastore", f.datastore, "--ns", "../..", Self.snapshot, "drive-scsi0.img", f.dir.appendingPathComponent("o.qcow2").path])
+        #expect(r.status == 1)
+    }
+}
+
+/// A datastore with two drives: A has zero chunks, repeated chunks, random (incompressible)
+/// chunks and a size that is not a multiple of the chunk size; B repeats A's chunks.
+struct PBSFixture {
+    struct Variant: Sendable, CustomTestStringConvertible {
+        var name: String
+        var chunk: Int
+        var extra: [String] = []
+        var kdf: String? = nil
+        var ns: String? = nil
+        var corrupt: String? = nil
+        var testDescription: String { name }
+    }
+    static var script: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Support/pbs_datastore.py").path
+    }
+    static var available: Bool { FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") }
+
+    let dir: URL
+    let rawA: String
+    let rawB: String
+    let datastore: String
+    let datastoreArgs: [String]
+
+    init(_ v: Variant) throws {
+        dir = try Harness.tempDir()
+        rawA = dir.appendingPathComponent("a.raw").path
+        rawB = dir.appendingPathComponent("b.raw").path
+        let c = v.chunk
+        var a = Data()
+        let text = SourceImage.text(c, seed: 1)
+        let noise = SourceImage.noise(c, seed: 2)
+        for i in 0..<9 { a += [Data(count: c), text, noise, text][i % 4] }
+        a += SourceImage.text(c / 2 + 4096, seed: 3)  // short last chunk, 512-aligned
+        try a.write(to: URL(fileURLWithPath: rawA))
+        try (text + Data(count: c) + noise).write(to: URL(fileURLWithPath: rawB))
+        datastore = dir.appendingPathComponent("ds").path
+        var args = ["--datastore", datastore, "--snapshot", PBSRestoreTests.snapshot, "--chunk-size", String(c),
+                    "--drive", "drive-scsi0.img=\(rawA)", "--drive", "drive-virtio1.img=\(rawB)", "--seed", "5"] + v.extra
+        var restoreArgs = ["--datastore", datastore]
+        if let ns = v.ns {
+            args += ["--ns", ns]
+            restoreArgs += ["--ns", ns]
+        }
+        if let kdf = v.kdf {
+            let key = dir.appendingPathComponent("key.json").path
+            var make = ["--make-key", key, "--kdf", kdf, "--seed", "6"]
+            if kdf != "none" {
+                make += ["--password", "secret-pass"]
+                try Data("secret-pass\n".utf8).write(to: dir.appendingPathComponent("pw"))
+                restoreArgs += ["--password-file", dir.appendingPathComponent("pw").path]
+                args += ["--password", "secret-pass"]
+            }
+            let mk = try Harness.run("/usr/bin/python3", [Self.script] + make)
+            guard mk.status == 0 else { throw FixtureError(message: mk.stderr) }
+            args += ["--encrypt-keyfile", key]
+            restoreArgs += ["--keyfile", key]
+        }
+        if let m = v.corrupt { args += ["--corrupt", m] }
+        let r = try Harness.run("/usr/bin/python3", [Self.script] + args)
+        guard r.status == 0 else { throw FixtureError(message: r.stdout + r.stderr) }
+        datastoreArgs = restoreArgs
+    }
+
+    func remove() { try? FileManager.default.removeItem(at: dir) }
+}
+
+struct FixtureError: Error, CustomStringConvertible {
+    var message: String
+    var description: String { message }
+}

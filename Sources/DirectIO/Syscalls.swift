@@ -110,6 +110,14 @@ enum Sys {
         return r < 0 ? -Int(Glibc.errno) : r
     }
 
+    static func read(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int) -> Int {
+        let f = fault(.read, fd: fd, length: count)
+        if let r = f.result { return r }
+        if f.length == 0 && count > 0 { return -Int(EIO) }
+        let r = Glibc.read(fd, buf, f.length)
+        return r < 0 ? -Int(Glibc.errno) : r
+    }
+
     static func fsync(_ fd: Int32) -> Int32 {
         Glibc.fsync(fd) < 0 ? Glibc.errno : 0
     }

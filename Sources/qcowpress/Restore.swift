@@ -4,7 +4,7 @@ import QcowPress
 
 struct Restore: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Restore disk images from backups into qcow2.",
-                                                    subcommands: [RestorePBS.self])
+                                                    subcommands: [RestorePBS.self, RestoreVMA.self])
 }
 
 struct RestorePBS: ParsableCommand {
@@ -108,4 +108,31 @@ func readPassword(file: String?, prompt: String) throws(QcowPressError) -> Strin
         throw .invalidArgument("the key file is protected by a passphrase: pass --password-file or run on a terminal")
     }
     return String(cString: p)
+}
+
+struct RestoreVMA: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vma", abstract: "Restore a vzdump VMA archive (.vma, .vma.zst, .vma.gz, or - for stdin): one qcow2 per disk plus the config files.")
+
+    @Option(help: "Restore only this device.")
+    var device: String?
+    @OptionGroup var encoder: EncoderArguments
+    @Argument(help: "The archive, or - for standard input.")
+    var archive: String
+    @Argument(help: "Output directory.")
+    var outdir: String
+
+    func run() throws {
+        _ = try ImageOptionParser(encoder.formatOptions)
+        var r = VMARestore(archive: archive, outdir: outdir)
+        r.device = device
+        r.overwrite = encoder.force
+        let eo = try encoder.encoderOptions(virtualSize: 0)
+        var bar: ProgressBar? = nil
+        let show = encoder.progress && isatty(2) != 0
+        let summary = try r.run(encoder: eo, started: { watch($0) }, progress: { done, total in
+            if show { bar = ProgressBar(total: total ?? 0, done: done) }
+        })
+        bar?.stop()
+        if encoder.output == .json { print(try encodeJSON(summary)) }
+    }
 }

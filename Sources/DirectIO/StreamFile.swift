@@ -1,0 +1,56 @@
+import Glibc
+
+/// A file or pipe read front to back with read(2), never seeked (stdin included). Reads of a
+/// regular file are dropped from the page cache behind the reader.
+public final class StreamFile: @unchecked Sendable {
+    public let path: String
+    public let fd: Int32
+    let ownsFD: Bool
+    let regular: Bool
+    /// Size when it is a regular file (for progress), else nil.
+    public let size: UInt64?
+    private var consumed: UInt64 = 0
+    private var dropped: UInt64 = 0
+
+    /// Opens `path`, or standard input for "-".
+    public init(path: String) throws(IOError) {
+        self.path = path == "-" ? "<stdin>" : path
+        if path == "-" {
+            fd = 0
+            ownsFD = false
+        } else {
+            let f = open(path, O_RDONLY | O_CLOEXEC)
+            if f < 0 { throw IOError(errno: errno, operation: "open", path: path) }
+            fd = f
+            ownsFD = true
+        }
+        var st = stat()
+        fstat(fd, &st)
+        regular = (st.st_mode & S_IFMT) == S_IFREG
+        if (st.st_mode & S_IFMT) == S_IFDIR {
+            if ownsFD { close(fd) }
+            throw IOError(errno: EISDIR, operation: "open", path: path)
+        }
+        size = regular ? UInt64(st.st_size) : nil
+        if regular { _ = posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL) }
+    }
+    deinit { if ownsFD { close(fd) } }
+
+    /// Bytes read so far.
+    public var position: UInt64 { consumed }
+
+    /// Reads up to `count` bytes; 0 at end of file. Retries EINTR.
+    public func read(into p: UnsafeMutableRawPointer, count: Int) throws(IOError) -> Int {
+        while true {
+            let r = Sys.read(fd, p, count)
+            if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
+            if r < 0 { throw IOError(errno: Int32(-r), operation: "read", path: path, offset: consumed) }
+            consumed += UInt64(r)
+            if regular && consumed - dropped >= 8 << 20 {
+                _ = posix_fadvise(fd, off_t(dropped), off_t(consumed - dropped), POSIX_FADV_DONTNEED)
+                dropped = consumed
+            }
+            return r
+        }
+    }
+}

@@ -1,0 +1,153 @@
+import BackupSources
+import DirectIO
+import Foundation
+import Glibc
+
+/// Restores a vzdump VMA archive (plain, .zst or .gz, from a file or a pipe) into one qcow2 per
+/// device, reading the archive exactly once, front to back. Zero blocks named by the archive's
+/// masks become zero clusters without any zero test.
+public struct VMARestore: Sendable {
+    public struct Summary: Sendable, Codable {
+        public var archive: String
+        /// none, zstd or gzip (detected by magic).
+        public var compression: String
+        /// Bytes of the archive read (compressed, as stored).
+        public var archiveBytes: UInt64
+        public var images: [EncoderSummary]
+        /// Config files written beside the images.
+        public var configs: [String]
+    }
+
+    public let archive: String
+    public let outdir: String
+    public var device: String? = nil
+    public var overwrite = false
+
+    public init(archive: String, outdir: String) {
+        self.archive = archive
+        self.outdir = outdir
+    }
+
+    /// Runs the restore. `progress` is told the archive's reader (bytes read, total when known).
+    public func run(encoder template: EncoderOptions, started: (Qcow2Encoder) -> Void = { _ in },
+                    progress: (@escaping @Sendable () -> UInt64, UInt64?) -> Void = { _, _ in }) throws(QcowPressError) -> Summary {
+        let file: StreamFile
+        do { file = try StreamFile(path: archive) } catch { throw .from(error) }
+        let stream: ArchiveStream
+        let reader: VMAReader
+        do {
+            stream = try ArchiveStream(file: file)
+            reader = try VMAReader(stream: stream)
+        } catch {
+            throw QcowPressError(error)
+        }
+        let total = stream.compression == .none ? file.size : file.size
+        progress({ file.position }, total)
+        var selected = Array(reader.devices.indices)
+        if let device {
+            guard let i = reader.devices.firstIndex(where: { $0.name == device }) else {
+                let names = reader.devices.map(\.name).joined(separator: ", ")
+                throw .invalidArgument("\(archive): no device '\(device)' (devices: \(names))")
+            }
+            selected = [i]
+        }
+        var isDir: ObjCBool = false
+        if FileManager.default.fileExists(atPath: outdir, isDirectory: &isDir) {
+            guard isDir.boolValue else { throw .invalidArgument("\(outdir): is not a directory") }
+        } else {
+            do { try FileManager.default.createDirectory(atPath: outdir, withIntermediateDirectories: true) } catch {
+                throw .io(IOError(errno: EACCES, operation: "mkdir", path: outdir))
+            }
+        }
+        let imagePaths = reader.devices.map { outdir + "/" + $0.name + ".qcow2" }
+        let configPaths = reader.configs.map { outdir + "/" + $0.name }
+        if !overwrite {
+            for i in selected where FileNames.exists(imagePaths[i]) { throw .destinationExists(path: imagePaths[i]) }
+            for p in configPaths where FileNames.exists(p) { throw .destinationExists(path: p) }
+        }
+        // One engine per device; the budget is split between them.
+        var encoders = [Qcow2Encoder?](repeating: nil, count: reader.devices.count)
+        func cancelAll() { for e in encoders { e?.cancel() } }
+        do throws(QcowPressError) {
+            for i in selected {
+                var o = template
+                o.virtualSize = (reader.devices[i].size + 511) & ~511
+                o.memoryLimit = max(16 << 20, template.memoryLimit / selected.count)
+                o.overwrite = overwrite
+                let e = try Qcow2Encoder(destination: imagePaths[i], options: o)
+                encoders[i] = e
+                started(e)
+            }
+            let scratch = AlignedBuffer(capacity: VMAReader.clusterSize)
+            while try nextExtent(reader, encoders, scratch) {}
+            do { try reader.checkComplete() } catch { throw QcowPressError(error) }
+        } catch {
+            cancelAll()
+            throw error
+        }
+        var images: [EncoderSummary] = []
+        do throws(QcowPressError) {
+            for i in selected { images.append(try encoders[i]!.finishBlocking()) }
+        } catch {
+            cancelAll()
+            throw error
+        }
+        // Configs last, each under a temporary name and renamed, so none looks written early.
+        var written: [String] = []
+        for (k, c) in reader.configs.enumerated() {
+            let tmp = Qcow2Encoder.temporaryName(for: configPaths[k])
+            guard FileManager.default.createFile(atPath: tmp, contents: Data(c.data)) else {
+                throw .io(IOError(errno: EIO, operation: "write config", path: configPaths[k]))
+            }
+            do { try FileNames.rename(tmp, configPaths[k]) } catch {
+                FileNames.unlink(tmp)
+                throw .from(error)
+            }
+            written.append(configPaths[k])
+        }
+        return Summary(archive: archive, compression: stream.compression.rawValue, archiveBytes: file.position,
+                       images: images, configs: written)
+    }
+
+    private func nextExtent(_ reader: VMAReader, _ encoders: [Qcow2Encoder?], _ scratch: AlignedBuffer) throws(QcowPressError) -> Bool {
+        var engineError: QcowPressError? = nil
+        do throws(SourceError) {
+            return try reader.nextExtent { (c) throws(SourceError) in
+                guard let enc = encoders[c.device] else { return }
+                do throws(QcowPressError) { try Self.deliver(c, to: enc, scratch: scratch) } catch {
+                    engineError = error
+                    throw SourceError(.io, path: enc.destination, error.message)
+                }
+            }
+        } catch {
+            throw engineError ?? QcowPressError(error)
+        }
+    }
+
+    /// Writes one VMA cluster: masks name the zero blocks, so zeros are never tested or copied.
+    static func deliver(_ c: VMAReader.Cluster, to enc: Qcow2Encoder, scratch: AlignedBuffer) throws(QcowPressError) {
+        let start = UInt64(c.cluster) * UInt64(VMAReader.clusterSize)
+        let end = min(start + UInt64(VMAReader.clusterSize), enc.virtualSize)
+        let len = Int(end - start)
+        if c.mask == 0 {
+            try enc.writeZeroesBlocking(at: start, length: UInt64(len))
+            return
+        }
+        if c.mask == 0xFFFF {
+            try enc.writeBlocking(at: start, UnsafeRawBufferPointer(rebasing: c.data[0..<min(len, c.data.count)]))
+            if len > c.data.count { try enc.writeZeroesBlocking(at: start + UInt64(c.data.count), length: UInt64(len - c.data.count)) }
+            return
+        }
+        var pos = 0
+        for b in 0..<16 {
+            let dst = scratch.pointer + b * VMAReader.blockSize
+            if c.mask & (1 << b) != 0 {
+                memcpy(dst, c.data.baseAddress! + pos, VMAReader.blockSize)
+                pos += VMAReader.blockSize
+            } else {
+                memset(dst, 0, VMAReader.blockSize)
+            }
+        }
+        try enc.writeBlocking(at: start, UnsafeRawBufferPointer(start: scratch.pointer, count: len))
+    }
+}

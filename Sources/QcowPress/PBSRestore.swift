@@ -192,6 +192,7 @@ final class RestoreCounters: @unchecked Sendable {
             read += r; cached += c; zero += z; shared += s; saved += v
         }
     }
+    var readCount: Int { lock.withLock { read } }
     func summary(archive: String, image: EncoderSummary, chunks: Int) -> PBSRestore.Summary {
         lock.withLock {
             PBSRestore.Summary(archive: archive, image: image, chunks: chunks, chunksRead: read, chunksFromCache: cached,

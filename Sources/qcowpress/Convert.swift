@@ -3,12 +3,16 @@ import Foundation
 import QcowPress
 
 struct Convert: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Convert a raw image to qcow2 (compressed with -c).")
+    static let configuration = CommandConfiguration(abstract: "Convert a raw or qcow2 image to qcow2 (compressed with -c) or raw.")
 
     @Option(name: .customShort("f"), help: "Source format: raw or qcow2 (detected by magic when absent).")
     var sourceFormat: String?
-    @Option(name: .customShort("O"), help: "Output format (qcow2).")
+    @Option(name: .customShort("O"), help: "Output format: qcow2 (default) or raw.")
     var outputFormat: String = "qcow2"
+    @Option(name: .customShort("B"), help: "Keep a backing file: DST names BASE and holds only what differs from it.")
+    var backing: String?
+    @Flag(name: .customLong("no-backing"), help: "Do not open the source's backing file (unallocated clusters read as zeros).")
+    var noBacking = false
     @OptionGroup var encoder: EncoderArguments
     @Argument(help: "Source image.")
     var source: String
@@ -16,27 +20,69 @@ struct Convert: ParsableCommand {
     var destination: String
 
     func run() throws {
-        _ = try ImageOptionParser(encoder.formatOptions)
-        guard outputFormat == "qcow2" else {
-            throw QcowPressError.invalidArgument("output format '\(outputFormat)' is not supported (qcow2)")
+        let parsed = try ImageOptionParser(encoder.formatOptions)
+        guard outputFormat == "qcow2" || outputFormat == "raw" else {
+            throw QcowPressError.invalidArgument("output format '\(outputFormat)' is not supported (qcow2, raw)")
         }
         if let f = sourceFormat, f != "raw" && f != "qcow2" {
             throw QcowPressError.invalidArgument("source format '\(f)' is not supported (raw, qcow2)")
         }
-        let reader = try RawImageReader(path: source)
-        let detected = try RawImageReader.detectFormat(path: source)
-        if sourceFormat == "qcow2" && detected != "qcow2" {
+        let format = try sourceFormat ?? RawImageReader.detectFormat(path: source)
+        if sourceFormat == "qcow2", try RawImageReader.detectFormat(path: source) != "qcow2" {
             throw QcowPressError.inputDamaged(path: source, location: "magic at offset 0 is not QFI\\xfb (not a qcow2 image)")
         }
-        if detected == "qcow2" && sourceFormat != "raw" {
-            throw QcowPressError.unsupported(path: source, what: "qcow2 sources are not readable yet; pass -f raw to copy the file as raw")
+        let backingName = backing ?? parsed.values["backing_file"]
+        if outputFormat == "raw" {
+            guard backingName == nil else { throw QcowPressError.invalidArgument("-B needs -O qcow2") }
+            let image = try openImage(source, format: format, openBacking: !noBacking)
+            let w = try RawImageWriter(destination: destination, size: image.virtualSize, overwrite: encoder.force)
+            SignalWatcher.shared.add { w.cancel() }
+            do {
+                try ImageCopier(source: image, clusterSize: 65536).feed(w)
+                try w.finish()
+            } catch {
+                w.cancel()
+                throw error
+            }
+            return
         }
-        let options = try encoder.encoderOptions(virtualSize: reader.size)
+        if format == "raw" && backingName == nil {
+            // The fast path: O_DIRECT reads, holes from SEEK_DATA/SEEK_HOLE.
+            let reader = try RawImageReader(path: source)
+            let options = try encoder.encoderOptions(virtualSize: reader.size)
+            let summary = try runEncoder(destination: destination, options: options, showProgress: encoder.progress) { enc in
+                try reader.feed(enc)
+            }
+            if encoder.output == .json { print(try encodeJSON(summary)) }
+            return
+        }
+        let image = try openImage(source, format: format, openBacking: !noBacking)
+        var options = try encoder.encoderOptions(virtualSize: image.virtualSize)
+        var base: (any GuestImage)? = nil
+        if let backingName {
+            let resolved = resolveBesides(destination, backingName)
+            let fmt = try parsed.values["backing_fmt"] ?? RawImageReader.detectFormat(path: resolved)
+            base = try openImage(resolved, format: fmt, openBacking: true)
+            options.backingFile = backingName
+            options.backingFormat = fmt
+        }
+        let copier = ImageCopier(source: image, base: base, clusterSize: options.clusterSize)
         let summary = try runEncoder(destination: destination, options: options, showProgress: encoder.progress) { enc in
-            try reader.feed(enc)
+            try copier.feed(enc)
         }
         if encoder.output == .json { print(try encodeJSON(summary)) }
     }
+}
+
+func openImage(_ path: String, format: String, openBacking: Bool) throws -> any GuestImage {
+    format == "qcow2" ? try Qcow2Image(path: path, openBacking: openBacking) : try RawGuestImage(path: path)
+}
+
+/// A backing name as a reader of `image` resolves it: relative names against the image's directory.
+func resolveBesides(_ image: String, _ name: String) -> String {
+    if name.hasPrefix("/") { return name }
+    if let slash = image.lastIndex(of: "/") { return String(image[...slash]) + name }
+    return name
 }
 
 /// Runs an encoder with the command's conventions: SIGINT/SIGTERM cancel it (temporary output

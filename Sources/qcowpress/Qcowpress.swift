@@ -7,7 +7,7 @@ struct Qcowpress: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qcowpress",
         abstract: "Write qcow2 images fast: convert, inspect.",
-        subcommands: [Convert.self, Restore.self, Info.self])
+        subcommands: [Convert.self, Restore.self, Export.self, Info.self, Check.self])
 
     /// Parses and runs; every failure is one line on stderr and exit status 1 (usage included),
     /// as qemu-img users expect; help and version exit 0.

@@ -1,0 +1,253 @@
+import ClusterCompression
+import DirectIO
+import Glibc
+import Qcow2Format
+
+/// An image as a guest sees it: `virtualSize` bytes, any range readable.
+public protocol GuestImage: AnyObject, Sendable {
+    var path: String { get }
+    var virtualSize: UInt64 { get }
+    /// True when [offset, offset+count) reads as zeros without reading data (holes, zero or
+    /// unallocated clusters through the whole chain). False means "maybe data".
+    func isKnownZero(at offset: UInt64, count: Int) throws(QcowPressError) -> Bool
+    /// Reads [offset, offset+count) into `into`; bytes past the virtual size read as zeros.
+    func read(at offset: UInt64, count: Int, into: UnsafeMutableRawPointer, context: ReadContext) throws(QcowPressError)
+}
+
+/// Per-thread scratch for reading images (decompression contexts, a cluster buffer).
+public final class ReadContext {
+    var scratch: AlignedBuffer?
+    var compressed: AlignedBuffer?
+    var decompressors: [CompressionSettings.Algorithm: any ClusterDecompressor] = [:]
+    public init() {}
+
+    func buffer(_ n: Int) -> AlignedBuffer {
+        if let s = scratch, s.capacity >= n { return s }
+        let b = AlignedBuffer(capacity: n)
+        scratch = b
+        return b
+    }
+    func compressedBuffer(_ n: Int) -> AlignedBuffer {
+        if let s = compressed, s.capacity >= n { return s }
+        let b = AlignedBuffer(capacity: n)
+        compressed = b
+        return b
+    }
+    func decompressor(_ a: CompressionSettings.Algorithm) -> any ClusterDecompressor {
+        if let d = decompressors[a] { return d }
+        let d = Codecs.makeDecompressor(a)
+        decompressors[a] = d
+        return d
+    }
+}
+
+/// A raw file as a guest image (backing files, export bases).
+public final class RawGuestImage: GuestImage, @unchecked Sendable {
+    public let path: String
+    public let virtualSize: UInt64
+    let file: InputFile
+    let data: [Range<UInt64>]
+
+    public init(path: String) throws(QcowPressError) {
+        self.path = path
+        do { file = try InputFile(path: path, direct: false) } catch { throw .from(error) }
+        virtualSize = (file.size + 511) & ~511
+        data = file.dataRanges()
+    }
+
+    public func isKnownZero(at offset: UInt64, count: Int) throws(QcowPressError) -> Bool {
+        let r = offset..<(offset + UInt64(count))
+        return !data.contains { overlaps($0, r) }
+    }
+
+    public func read(at offset: UInt64, count: Int, into: UnsafeMutableRawPointer, context: ReadContext) throws(QcowPressError) {
+        memset(into, 0, count)
+        guard offset < file.size else { return }
+        let n = Int(min(UInt64(count), file.size - offset))
+        do {
+            let got = try file.read(into: into, length: n, offset: offset)
+            guard got == n else { throw QcowPressError.inputDamaged(path: path, location: "file ended at offset \(offset + UInt64(got))") }
+        } catch let e as IOError {
+            throw .from(e)
+        } catch {
+            throw error as! QcowPressError
+        }
+    }
+}
+
+extension Qcow2Image: GuestImage {
+    enum ClusterState {
+        case unallocated
+        case zero
+        case data(UInt64)
+        case compressed(CompressedDescriptor)
+        /// Extended L2: host cluster (0 if none) and the bitmap (alloc bits 0–31, zero bits 32–63).
+        case subclusters(UInt64, UInt64)
+    }
+
+    func state(ofCluster c: UInt64) throws(QcowPressError) -> ClusterState {
+        let r = geometry.l1Index(ofGuestCluster: c)
+        guard let t = try l2Table(r) else { return .unallocated }
+        let i = geometry.l2Index(ofGuestCluster: c)
+        let words = geometry.extendedL2 ? 2 : 1
+        let raw = t[i * words]
+        let at = l1[r] + UInt64(i * 8 * words)
+        let e = L2Entry(rawValue: raw)
+        if e.isCompressed {
+            if geometry.extendedL2 && t[i * 2 + 1] != 0 {
+                throw .inputDamaged(path: path, location: "L2 entry at offset \(at): compressed cluster with a subcluster bitmap")
+            }
+            let d = e.compressedDescriptor(clusterBits: geometry.clusterBits)
+            if d.hostOffset < UInt64(cs) || d.hostOffset >= fileSize {
+                throw .inputDamaged(path: path, location: "L2 entry at offset \(at): compressed data at \(d.hostOffset) lies outside the file (\(fileSize) bytes)")
+            }
+            return .compressed(d)
+        }
+        if raw & L2Entry.standardReservedMask != 0 {
+            throw .inputDamaged(path: path, location: "L2 entry at offset \(at) is \(raw): reserved bits set (host offset not cluster-aligned?)")
+        }
+        let host = e.hostOffset
+        if host != 0 {
+            if host % UInt64(cs) != 0 {
+                throw .inputDamaged(path: path, location: "L2 entry at offset \(at): host offset \(host) is not cluster-aligned")
+            }
+            let limit = dataFile === file ? fileSize : dataFile.size
+            if host + UInt64(cs) > limit && !(dataFile !== file && host < limit) {
+                throw .inputDamaged(path: path, location: "L2 entry at offset \(at): cluster at \(host) lies past the end of the file (\(limit) bytes)")
+            }
+            if dataFile === file && host < UInt64(cs) {
+                throw .inputDamaged(path: path, location: "L2 entry at offset \(at): cluster at \(host) overlaps the header")
+            }
+        }
+        if geometry.extendedL2 {
+            let bitmap = t[i * 2 + 1]
+            if bitmap & bitmap >> 32 & 0xFFFF_FFFF != 0 {
+                throw .inputDamaged(path: path, location: "L2 bitmap at offset \(at + 8): subclusters both allocated and zero")
+            }
+            if bitmap & 0xFFFF_FFFF != 0 && host == 0 && dataFile === file {
+                throw .inputDamaged(path: path, location: "L2 entry at offset \(at): allocated subclusters without a host cluster")
+            }
+            return .subclusters(host, bitmap)
+        }
+        if e.readsAsZero { return .zero }
+        if host == 0 { return dataFile !== file && raw & L2Entry.copiedFlag != 0 ? .data(0) : .unallocated }
+        return .data(host)
+    }
+
+    public func isKnownZero(at offset: UInt64, count: Int) throws(QcowPressError) -> Bool {
+        guard count > 0, offset < virtualSize else { return true }
+        let end = min(virtualSize, offset + UInt64(count))
+        var c = offset >> UInt64(geometry.clusterBits)
+        while c << UInt64(geometry.clusterBits) < end {
+            // A whole unallocated region is skipped at once (1 TiB of holes costs nothing).
+            let r = geometry.l1Index(ofGuestCluster: c)
+            if (r >= l1.count || l1[r] == 0) && c % UInt64(geometry.l2Entries) == 0 {
+                let regionStart = c << UInt64(geometry.clusterBits)
+                let regionEnd = min(end, regionStart + geometry.bytesPerL2)
+                if let b = backing, try !b.isKnownZero(at: regionStart, count: Int(regionEnd - regionStart)) { return false }
+                c += UInt64(geometry.l2Entries)
+                continue
+            }
+            switch try state(ofCluster: c) {
+            case .zero: break
+            case .unallocated:
+                let s = c << UInt64(geometry.clusterBits)
+                if let b = backing, try !b.isKnownZero(at: s, count: cs) { return false }
+            case .subclusters(_, let bitmap):
+                if bitmap & 0xFFFF_FFFF != 0 { return false }
+                if bitmap >> 32 != 0xFFFF_FFFF, let b = backing, try !b.isKnownZero(at: c << UInt64(geometry.clusterBits), count: cs) { return false }
+            default: return false
+            }
+            c += 1
+        }
+        return true
+    }
+
+    public func read(at offset: UInt64, count: Int, into: UnsafeMutableRawPointer, context: ReadContext) throws(QcowPressError) {
+        var pos = 0
+        while pos < count {
+            let at = offset + UInt64(pos)
+            let c = at >> UInt64(geometry.clusterBits)
+            let inCluster = Int(at - (c << UInt64(geometry.clusterBits)))
+            let n = min(count - pos, cs - inCluster)
+            let dst = into + pos
+            if at >= virtualSize {
+                memset(dst, 0, count - pos)
+                return
+            }
+            switch try state(ofCluster: c) {
+            case .zero:
+                memset(dst, 0, n)
+            case .unallocated:
+                try readBacking(at: at, count: n, into: dst, context: context)
+            case .data(let host):
+                try readData(host + UInt64(inCluster), n, dst)
+            case .compressed(let d):
+                let buf = context.buffer(cs)
+                try decompress(d, into: buf, context: context)
+                memcpy(dst, buf.pointer + inCluster, n)
+            case .subclusters(let host, let bitmap):
+                let sub = cs / 32
+                var k = 0
+                while k < n {
+                    let s = (inCluster + k) / sub
+                    let m = min(n - k, (s + 1) * sub - (inCluster + k))
+                    if bitmap & (1 << UInt64(s)) != 0 {
+                        try readData(host + UInt64(inCluster + k), m, dst + k)
+                    } else if bitmap & (1 << UInt64(32 + s)) != 0 {
+                        memset(dst + k, 0, m)
+                    } else {
+                        try readBacking(at: at + UInt64(k), count: m, into: dst + k, context: context)
+                    }
+                    k += m
+                }
+            }
+            pos += n
+        }
+    }
+
+    func readBacking(at: UInt64, count: Int, into: UnsafeMutableRawPointer, context: ReadContext) throws(QcowPressError) {
+        guard let b = backing, at < b.virtualSize else {
+            memset(into, 0, count)
+            return
+        }
+        let n = Int(min(UInt64(count), b.virtualSize - at))
+        try b.read(at: at, count: n, into: into, context: context)
+        if n < count { memset(into + n, 0, count - n) }
+    }
+
+    func readData(_ host: UInt64, _ n: Int, _ dst: UnsafeMutableRawPointer) throws(QcowPressError) {
+        do {
+            let got = try dataFile.read(into: dst, length: n, offset: host)
+            if got < n {
+                // External raw data files may be shorter than the guest (sparse tail).
+                guard dataFile !== file else {
+                    throw QcowPressError.inputDamaged(path: path, location: "cluster data at \(host) is past the end of the file")
+                }
+                memset(dst + got, 0, n - got)
+            }
+        } catch let e as IOError {
+            throw .from(e)
+        } catch {
+            throw error as! QcowPressError
+        }
+    }
+
+    func decompress(_ d: CompressedDescriptor, into out: AlignedBuffer, context: ReadContext) throws(QcowPressError) {
+        let len = min(d.readLength, Int(fileSize - d.hostOffset))
+        let src = context.compressedBuffer(len + 512)
+        do {
+            let got = try file.read(into: src.pointer, length: len, offset: d.hostOffset)
+            guard got > 0 else { throw QcowPressError.inputDamaged(path: path, location: "compressed cluster at \(d.hostOffset) is past the end of the file") }
+            let algo: CompressionSettings.Algorithm = header.compressionType == .zstd ? .zstd : .zlib
+            try context.decompressor(algo).decompress(UnsafeRawBufferPointer(start: src.pointer, count: got),
+                                                    into: UnsafeMutableRawBufferPointer(start: out.pointer, count: cs))
+        } catch let e as IOError {
+            throw .from(e)
+        } catch let e as DecompressionError {
+            throw .inputDamaged(path: path, location: "compressed cluster at \(d.hostOffset): \(e.description)")
+        } catch {
+            throw error as! QcowPressError
+        }
+    }
+}

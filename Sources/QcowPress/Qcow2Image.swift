@@ -1,0 +1,170 @@
+import ClusterCompression
+import DirectIO
+import Glibc
+import Qcow2Format
+
+/// A qcow2 image opened for reading, as QEMU 7.x creates them: versions 2 and 3, cluster sizes
+/// 512 B–2 MiB, zlib and zstd compressed clusters, zero clusters, extended L2 (subclusters),
+/// refcount widths 1–64, lazy refcounts, internal snapshots (the active state is read), external
+/// data files and backing chains.
+///
+/// Every offset taken from the image is checked before use: tables and clusters must lie inside
+/// the file, be aligned, and not overlap the header, the L1 table or the refcount table; two L1
+/// entries may not share an L2 table. A violation is an ``QcowPressError/inputDamaged(path:location:)``
+/// naming the field and offset. Reads are thread-safe (one cache lock; I/O without it).
+public final class Qcow2Image: @unchecked Sendable {
+    public let path: String
+    public let header: Qcow2Header
+    public let geometry: ClusterGeometry
+    public let virtualSize: UInt64
+    let file: InputFile
+    let dataFile: InputFile
+    let fileSize: UInt64
+    let l1: [UInt64]
+    /// The image below this one (qcow2 or raw), when there is one and it may be opened.
+    public let backing: (any GuestImage)?
+    let cacheLock = ConditionLock()
+    var l2Cache: [UInt64: [UInt64]] = [:]
+    var l2Order: [UInt64] = []
+    let l2CacheLimit: Int
+    let cs: Int
+
+    /// Most backing files followed before the chain is refused as a loop or an abuse.
+    public static let maxChainDepth = 16
+
+    /// Opens an image. With `openBacking` false (qemu-img `-U`-style `--no-backing`) unallocated
+    /// clusters read as zeros, as if there were no backing file.
+    public init(path: String, openBacking: Bool = true, seen: Set<String> = []) throws(QcowPressError) {
+        self.path = path
+        do { file = try InputFile(path: path, direct: false) } catch { throw .from(error) }
+        fileSize = file.size
+        let headBytes = Int(min(fileSize, 2 << 20))
+        let head = AlignedBuffer(capacity: max(headBytes, 4096))
+        do { _ = try file.read(into: head.pointer, length: headBytes, offset: 0) } catch { throw .from(error) }
+        do {
+            header = try Qcow2Header(parsing: UnsafeRawBufferPointer(start: head.pointer, count: headBytes), fileSize: fileSize)
+        } catch {
+            throw .inputDamaged(path: path, location: error.description)
+        }
+        geometry = header.geometry
+        cs = header.clusterSize
+        virtualSize = header.size
+        if header.cryptMethod != 0 {
+            throw .unsupported(path: path, what: "encrypted qcow2 (crypt_method \(header.cryptMethod))")
+        }
+        if header.incompatibleFeatures.contains(.corrupt) {
+            throw .inputDamaged(path: path, location: "incompatible_features at offset 72 has the corrupt bit set")
+        }
+        l2CacheLimit = max(8, (32 << 20) / cs)
+        // Metadata regions, to refuse tables that overlap them.
+        let l1Bytes = UInt64(header.l1Size) * 8
+        let reserved: [(Range<UInt64>, String)] = [
+            (0..<UInt64(cs), "the header"),
+            (header.l1TableOffset..<(header.l1TableOffset + max(l1Bytes, 1)), "the L1 table"),
+            (header.refcountTableOffset..<(header.refcountTableOffset + UInt64(header.refcountTableClusters) * UInt64(cs)), "the refcount table"),
+        ]
+        if overlaps(reserved[1].0, reserved[2].0) {
+            throw .inputDamaged(path: path, location: "l1_table_offset \(header.l1TableOffset) overlaps the refcount table")
+        }
+        var l1: [UInt64] = []
+        if header.l1Size > 0 {
+            let b = AlignedBuffer(capacity: Int(l1Bytes))
+            do { _ = try file.read(into: b.pointer, length: Int(l1Bytes), offset: header.l1TableOffset) } catch { throw .from(error) }
+            l1.reserveCapacity(Int(header.l1Size))
+            var owners: [UInt64: Int] = [:]
+            for i in 0..<Int(header.l1Size) {
+                let e = L1Entry(rawValue: loadBE64(UnsafeRawBufferPointer(b.bytes), i * 8))
+                let at = header.l1TableOffset + UInt64(i * 8)
+                if e.l2Offset != 0 {
+                    if e.reservedBits != 0 || e.l2Offset % UInt64(cs) != 0 {
+                        throw .inputDamaged(path: path, location: "L1 entry \(i) at offset \(at) is \(e.rawValue): reserved bits set or L2 offset not cluster-aligned")
+                    }
+                    if e.l2Offset + UInt64(cs) > fileSize {
+                        throw .inputDamaged(path: path, location: "L1 entry \(i) at offset \(at): L2 table at \(e.l2Offset) lies past the end of the file (\(fileSize) bytes)")
+                    }
+                    for (r, what) in reserved where r.contains(e.l2Offset) || overlaps(r, e.l2Offset..<(e.l2Offset + UInt64(cs))) {
+                        throw .inputDamaged(path: path, location: "L1 entry \(i) at offset \(at): L2 table at \(e.l2Offset) overlaps \(what)")
+                    }
+                    if let j = owners[e.l2Offset] {
+                        throw .inputDamaged(path: path, location: "L1 entries \(j) and \(i) both point at the L2 table at \(e.l2Offset) (loop)")
+                    }
+                    owners[e.l2Offset] = i
+                }
+                l1.append(e.l2Offset)
+            }
+        }
+        self.l1 = l1
+        if let ext = header.externalDataFile {
+            let p = Self.resolve(ext, relativeTo: path)
+            guard Self.isRegularFile(p) else {
+                throw .inputDamaged(path: path, location: "external data file '\(ext)' is not a regular file")
+            }
+            do { dataFile = try InputFile(path: p, direct: false) } catch { throw .from(error) }
+        } else {
+            dataFile = file
+        }
+        if openBacking, let name = header.backingFile {
+            let p = Self.resolve(name, relativeTo: path)
+            guard Self.isRegularFile(p) else {
+                throw .inputDamaged(path: path, location: "backing file '\(name)' (offset \(header.backingFileOffset)) does not resolve to a regular file")
+            }
+            let id = Self.identity(p)
+            guard !seen.contains(id), seen.count < Self.maxChainDepth else {
+                throw .inputDamaged(path: path, location: "backing chain loops or is deeper than \(Self.maxChainDepth) at '\(name)'")
+            }
+            let fmt: String
+            if let f = header.backingFormat { fmt = f } else { fmt = try RawImageReader.detectFormat(path: p) }
+            switch fmt {
+            case "qcow2": backing = try Qcow2Image(path: p, openBacking: true, seen: seen.union([Self.identity(path), id]))
+            case "raw": backing = try RawGuestImage(path: p)
+            default: throw .unsupported(path: path, what: "backing format '\(fmt)'")
+            }
+        } else {
+            backing = nil
+        }
+    }
+
+    static func resolve(_ name: String, relativeTo image: String) -> String {
+        if name.hasPrefix("/") { return name }
+        if let slash = image.lastIndex(of: "/") { return String(image[...slash]) + name }
+        return name
+    }
+    static func isRegularFile(_ p: String) -> Bool {
+        var st = stat()
+        return stat(p, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG
+    }
+    static func identity(_ p: String) -> String {
+        var st = stat()
+        return stat(p, &st) == 0 ? "\(st.st_dev):\(st.st_ino)" : p
+    }
+
+    /// The L2 table of region `r` (entries host-endian; 2 words per cluster with extended L2).
+    func l2Table(_ r: Int) throws(QcowPressError) -> [UInt64]? {
+        guard r < l1.count, l1[r] != 0 else { return nil }
+        let off = l1[r]
+        if let t = cacheLock.withLock({ l2Cache[off] }) { return t }
+        let b = AlignedBuffer(capacity: cs)
+        do {
+            let n = try file.read(into: b.pointer, length: cs, offset: off)
+            guard n == cs else { throw QcowPressError.inputDamaged(path: path, location: "L2 table at \(off) is truncated") }
+        } catch let e as IOError {
+            throw .from(e)
+        } catch {
+            throw error as! QcowPressError
+        }
+        var t = [UInt64](repeating: 0, count: cs / 8)
+        for i in 0..<(cs / 8) { t[i] = loadBE64(UnsafeRawBufferPointer(b.bytes), i * 8) }
+        cacheLock.withLock {
+            if l2Cache[off] == nil {
+                l2Cache[off] = t
+                l2Order.append(off)
+                if l2Order.count > l2CacheLimit { l2Cache[l2Order.removeFirst()] = nil }
+            }
+        }
+        return t
+    }
+}
+
+func overlaps(_ a: Range<UInt64>, _ b: Range<UInt64>) -> Bool {
+    !a.isEmpty && !b.isEmpty && a.lowerBound < b.upperBound && b.lowerBound < a.upperBound
+}

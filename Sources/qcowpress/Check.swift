@@ -1,0 +1,24 @@
+import ArgumentParser
+import Foundation
+import QcowPress
+
+struct Check: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Check a qcow2 image's metadata as qemu-img check does (never repairs). Exit 0 clean, 2 corruption, 3 leaks.")
+
+    @Option(name: .customLong("output"), help: "human or json")
+    var output: OutputFormat = .human
+    @Argument(help: "The image.")
+    var image: String
+
+    func run() throws {
+        guard try RawImageReader.detectFormat(path: image) == "qcow2" else {
+            throw QcowPressError.inputDamaged(path: image, location: "magic at offset 0 is not QFI\\xfb (not a qcow2 image)")
+        }
+        let r = try Qcow2Checker(path: image).run()
+        switch output {
+        case .human: print(r.text, terminator: "")
+        case .json: print(try encodeJSON(r))
+        }
+        if r.exitStatus != 0 { throw ExitCode(r.exitStatus) }
+    }
+}

@@ -1,0 +1,75 @@
+import ArgumentParser
+import Foundation
+import QcowPress
+
+struct Export: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Compressed backup export of a raw or qcow2 image; with -b, an incremental over BASE.")
+
+    @Option(name: .customShort("b"), help: "BASE.qcow2: DST names it as its backing file and holds only clusters that differ from what BASE reads.")
+    var base: String?
+    @Option(name: .customShort("f"), help: "Source format (detected by magic when absent).")
+    var sourceFormat: String?
+    @OptionGroup var encoder: EncoderArguments
+    @Argument(help: "Source image (raw or qcow2).")
+    var source: String
+    @Argument(help: "Destination qcow2.")
+    var destination: String
+
+    func run() throws {
+        let parsed = try ImageOptionParser(encoder.formatOptions)
+        let format = try sourceFormat ?? RawImageReader.detectFormat(path: source)
+        let image = try openImage(source, format: format, openBacking: true)
+        var args = encoder
+        // Backups are compressed by default, with zstd level 3: measured on a 3 GiB ext4 image here
+        // it is ~6× faster than zlib level 6 for ~the same size (bench/results).
+        if parsed.values["compression_type"] == nil { args.formatOptions.append("compression_type=zstd") }
+        var options = try args.encoderOptions(virtualSize: image.virtualSize, compressByDefault: true)
+        var baseImage: (any GuestImage)? = nil
+        if let base {
+            let fmt = try RawImageReader.detectFormat(path: base)
+            baseImage = try openImage(base, format: fmt, openBacking: true)
+            guard baseImage!.virtualSize <= image.virtualSize else {
+                throw QcowPressError.invalidArgument("\(base): base is larger than the source")
+            }
+            options.backingFile = relativePath(from: destination, to: base)
+            options.backingFormat = fmt
+        }
+        let copier = ImageCopier(source: image, base: baseImage, clusterSize: options.clusterSize)
+        var written: UInt64 = 0
+        var summary = try runEncoder(destination: destination, options: options, showProgress: encoder.progress) { enc in
+            written = try copier.feed(enc)
+        }
+        if encoder.output == .json {
+            summary.notes.append(base == nil ? "full export" : "incremental over \(base!): \(written) clusters differ")
+            print(try encodeJSON(ExportSummary(image: summary, incrementalBase: base, clustersNew: base == nil ? nil : written)))
+        }
+    }
+}
+
+struct ExportSummary: Encodable {
+    var image: EncoderSummary
+    var incrementalBase: String?
+    /// Clusters that differ from the base (incremental exports).
+    var clustersNew: UInt64?
+}
+
+/// `to` as seen from the directory of `from` (both as given, made absolute against the cwd).
+func relativePath(from: String, to: String) -> String {
+    let cwd = FileManager.default.currentDirectoryPath
+    func parts(_ p: String) -> [String] {
+        let abs = p.hasPrefix("/") ? p : cwd + "/" + p
+        var out: [String] = []
+        for c in abs.split(separator: "/") {
+            if c == "." { continue }
+            if c == ".." { _ = out.popLast(); continue }
+            out.append(String(c))
+        }
+        return out
+    }
+    let dir = Array(parts(from).dropLast())
+    let target = parts(to)
+    var i = 0
+    while i < dir.count && i < target.count - 1 && dir[i] == target[i] { i += 1 }
+    let up = Array(repeating: "..", count: dir.count - i)
+    return (up + target[i...]).joined(separator: "/")
+}

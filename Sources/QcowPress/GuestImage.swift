@@ -112,7 +112,13 @@ extension Qcow2Image: GuestImage {
                 throw .inputDamaged(path: path, location: "L2 entry at offset \(at): host offset \(host) is not cluster-aligned")
             }
             let limit = dataFile === file ? fileSize : dataFile.size
-            if host + UInt64(cs) > limit && !(dataFile !== file && host < limit) {
+            // With subclusters only the allocated ones need to exist (QEMU writes them lazily).
+            var needed = UInt64(cs)
+            if geometry.extendedL2 {
+                let alloc = t[i * 2 + 1] & 0xFFFF_FFFF
+                needed = alloc == 0 ? 0 : UInt64(32 - alloc.leadingZeroBitCount + 32) * UInt64(cs / 32)
+            }
+            if host + needed > limit && !(dataFile !== file && host < limit) {
                 throw .inputDamaged(path: path, location: "L2 entry at offset \(at): cluster at \(host) lies past the end of the file (\(limit) bytes)")
             }
             if dataFile === file && host < UInt64(cs) {

@@ -28,6 +28,9 @@ public struct EncoderOptions: Sendable {
     public var backingFormat: String? = nil
     /// Overwrite an existing destination.
     public var overwrite: Bool = false
+    /// Workers and memory shared with other encoders (nil: a private group). Its cluster size and
+    /// compression must equal these options'; `threads` and `memoryLimit` are then the group's.
+    public var group: EncoderGroup? = nil
 
     public init(virtualSize: UInt64) { self.virtualSize = virtualSize }
 

@@ -79,7 +79,7 @@ extension Qcow2Encoder {
                     let p = pool.pointer(slot)
                     memcpy(p, src, b - a)
                     if b - a < clusterSize { memset(p + (b - a), 0, clusterSize - (b - a)) }
-                    cursor.batch.append(WorkItem(cluster: c, slot: slot))
+                    cursor.batch.append(WorkItem(cluster: c, slot: slot, checkedNonZero: true))
                 } else {
                     var slot = try claimPartial(cluster: c, range: a..<b)
                     if slot == Self.needSlot {
@@ -381,11 +381,7 @@ extension Qcow2Encoder {
         guard !batch.isEmpty else { return }
         let n = UInt64(batch.count)
         resultLock.withLock { expected += n }
-        workLock.withLock {
-            workQueue.append(contentsOf: batch)
-            workLock.signal()
-            if batch.count > 1 { workLock.broadcast() }
-        }
+        group.submit(self, batch)
         batch.removeAll(keepingCapacity: true)
     }
 

@@ -15,7 +15,7 @@ import Qcow2Format
 /// holds no header, so nothing at the destination looks like a finished image.
 ///
 /// Threads: `threads` compression workers and one writer that alone owns the output stream, the
-/// ring and the refcounts. Locks: `mapLock` (tables, partial clusters, state), `workLock` (work queue),
+/// ring and the refcounts. Locks: `mapLock` (tables, partial clusters, state), the group's queue lock,
 /// `resultLock` (result queue); none is taken while holding another.
 public final class Qcow2Encoder: @unchecked Sendable {
     public let destination: String
@@ -24,7 +24,7 @@ public final class Qcow2Encoder: @unchecked Sendable {
     let geometry: ClusterGeometry
     let plan: MemoryPlan
     let file: OutputFile
-    let pool: SlotPool
+    var pool: SlotPool { group.pool }
     let clusterSize: Int
     let guestClusters: UInt64
     let startTime = monotonicNanoseconds()
@@ -41,13 +41,9 @@ public final class Qcow2Encoder: @unchecked Sendable {
     /// Clusters recorded as zero at intake (zero test on the producer's bytes, or writeZeroes).
     var zeroClustersMarked: UInt64 = 0
 
-    // Guarded by workLock.
-    struct WorkItem { var cluster: UInt64; var slot: Int32 }
-    let workLock = ConditionLock()
-    var workQueue: [WorkItem] = []
-    var workHead = 0
-    var workersStop = false
-    var codecNanoseconds: UInt64 = 0
+    /// A complete cluster in a slot. `checkedNonZero`: the intake already found non-zero bytes.
+    struct WorkItem { var cluster: UInt64; var slot: Int32; var checkedNonZero = false }
+    let group: EncoderGroup
 
     // Guarded by resultLock.
     enum ResultKind { case zero, raw, compressed(Int), copy(from: UInt64) }
@@ -56,6 +52,7 @@ public final class Qcow2Encoder: @unchecked Sendable {
     var results: [ResultItem] = []
     var readyRegions: [Int] = []
     var expected: UInt64 = 0
+    var codecNanoseconds: UInt64 = 0
     var inputClosed = false
     var writerStop = false
 
@@ -76,24 +73,29 @@ public final class Qcow2Encoder: @unchecked Sendable {
         geometry = ClusterGeometry(clusterSize: options.clusterSize)!
         clusterSize = options.clusterSize
         guestClusters = geometry.guestClusters(forVirtualSize: options.virtualSize)
-        plan = MemoryPlan(options: options)
+        if let g = options.group {
+            guard g.clusterSize == options.clusterSize, g.compression == options.compression else {
+                throw .invalidArgument("an encoder group's cluster size and compression must match its encoders'")
+            }
+            group = g
+        } else {
+            group = EncoderGroup(options: options)
+            group.ownedByOneEncoder = true
+        }
+        plan = group.plan
         tempPath = Self.temporaryName(for: destination)
         do {
             file = try OutputFile(creating: tempPath, direct: options.ioMode != .buffered)
         } catch {
             throw QcowPressError.from(error)
         }
-        pool = SlotPool(slotSize: clusterSize, count: plan.slotCount)
         if options.ioMode != .buffered && !file.direct {
             notes.append("O_DIRECT refused by the file system; using buffered writes with the page cache dropped behind")
         }
         let (writer, note) = makeBufferWriter(file, mode: options.ioMode, queueDepth: MemoryPlan.bufferCount * 2)
         if let note { notes.append(note) }
         let sink = StreamSink(encoder: self, writer: writer)
-        for i in 0..<options.threads {
-            let settings = options.compression
-            startThread(name: "qp-worker-\(i)") { [self] in workerLoop(settings) }
-        }
+        group.join()
         startThread(name: "qp-writer") { sink.run() }
     }
 
@@ -109,6 +111,21 @@ public final class Qcow2Encoder: @unchecked Sendable {
     func validBytes(_ c: UInt64) -> Int {
         let start = c << UInt64(geometry.clusterBits)
         return Int(min(UInt64(clusterSize), options.virtualSize - start))
+    }
+
+    /// True once the encoder failed or was cancelled (workers drop its clusters).
+    var isStopped: Bool {
+        mapLock.withLock { if case .failed = state { return true } else { return false } }
+    }
+
+    /// Results of one worker batch: handed to the writer thread in one go.
+    func deliver(_ out: inout [ResultItem], codecNanoseconds dt: UInt64) {
+        resultLock.withLock {
+            results.append(contentsOf: out)
+            codecNanoseconds += dt
+            resultLock.signal()
+        }
+        out.removeAll(keepingCapacity: true)
     }
 
     /// The image's virtual size.

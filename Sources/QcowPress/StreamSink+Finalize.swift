@@ -142,7 +142,7 @@ extension StreamSink {
     func summary(fileEnd: UInt64) -> EncoderSummary {
         var ru = rusage()
         getrusage(RUSAGE_SELF.rawValue, &ru)
-        let codecNs = enc.workLock.withLock { enc.codecNanoseconds }
+        let codecNs = enc.resultLock.withLock { enc.codecNanoseconds }
         return EncoderSummary(
             destination: enc.destination,
             virtualSize: enc.options.virtualSize,
@@ -208,7 +208,7 @@ extension Qcow2Encoder {
 
     func succeed(_ s: EncoderSummary) {
         mapLock.withLock { state = .done }
-        stopWorkers()
+        group.leave()
         completion.resolve(.success(s))
     }
 
@@ -224,12 +224,17 @@ extension Qcow2Encoder {
             }
         }
         guard first else { return }
-        pool.fail()
-        stopWorkers()
-        resultLock.withLock {
+        if group.ownedByOneEncoder { pool.fail() }
+        group.leave()
+        // Clusters queued for the writer go back to the (possibly shared) pool.
+        let queued: [ResultItem] = resultLock.withLock {
             writerStop = true
             resultLock.broadcast()
+            let r = results
+            results = []
+            return r
         }
+        for r in queued where r.slot >= 0 { pool.release(r.slot) }
         FileNames.unlink(tempPath)
         completion.resolve(.failure(e))
     }

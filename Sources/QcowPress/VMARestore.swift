@@ -65,14 +65,17 @@ public struct VMARestore: Sendable {
             for i in selected where FileNames.exists(imagePaths[i]) { throw .destinationExists(path: imagePaths[i]) }
             for p in configPaths where FileNames.exists(p) { throw .destinationExists(path: p) }
         }
-        // One engine per device; the budget is split between them.
+        // One engine per device, all sharing one worker pool and one memory budget.
+        let group = EncoderGroup(threads: template.threads, memoryLimit: template.memoryLimit,
+                                 clusterSize: template.clusterSize, compression: template.compression)
+        defer { group.shutdown() }
         var encoders = [Qcow2Encoder?](repeating: nil, count: reader.devices.count)
         func cancelAll() { for e in encoders { e?.cancel() } }
         do throws(QcowPressError) {
             for i in selected {
                 var o = template
                 o.virtualSize = (reader.devices[i].size + 511) & ~511
-                o.memoryLimit = max(16 << 20, template.memoryLimit / selected.count)
+                o.group = group
                 o.overwrite = overwrite
                 let e = try Qcow2Encoder(destination: imagePaths[i], options: o)
                 encoders[i] = e

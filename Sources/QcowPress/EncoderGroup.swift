@@ -1,0 +1,139 @@
+import ClusterCompression
+import DirectIO
+import Glibc
+
+/// Compression workers and cluster memory shared by several encoders — every drive of one restore
+/// (`restore pbs --all`, `restore vma`) — so that N images use the cores and the budget once, not
+/// N times. An encoder made without a group gets a private one.
+///
+/// The workers take batches of complete clusters from one queue (each batch belongs to one
+/// encoder), test them for zeros, compress them in place with the worker's own codec context, and
+/// hand the results to that encoder's writer thread.
+public final class EncoderGroup: @unchecked Sendable {
+    public let threads: Int
+    public let clusterSize: Int
+    public let compression: CompressionSettings?
+    public let memoryLimit: Int
+    let pool: SlotPool
+    let plan: MemoryPlan
+
+    struct Job { let encoder: Qcow2Encoder; var items: [Qcow2Encoder.WorkItem] }
+    // Guarded by `lock`.
+    private let lock = ConditionLock()
+    private var jobs: [Job] = []
+    private var head = 0
+    private var stopped = false
+    private var members = 0
+
+    /// - Parameters: the settings every member encoder must use (cluster size and codec are per
+    ///   group: one slot size, one codec context per worker).
+    public init(threads: Int = EncoderOptions.defaultThreads, memoryLimit: Int = 256 << 20,
+                clusterSize: Int = 65536, compression: CompressionSettings? = nil) {
+        self.threads = max(1, threads)
+        self.clusterSize = clusterSize
+        self.compression = compression
+        self.memoryLimit = memoryLimit
+        var o = EncoderOptions(virtualSize: 0)
+        o.threads = self.threads
+        o.memoryLimit = memoryLimit
+        o.clusterSize = clusterSize
+        plan = MemoryPlan(options: o)
+        pool = SlotPool(slotSize: clusterSize, count: plan.slotCount)
+        for i in 0..<self.threads {
+            startThread(name: "qp-worker-\(i)") { [self] in workerLoop() }
+        }
+    }
+
+    /// A group for the settings of one encoder's options.
+    convenience init(options o: EncoderOptions) {
+        self.init(threads: o.threads, memoryLimit: o.memoryLimit, clusterSize: o.clusterSize, compression: o.compression)
+    }
+
+    /// Stops the workers once every member has finished or failed (called when the last leaves).
+    func join() { lock.withLock { members += 1 } }
+    func leave() {
+        lock.withLock {
+            members -= 1
+            if members == 0 && ownedByOneEncoder {
+                stopped = true
+                lock.broadcast()
+            }
+        }
+    }
+    /// Private groups stop with their encoder; shared ones with `shutdown()`.
+    var ownedByOneEncoder = false
+
+    /// Stops the workers (for shared groups, after every member finished).
+    public func shutdown() {
+        lock.withLock {
+            stopped = true
+            lock.broadcast()
+        }
+    }
+    deinit { shutdown() }
+
+    func submit(_ encoder: Qcow2Encoder, _ items: [Qcow2Encoder.WorkItem]) {
+        lock.withLock {
+            jobs.append(Job(encoder: encoder, items: items))
+            if items.count > 1 { lock.broadcast() } else { lock.signal() }
+        }
+    }
+
+    /// Clusters a worker takes at once. Small enough that both cores stay busy near the end of an
+    /// image, large enough that the queue lock is taken once per ~512 KiB of data.
+    static let workerBatch = 8
+
+    private func next() -> (Qcow2Encoder, ArraySlice<Qcow2Encoder.WorkItem>)? {
+        lock.withLock {
+            while head == jobs.count && !stopped { lock.wait() }
+            if head == jobs.count { return nil }
+            let job = jobs[head]
+            let n = min(Self.workerBatch, job.items.count)
+            let taken = job.items[0..<n]
+            if n == job.items.count {
+                head += 1
+                if head > 1024 && head * 2 > jobs.count {
+                    jobs.removeFirst(head)
+                    head = 0
+                }
+            } else {
+                jobs[head].items.removeFirst(n)
+            }
+            return (job.encoder, taken)
+        }
+    }
+
+    private func workerLoop() {
+        let compressor = compression.map { Codecs.makeCompressor($0, clusterSize: clusterSize) }
+        let scratch = AlignedBuffer(capacity: clusterSize)
+        var out: [Qcow2Encoder.ResultItem] = []
+        out.reserveCapacity(Self.workerBatch)
+        while let (enc, items) = next() {
+            if enc.isStopped {
+                for item in items { pool.release(item.slot) }
+                continue
+            }
+            let t0 = monotonicNanoseconds()
+            for item in items {
+                let p = pool.pointer(item.slot)
+                if !item.checkedNonZero && isAllZero(p, clusterSize) {
+                    pool.release(item.slot)
+                    out.append(.init(cluster: item.cluster, slot: -1, kind: .zero))
+                    continue
+                }
+                guard let compressor else {
+                    out.append(.init(cluster: item.cluster, slot: item.slot, kind: .raw))
+                    continue
+                }
+                switch compressor.compress(UnsafeRawBufferPointer(start: p, count: clusterSize), into: scratch.bytes) {
+                case .compressed(let length):
+                    memcpy(p, scratch.pointer, length)
+                    out.append(.init(cluster: item.cluster, slot: item.slot, kind: .compressed(length)))
+                case .didNotFit:
+                    out.append(.init(cluster: item.cluster, slot: item.slot, kind: .raw))
+                }
+            }
+            enc.deliver(&out, codecNanoseconds: monotonicNanoseconds() - t0)
+        }
+    }
+}

@@ -38,11 +38,16 @@ let package = Package(
             "QcowPress",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // Mutation fuzzer over every input parser (fuzz/run.sh); not part of the library.
+        .executableTarget(name: "qcowpress-fuzz", dependencies: [
+            "QcowPress", "Qcow2Format", "BackupSources", "DirectIO", "CZlib",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         .testTarget(name: "Qcow2FormatTests", dependencies: ["Qcow2Format"]),
         .testTarget(name: "ClusterCompressionTests", dependencies: ["ClusterCompression"]),
         .testTarget(name: "DirectIOTests", dependencies: ["DirectIO"]),
         .testTarget(name: "BackupSourcesTests", dependencies: ["BackupSources"]),
         .testTarget(name: "QcowPressTests", dependencies: ["QcowPress", "Qcow2Format", "ClusterCompression", "DirectIO"]),
-        .testTarget(name: "CLITests", dependencies: ["Qcow2Format", "qcowpress"]),
+        .testTarget(name: "CLITests", dependencies: ["Qcow2Format", "qcowpress", "qcowpress-fuzz"]),
     ]
 )

@@ -55,13 +55,18 @@ public struct PBSKey: Sendable {
             var derived: [UInt8]
             if let s = kdf["Scrypt"] as? [String: Any], let n = s["n"] as? Int, let r = s["r"] as? Int, let p = s["p"] as? Int,
                let saltB64 = s["salt"] as? String, let salt = Data(base64Encoded: saltB64) {
+                // PBS writes n=65536, r=8, p=1 and lets OpenSSL use up to 1025 MiB: refuse parameters
+                // that would need more (a key file must not make us allocate without bound).
+                guard n >= 2, n & (n - 1) == 0, n <= 1 << 20, (1...32).contains(r), (1...16).contains(p), 128 * r * n <= 1025 << 20 else {
+                    throw SourceError(.damaged, path: path, "scrypt parameters n=\(n) r=\(r) p=\(p) are out of range")
+                }
                 do {
                     let k = try KDF.Scrypt.deriveKey(from: pw, salt: salt, outputByteCount: 32, rounds: n, blockSize: r, parallelism: p, maxMemory: 1025 << 20)
                     derived = k.withUnsafeBytes { Array($0) }
                 } catch {
                     throw SourceError(.damaged, path: path, "scrypt parameters are invalid")
                 }
-            } else if let p = kdf["PBKDF2"] as? [String: Any], let iter = p["iter"] as? Int, iter > 0, iter < 100_000_000,
+            } else if let p = kdf["PBKDF2"] as? [String: Any], let iter = p["iter"] as? Int, iter > 0, iter <= 10_000_000,
                       let saltB64 = p["salt"] as? String, let salt = Data(base64Encoded: saltB64) {
                 derived = pbkdf2(password: pw, salt: [UInt8](salt), iterations: iter, length: 32)
             } else {

@@ -1,0 +1,68 @@
+import Foundation
+import Testing
+
+/// Fixtures/bad: every damaged file gives exactly its expected one-line error, exit 1, no output.
+@Suite struct BadCorpusTests {
+    static var dir: URL {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Fixtures/bad")
+    }
+    static var cases: [[String]] {
+        guard let text = try? String(contentsOf: dir.appendingPathComponent("expected.tsv"), encoding: .utf8) else { return [] }
+        return text.split(separator: "\n").map { $0.split(separator: "\t", omittingEmptySubsequences: false).map(String.init) }
+    }
+
+    @Test func corpusIsPresent() { #expect(Self.cases.count >= 25) }
+
+    @Test(arguments: cases)
+    func givesItsExpectedLine(row: [String]) throws {
+        let out = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: out) }
+        let args = row[1].split(separator: " ").map { word -> String in
+            switch word {
+            case "{}": row[0]
+            case "{out}": out.appendingPathComponent("out.qcow2").path
+            case "{outdir}": out.appendingPathComponent("outdir").path
+            default: String(word)
+            }
+        }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Harness.binary)
+        p.arguments = args
+        p.currentDirectoryURL = Self.dir
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        let data = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 1, "\(row[0])")
+        #expect(String(decoding: data, as: UTF8.self) == row[2] + "\n", "\(row[0])")
+        let left = (try? FileManager.default.subpathsOfDirectory(atPath: out.path)) ?? []
+        #expect(left.isEmpty || left == ["outdir"], "\(row[0]) left \(left)")
+    }
+}
+
+/// Every parser under the mutation fuzzer for a few seconds (fuzz/run.sh runs them for longer).
+@Suite struct FuzzSmokeTests {
+    static var fuzzer: String { URL(fileURLWithPath: Harness.binary).deletingLastPathComponent().appendingPathComponent("qcowpress-fuzz").path }
+
+    @Test(arguments: ["qcow2-header", "qcow2-entries", "qcow2-image", "fidx", "blob", "manifest", "keyfile", "vma"])
+    func runsWithoutFindings(target: String) throws {
+        let root = BadCorpusTests.dir.deletingLastPathComponent()
+        let r = try Harness.run(Self.fuzzer, [target, root.appendingPathComponent("fuzz/\(target)").path, "--seconds", "3"])
+        #expect(r.status == 0, "\(target): \(r.stdout) \(r.stderr)")
+        #expect(r.stdout.contains("0 crashes"))
+    }
+}
+
+/// SIGKILL at random moments never leaves a complete-looking DST (scripts/crash-test.sh; CI runs 8).
+@Suite(.enabled(if: Harness.haveQemuImg && FileManager.default.isExecutableFile(atPath: "/usr/bin/python3")))
+struct CrashTests {
+    @Test func killNineLeavesNoCompleteLookingImage() throws {
+        let root = BadCorpusTests.dir.deletingLastPathComponent().deletingLastPathComponent()
+        let r = try Harness.run("/bin/bash", [root.appendingPathComponent("scripts/crash-test.sh").path, "8", "3", "96"],
+                                env: ["QCOWPRESS_BIN": Harness.binary])
+        #expect(r.status == 0, "\(r.stdout)\(r.stderr)")
+    }
+}

@@ -17,6 +17,8 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
     ],
     targets: [
         .systemLibrary(name: "CURing", pkgConfig: "liburing", providers: [.apt(["liburing-dev"])]),
@@ -33,10 +35,16 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "_CryptoExtras", package: "swift-crypto"),
         ]),
-        .target(name: "QcowPress", dependencies: ["Qcow2Format", "ClusterCompression", "DirectIO", "BackupSources"]),
+        .target(name: "QcowPress", dependencies: [
+            "Qcow2Format", "ClusterCompression", "DirectIO", "BackupSources",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Examples of the public API (built and run by the tests; README's snippet is one of them).
+        .executableTarget(name: "qcowpress-examples", dependencies: ["QcowPress"], path: "Examples"),
         .executableTarget(name: "qcowpress", dependencies: [
             "QcowPress",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
         ]),
         // Mutation fuzzer over every input parser (fuzz/run.sh); not part of the library.
         .executableTarget(name: "qcowpress-fuzz", dependencies: [
@@ -48,6 +56,6 @@ let package = Package(
         .testTarget(name: "DirectIOTests", dependencies: ["DirectIO"]),
         .testTarget(name: "BackupSourcesTests", dependencies: ["BackupSources"]),
         .testTarget(name: "QcowPressTests", dependencies: ["QcowPress", "Qcow2Format", "ClusterCompression", "DirectIO"]),
-        .testTarget(name: "CLITests", dependencies: ["Qcow2Format", "qcowpress", "qcowpress-fuzz"]),
+        .testTarget(name: "CLITests", dependencies: ["Qcow2Format", "qcowpress", "qcowpress-fuzz", "qcowpress-examples"]),
     ]
 )

@@ -1,6 +1,7 @@
 import ClusterCompression
 import DirectIO
 import Glibc
+import Logging
 import Qcow2Format
 
 /// Writes a qcow2 image from data arriving in any order, from any number of producers at once.
@@ -57,6 +58,8 @@ public final class Qcow2Encoder: @unchecked Sendable {
     var writerStop = false
 
     let completion = Completion<EncoderSummary>()
+    /// The library never prints; it logs through swift-log (the command installs a handler).
+    let logger = Logger(label: "qcowpress.encoder")
     var notes: [String] = []
 
     /// Creates the image (under a temporary name) and starts the worker and writer threads.
@@ -95,6 +98,9 @@ public final class Qcow2Encoder: @unchecked Sendable {
         let (writer, note) = makeBufferWriter(file, mode: options.ioMode, queueDepth: MemoryPlan.bufferCount * 2)
         if let note { notes.append(note) }
         let sink = StreamSink(encoder: self, writer: writer)
+        logger.debug("encoder started", metadata: ["destination": "\(destination)", "io": "\(writer.modeDescription)",
+                                                   "slots": "\(plan.slotCount)", "bufferSize": "\(plan.bufferSize)"])
+        for n in notes { logger.info("\(n)") }
         group.join()
         startThread(name: "qp-writer") { sink.run() }
     }

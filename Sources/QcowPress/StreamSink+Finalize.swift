@@ -76,7 +76,10 @@ extension StreamSink {
         } catch {
             throw QcowPressError.from(error)
         }
-        enc.succeed(summary(fileEnd: fileEnd))
+        let s = summary(fileEnd: fileEnd)
+        enc.logger.debug("image complete", metadata: ["destination": "\(enc.destination)", "bytesOut": "\(s.bytesOut)",
+                                                      "wallSeconds": "\(s.wallSeconds)", "codecSeconds": "\(s.codecSeconds)"])
+        enc.succeed(s)
     }
 
     /// Writes the last buffer with its gap closed: the clusters of the back region move down to
@@ -224,6 +227,7 @@ extension Qcow2Encoder {
             }
         }
         guard first else { return }
+        logger.debug("encoder stopped", metadata: ["destination": "\(destination)", "reason": "\(e.message)"])
         if group.ownedByOneEncoder { pool.fail() }
         group.leave()
         // Clusters queued for the writer go back to the (possibly shared) pool.

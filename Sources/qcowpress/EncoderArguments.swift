@@ -1,4 +1,8 @@
 import ArgumentParser
+import Logging
+import Synchronization
+
+let loggingReady = Mutex(false)
 import QcowPress
 
 /// Options every command that writes qcow2 shares (convert, restore, export).
@@ -19,9 +23,24 @@ struct EncoderArguments: ParsableArguments {
     var output: OutputFormat = .human
     @Flag(help: "Overwrite existing destinations.")
     var force = false
+    @Flag(name: [.customShort("v"), .long], help: "Log what the engine does (stderr).")
+    var verbose = false
+
+    /// Sends the library's logs to stderr: warnings only, everything with -v.
+    func setupLogging() {
+        // bootstrap may run once per process.
+        guard loggingReady.withLock({ let was = $0; $0 = true; return !was }) else { return }
+        let level: Logger.Level = verbose ? .debug : .warning
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+    }
 
     /// Encoder options for an image of `size` bytes, with every argument checked.
     func encoderOptions(virtualSize size: UInt64, compressByDefault: Bool = false) throws -> EncoderOptions {
+        setupLogging()
         let o = try ImageOptionParser(formatOptions)
         var options = EncoderOptions(virtualSize: size)
         try o.apply(to: &options, compress: compress || compressByDefault)

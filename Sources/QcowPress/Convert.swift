@@ -1,0 +1,124 @@
+import DirectIO
+import Logging
+
+/// What a conversion reads from.
+public enum ImageSource: Sendable {
+    /// A raw file or block device (holes found with SEEK_DATA/SEEK_HOLE cost nothing).
+    case raw(path: String)
+    /// A qcow2 image; `openBacking: false` reads unallocated clusters as zeros.
+    case qcow2(path: String, openBacking: Bool = true)
+    /// Detect qcow2 by magic; anything else is raw.
+    case detect(path: String)
+
+    public var path: String {
+        switch self {
+        case .raw(let p), .qcow2(let p, _), .detect(let p): p
+        }
+    }
+
+    /// The image's virtual size in bytes.
+    public func virtualSize() throws(QcowPressError) -> UInt64 {
+        switch try resolved() {
+        case .raw(let p): return try RawImageReader(path: p).size
+        case .qcow2(let p, let b): return try Qcow2Image(path: p, openBacking: b).virtualSize
+        case .detect: return 0
+        }
+    }
+
+    func resolved() throws(QcowPressError) -> ImageSource {
+        if case .detect(let p) = self {
+            return try RawImageReader.detectFormat(path: p) == "qcow2" ? .qcow2(path: p) : .raw(path: p)
+        }
+        return self
+    }
+
+    /// Pipes every byte of the source into `encoder` (reader threads; the caller's thread waits).
+    public func pipe(into encoder: Qcow2Encoder) throws(QcowPressError) {
+        switch try resolved() {
+        case .raw(let p): try RawImageReader(path: p).feed(encoder)
+        case .qcow2(let p, let b):
+            try ImageCopier(source: try Qcow2Image(path: p, openBacking: b), clusterSize: encoder.options.clusterSize).feed(encoder)
+        case .detect: break
+        }
+    }
+}
+
+/// Progress of an image being written: guest bytes handed over so far, of `total`.
+public struct ImageProgress: Sendable, Equatable {
+    public var done: UInt64
+    public var total: UInt64
+    public init(done: UInt64, total: UInt64) {
+        self.done = done
+        self.total = total
+    }
+}
+
+extension Qcow2Encoder {
+    /// Progress events, sampled every `interval` seconds: `done` never decreases and the last event,
+    /// sent when the encoder finishes, has `done == total`. The stream ends after that (or on failure).
+    public func progressUpdates(interval: Double = 0.2) -> AsyncStream<ImageProgress> {
+        AsyncStream { continuation in
+            let total = options.virtualSize
+            let task = Task {
+                var last: UInt64 = 0
+                while !Task.isCancelled {
+                    let finished = completion.isResolved
+                    let done = min(total, bytesReceived)
+                    if done >= last {
+                        last = done
+                        continuation.yield(ImageProgress(done: done, total: total))
+                    }
+                    if finished {
+                        if case .success = await completion.wait(), last < total {
+                            continuation.yield(ImageProgress(done: total, total: total))
+                        }
+                        break
+                    }
+                    try? await Task.sleep(nanoseconds: UInt64(interval * 1e9))
+                }
+                continuation.finish()
+            }
+            continuation.onTermination = { _ in task.cancel() }
+        }
+    }
+}
+
+/// Converts an image to qcow2 in one call: opens the destination with `options` (its virtual size
+/// is taken from the source), pipes the source in, and finishes. On any failure or cancellation of
+/// the calling task the destination is not created.
+///
+/// ```swift
+/// let summary = try await convert(.detect(path: "disk.raw"), to: "disk.qcow2", options: options)
+/// ```
+public func convert(_ source: ImageSource, to destination: String, options: EncoderOptions,
+                    progress: (@Sendable (ImageProgress) -> Void)? = nil) async throws(QcowPressError) -> EncoderSummary {
+    var o = options
+    o.virtualSize = try source.virtualSize()
+    let encoder = try Qcow2Encoder(destination: destination, options: o)
+    Logger(label: "qcowpress").debug("converting", metadata: ["source": "\(source.path)", "destination": "\(destination)"])
+    let watcher = progress.map { p in
+        Task {
+            for await e in encoder.progressUpdates() { p(e) }
+        }
+    }
+    defer { watcher?.cancel() }
+    let feeder = Task.detached { () -> Result<Void, QcowPressError> in
+        Result { () throws(QcowPressError) in try source.pipe(into: encoder) }
+    }
+    let fed = await withTaskCancellationHandler {
+        await feeder.value
+    } onCancel: {
+        encoder.cancel()
+    }
+    if case .failure(let e) = fed {
+        encoder.cancel()
+        throw e
+    }
+    if Task.isCancelled {
+        encoder.cancel()
+        throw .cancelled
+    }
+    let s = try await encoder.finish()
+    if let watcher { _ = await watcher.value }
+    return s
+}

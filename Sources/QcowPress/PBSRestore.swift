@@ -94,6 +94,59 @@ public struct PBSRestore: Sendable {
         return out
     }
 
+    /// What ``verify(_:loaders:)`` checked.
+    public struct VerifySummary: Sendable, Codable {
+        public var archives: Int
+        public var chunks: Int
+        public var bytes: UInt64
+        public var seconds: Double
+    }
+
+    /// Reads and verifies (CRC, decryption, decompression, digest) every distinct non-zero chunk of
+    /// the archives, writing nothing. With one loader this is the single-thread compute cost of a
+    /// restore, the bench's reference.
+    public func verify(_ archives: [String], loaders: Int) throws(QcowPressError) -> VerifySummary {
+        let t0 = monotonicNanoseconds()
+        var work: [(digest: ArraySlice<UInt8>, length: Int, what: String)] = []
+        var seen = Set<ArraySlice<UInt8>>()
+        do throws(SourceError) {
+            for a in archives {
+                let idx = try snapshot.openImage(a).0
+                let zero = reader.zeroDigest(length: idx.chunkSize)
+                for i in 0..<idx.chunkCount {
+                    let d = idx.digest(i)
+                    let len = idx.chunkLength(i)
+                    if len == idx.chunkSize && d.elementsEqual(zero) { continue }
+                    if seen.insert(d).inserted { work.append((d, len, "chunk \(i) of \(a)")) }
+                }
+            }
+        } catch {
+            throw QcowPressError(error)
+        }
+        let queue = ChunkQueue((0..<work.count).map { UInt64($0)..<UInt64($0 + 1) })
+        let group = ThreadGroup()
+        let reader = self.reader
+        let items = work
+        for t in 0..<max(1, loaders) {
+            group.spawn(name: "qp-verify-\(t)") { () throws(QcowPressError) in
+                let buf = AlignedBuffer(capacity: 64 << 20, zeroed: false)
+                var raw: [UInt8] = []
+                while let r = queue.next() {
+                    let w = items[Int(r.lowerBound)]
+                    do throws(SourceError) {
+                        try reader.load(digest: w.digest, length: w.length, into: UnsafeMutableRawBufferPointer(start: buf.pointer, count: w.length), raw: &raw, what: w.what)
+                    } catch {
+                        queue.stop()
+                        throw QcowPressError(error)
+                    }
+                }
+            }
+        }
+        if let e = group.wait() { throw e }
+        return VerifySummary(archives: archives.count, chunks: items.count, bytes: items.reduce(0) { $0 + UInt64($1.length) },
+                             seconds: Double(monotonicNanoseconds() - t0) / 1e9)
+    }
+
     func restoreOne(index: PBSFixedIndex, archive: String, destination: String, encoder eo: EncoderOptions,
                     options: Options, cache: ChunkCache, started: (Qcow2Encoder) -> Void) throws(QcowPressError) -> Summary {
         let enc = try Qcow2Encoder(destination: destination, options: eo)

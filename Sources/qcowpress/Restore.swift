@@ -20,6 +20,8 @@ struct RestorePBS: ParsableCommand {
     var passwordFile: String?
     @Flag(help: "List the snapshot's disk archives with their sizes.")
     var list = false
+    @Flag(name: .customLong("verify-only"), help: "Read and verify every chunk of the archive (or of all archives); write nothing.")
+    var verifyOnly = false
     @Option(help: "Restore every drive into this directory, one qcow2 each.")
     var all: String?
     @Option(help: "Chunk loader threads (default: cores, at least 2).")
@@ -45,6 +47,17 @@ struct RestorePBS: ParsableCommand {
         if list {
             for a in restore.archives {
                 print("\(a.name)\t\(a.size)")
+            }
+            return
+        }
+        if verifyOnly {
+            let names = archive.map { [$0] } ?? restore.archives.map(\.name)
+            let v = try restore.verify(names, loaders: loaders ?? PBSRestore.Options().loaders)
+            if encoder.output == .json {
+                print(try encodeJSON(v))
+            } else {
+                let mbs = v.seconds > 0 ? Double(v.bytes) / v.seconds / 1e6 : 0
+                print("verified \(v.chunks) chunks (\(v.bytes) bytes) of \(v.archives) archives in \(v.seconds) s (\(Int(mbs)) MB/s)")
             }
             return
         }

@@ -127,3 +127,44 @@ struct DamagedImageTests {
         try expectRefused(b, in: dir, mentions: "compressed data")
     }
 }
+
+/// Backing files are followed only to regular files, never in a loop.
+@Suite(.enabled(if: Harness.haveQemuImg, "qemu-img makes the images"))
+struct BackingSafetyTests {
+    func image(_ dir: URL, _ name: String, backing: String) throws -> String {
+        let p = dir.appendingPathComponent(name).path
+        // -u: write the name without opening it (qemu-img would refuse the bad ones).
+        let r = try Harness.qemuImg(["create", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2", p, "1M"])
+        #expect(r.status == 0, "\(r.stderr)")
+        return p
+    }
+
+    @Test func unsafeBackingFilesAreRefused() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.createDirectory(at: dir.appendingPathComponent("adir"), withIntermediateDirectories: true)
+        let cases: [(String, String, String)] = [
+            ("missing.qcow2", "nowhere.qcow2", "does not resolve to a regular file"),
+            ("todir.qcow2", "adir", "does not resolve to a regular file"),
+            ("dev.qcow2", "/dev/zero", "does not resolve to a regular file"),
+            ("self.qcow2", "self.qcow2", "loops"),
+        ]
+        for (name, backing, message) in cases {
+            let p = try image(dir, name, backing: backing)
+            let out = dir.appendingPathComponent("out.qcow2").path
+            let r = try Harness.qcowpress(["convert", p, out])
+            #expect(r.status == 1, "\(name): \(r.stderr)")
+            #expect(r.stderr.contains(message), "\(name): \(r.stderr)")
+            #expect(r.stderr.split(separator: "\n").count == 1)
+            #expect(!FileManager.default.fileExists(atPath: out))
+        }
+        // A two-image loop: a → b → a.
+        _ = try image(dir, "a.qcow2", backing: "b.qcow2")
+        _ = try image(dir, "b.qcow2", backing: "a.qcow2")
+        let r = try Harness.qcowpress(["convert", dir.appendingPathComponent("a.qcow2").path, dir.appendingPathComponent("o.qcow2").path])
+        #expect(r.status == 1 && r.stderr.contains("loops"), "\(r.stderr)")
+        // --no-backing reads such an image without touching the backing name.
+        let nb = try Harness.qcowpress(["convert", "--no-backing", dir.appendingPathComponent("a.qcow2").path, dir.appendingPathComponent("nb.qcow2").path])
+        #expect(nb.status == 0, "\(nb.stderr)")
+    }
+}

@@ -160,3 +160,20 @@ struct FixtureError: Error, CustomStringConvertible {
     var message: String
     var description: String { message }
 }
+
+extension PBSRestoreTests {
+    @Test func missingKeyUnknownSnapshotAndArchive() throws {
+        let enc = try PBSFixture(.init(name: "encrypted", chunk: 1 << 20, kdf: "none"))
+        defer { enc.remove() }
+        let out = enc.dir.appendingPathComponent("o.qcow2").path
+        let noKey = try Harness.qcowpress(["restore", "pbs", "--datastore", enc.datastore, Self.snapshot, "drive-scsi0.img", out])
+        #expect(noKey.status == 1 && noKey.stderr.contains("--keyfile"), "\(noKey.stderr)")
+        let unknownSnap = try Harness.qcowpress(["restore", "pbs"] + enc.datastoreArgs + ["vm/100/2020-01-01T00:00:00Z", "drive-scsi0.img", out])
+        #expect(unknownSnap.status == 1 && unknownSnap.stderr.contains("snapshot does not exist"), "\(unknownSnap.stderr)")
+        let unknownArchive = try Harness.qcowpress(["restore", "pbs"] + enc.datastoreArgs + [Self.snapshot, "drive-sata9.img", out])
+        #expect(unknownArchive.status == 1 && unknownArchive.stderr.contains("not in the manifest"), "\(unknownArchive.stderr)")
+        let verify = try Harness.qcowpress(["restore", "pbs"] + enc.datastoreArgs + [Self.snapshot, "--verify-only"])
+        #expect(verify.status == 0 && verify.stdout.contains("verified"), "\(verify.stdout)\(verify.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: out))
+    }
+}

@@ -95,6 +95,7 @@ public final class URingWriter: BufferWriter {
             switch FaultInjection.check(.write, fd: file.fd) {
             case .fail(let e)?: result = -Int(e)
             case .short?: result = min(result, ((rq.length - rq.done) / 2) & ~511)
+            case .delay(let ms)?: usleep(UInt32(ms) * 1000)
             case nil: break
             }
             if result == -Int(EINTR) || result == -Int(EAGAIN) {

@@ -13,6 +13,8 @@ public enum FaultInjection {
         case fail(Int32)
         /// Transfer only half of the request (rounded down to 512 bytes, at least 0).
         case short
+        /// Succeed after sleeping this many milliseconds (a slow disk).
+        case delay(Int)
     }
     public enum Operation: String, Sendable { case write, read }
     public struct Plan: Sendable, Equatable {
@@ -45,7 +47,7 @@ public enum FaultInjection {
         state.withLock { $0 = State(plan: plan, envChecked: true) }
     }
 
-    /// Parses `op:index:kind[:sticky]` with kind ENOSPC, EIO, EINTR, EDQUOT or short.
+    /// Parses `op:index:kind[:sticky]` with kind ENOSPC, EIO, EINTR, EDQUOT, short or delayMS.
     public static func parse(_ s: String) -> Plan? {
         let parts = s.split(separator: ":").map(String.init)
         guard parts.count >= 3, let op = Operation(rawValue: parts[0]), let index = Int(parts[1]) else { return nil }
@@ -56,6 +58,9 @@ public enum FaultInjection {
         case "EINTR": kind = .fail(EINTR)
         case "EDQUOT": kind = .fail(EDQUOT)
         case "short": kind = .short
+        case let d where d.hasPrefix("delay"):
+            guard let ms = Int(d.dropFirst(5)), ms >= 0 else { return nil }
+            kind = .delay(ms)
         default: return nil
         }
         return Plan(operation: op, index: index, kind: kind, sticky: parts.count > 3 && parts[3] == "sticky")
@@ -91,6 +96,9 @@ enum Sys {
         case nil: return (nil, length)
         case .fail(let e): return (-Int(e), length)
         case .short: return (nil, (length / 2) & ~511)
+        case .delay(let ms):
+            usleep(UInt32(ms) * 1000)
+            return (nil, length)
         }
     }
 

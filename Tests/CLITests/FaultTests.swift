@@ -67,3 +67,52 @@ import Testing
         }
     }
 }
+
+extension FaultTests {
+    /// A slow disk (every write delayed): producers wait (back-pressure) and memory stays within
+    /// the budget plus the process's fixed overhead.
+    @Test(arguments: ["uring", "pwrite"])
+    func budgetHoldsUnderASlowDisk(io: String) throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let src = dir.appendingPathComponent("src.raw")
+        FileManager.default.createFile(atPath: src.path, contents: SourceImage.noise(96 << 20, seed: 3))
+        let dst = dir.appendingPathComponent("dst.qcow2").path
+        let r = try Harness.qcowpress(["convert", "--io", io, "--memory-limit", "16M", "--output", "json", src.path, dst],
+                                      env: ["QCOWPRESS_FAULT": "write:1:delay30:sticky"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [String: Any]
+        let rss = json["peakRSSBytes"] as! Int
+        // 16 MiB budget + ~30 MiB of runtime, libraries and the readers' 8 MiB of chunk buffers.
+        #expect(rss < 64 << 20, "peak RSS \(rss >> 20) MiB")
+        #expect((json["producerStallSeconds"] as! Double) > 0.1)
+        #expect((json["diskBusySeconds"] as! Double) > 0.1)
+        try Harness.expectGood(dst, equals: src.path)
+    }
+
+    /// ENOSPC, EIO and EINTR at every write index of a small conversion, on both write paths:
+    /// a failure is one line, exit 1, nothing left; EINTR is retried and the image is good.
+    @Test(arguments: ["uring", "pwrite"])
+    func everyWriteIndex(io: String) throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let src = dir.appendingPathComponent("src.raw")
+        try SourceImage.mixed(at: src, blocks: 12, block: 1 << 20)
+        let dst = dir.appendingPathComponent("dst.qcow2").path
+        var index = 1
+        while index < 64 {
+            let r = try Harness.qcowpress(["convert", "-c", "--io", io, src.path, dst], env: ["QCOWPRESS_FAULT": "write:\(index):ENOSPC"])
+            if r.status == 0 { break }  // past the last write: the fault never fired
+            #expect(r.status == 1 && r.stderr.contains("No space left on device") && r.stderr.split(separator: "\n").count == 1, "write \(index): \(r.stderr)")
+            #expect(try Harness.strayFiles(in: dir, except: ["src.raw"]).isEmpty, "write \(index)")
+            let eio = try Harness.qcowpress(["convert", "-c", "--io", io, src.path, dst], env: ["QCOWPRESS_FAULT": "write:\(index):EIO"])
+            #expect(eio.status == 1 && eio.stderr.contains("Input/output error"), "write \(index): \(eio.stderr)")
+            let intr = try Harness.qcowpress(["convert", "-c", "--io", io, "--force", src.path, dst], env: ["QCOWPRESS_FAULT": "write:\(index):EINTR"])
+            #expect(intr.status == 0, "EINTR at write \(index): \(intr.stderr)")
+            try? FileManager.default.removeItem(atPath: dst)
+            index += 1
+        }
+        #expect(index > 3, "a conversion makes several writes")
+        try Harness.expectGood(dst, equals: src.path)
+    }
+}

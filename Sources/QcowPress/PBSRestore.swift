@@ -11,9 +11,11 @@ import Foundation
 /// with the most uses still to come.
 public struct PBSRestore: Sendable {
     public struct Options: Sendable {
-        /// Chunk loader threads (read + verify + decode). Default: every core; PBS's own restore
-        /// measured gains up to 16 in flight on real disks.
-        public var loaders: Int = max(2, EncoderOptions.defaultThreads)
+        /// Chunk loader threads (read + verify + decode), each holding two chunk buffers. Reads
+        /// wait on the disk, so more loaders than cores pay: measured here (3 GiB image, 449 distinct
+        /// 4 MiB chunks, 2 cores, cold cache) 2 loaders 2.34 s, 4: 1.90 s, 8: 1.79 s. Default 4 per
+        /// core, at most 16 (PBS's own restore gained up to 16 in flight).
+        public var loaders: Int = min(16, 4 * EncoderOptions.defaultThreads)
         /// Point repeated chunks at the host clusters already written (default on).
         public var dedup: Bool = true
         /// Memory for decoded chunks that will be used again (shared by all drives of one restore).

@@ -24,7 +24,7 @@ struct RestorePBS: ParsableCommand {
     var verifyOnly = false
     @Option(help: "Restore every drive into this directory, one qcow2 each.")
     var all: String?
-    @Option(help: "Chunk loader threads (default: cores, at least 2).")
+    @Option(help: "Chunk loader threads (default: 4 per core, at most 16).")
     var loaders: Int?
     @Flag(name: .customLong("no-dedup"), help: "Write repeated chunks again instead of sharing their clusters.")
     var noDedup = false

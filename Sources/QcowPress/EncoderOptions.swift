@@ -67,8 +67,9 @@ public struct EncoderOptions: Sendable {
 /// How the memory budget is divided. Every number here is a floor or a share of the budget.
 struct MemoryPlan {
     /// Write buffers: one filling, the others in flight.
-    /// Measured here (2 cores, ext4 on virtio): O_DIRECT io_uring writes of 1 MiB reach 2.1–2.5 GiB/s
-    /// at any depth; 3 buffers kept the disk busy while compression filled the next.
+    /// Measured here (2 cores, ext4 on virtio, 3 GiB image, uncompressed so the disk is the limit):
+    /// 3 buffers 1.78–1.92 s, 6 buffers 2.20–2.32 s (the device is shared and noisy; more in flight
+    /// bought nothing), so 3: one filling, two in flight.
     static let bufferCount = 3
     let bufferSize: Int
     let slotCount: Int

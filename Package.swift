@@ -56,6 +56,6 @@ let package = Package(
         .testTarget(name: "DirectIOTests", dependencies: ["DirectIO"]),
         .testTarget(name: "BackupSourcesTests", dependencies: ["BackupSources"]),
         .testTarget(name: "QcowPressTests", dependencies: ["QcowPress", "Qcow2Format", "ClusterCompression", "DirectIO"]),
-        .testTarget(name: "CLITests", dependencies: ["Qcow2Format", "qcowpress", "qcowpress-fuzz", "qcowpress-examples"]),
+        .testTarget(name: "CLITests", dependencies: ["Qcow2Format", "QcowPress", "qcowpress", "qcowpress-fuzz", "qcowpress-examples"]),
     ]
 )

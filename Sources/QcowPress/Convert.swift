@@ -9,10 +9,16 @@ public enum ImageSource: Sendable {
     case qcow2(path: String, openBacking: Bool = true)
     /// Detect qcow2 by magic; anything else is raw.
     case detect(path: String)
+    /// One disk archive (`drive-scsi0.img.fidx`) of an opened PBS snapshot.
+    case pbs(PBSRestore, archive: String)
+    /// One device of a VMA archive file (.vma, .vma.zst, .vma.gz; read twice: header, then data).
+    case vma(archive: String, device: String)
 
     public var path: String {
         switch self {
         case .raw(let p), .qcow2(let p, _), .detect(let p): p
+        case .pbs(let r, let a): r.snapshot.directory + "/" + a
+        case .vma(let a, let d): a + "#" + d
         }
     }
 
@@ -21,6 +27,16 @@ public enum ImageSource: Sendable {
         switch try resolved() {
         case .raw(let p): return try RawImageReader(path: p).size
         case .qcow2(let p, let b): return try Qcow2Image(path: p, openBacking: b).virtualSize
+        case .pbs(let r, let a):
+            guard let img = r.archives.first(where: { $0.name == a || $0.name == a + ".fidx" }) else {
+                throw .invalidArgument("\(a): not an image archive of the snapshot")
+            }
+            return (img.size + 511) & ~511
+        case .vma(let a, let d):
+            guard let size = try VMARestore.deviceSizes(archive: a)[d] else {
+                throw .invalidArgument("\(a): no device '\(d)'")
+            }
+            return (size + 511) & ~511
         case .detect: return 0
         }
     }
@@ -38,6 +54,8 @@ public enum ImageSource: Sendable {
         case .raw(let p): try RawImageReader(path: p).feed(encoder)
         case .qcow2(let p, let b):
             try ImageCopier(source: try Qcow2Image(path: p, openBacking: b), clusterSize: encoder.options.clusterSize).feed(encoder)
+        case .pbs(let r, let a): try r.pipe(archive: a, into: encoder)
+        case .vma(let a, let d): try VMARestore(archive: a, outdir: "").pipe(device: d, into: encoder)
         case .detect: break
         }
     }

@@ -153,6 +153,35 @@ public struct PBSRestore: Sendable {
                     options: Options, cache: ChunkCache, started: (Qcow2Encoder) -> Void) throws(QcowPressError) -> Summary {
         let enc = try Qcow2Encoder(destination: destination, options: eo)
         started(enc)
+        let counters = RestoreCounters()
+        do throws(QcowPressError) {
+            try feed(index: index, archive: archive, into: enc, options: options, cache: cache, counters: counters)
+        } catch {
+            enc.cancel()
+            throw error
+        }
+        let s = try enc.finishBlocking()
+        let name = archive.hasSuffix(".fidx") ? archive : archive + ".fidx"
+        return counters.summary(archive: name, image: s, chunks: index.chunkCount)
+    }
+
+    /// Pipes one archive into an encoder the caller opened (its virtual size must be the image's,
+    /// rounded up to 512) and will finish.
+    public func pipe(archive: String, into enc: Qcow2Encoder, options: Options = Options()) throws(QcowPressError) {
+        let index: PBSFixedIndex
+        do throws(SourceError) { index = try snapshot.openImage(archive).0 } catch { throw QcowPressError(error) }
+        guard enc.virtualSize == (index.size + 511) & ~511 else {
+            throw .invalidArgument("\(archive): the image is \(index.size) bytes, the encoder \(enc.virtualSize)")
+        }
+        var uses: [ArraySlice<UInt8>: Int] = [:]
+        for i in 0..<index.chunkCount { uses[index.digest(i), default: 0] += 1 }
+        try feed(index: index, archive: archive, into: enc, options: options,
+                 cache: ChunkCache(capacity: options.cacheBytes, uses: uses), counters: RestoreCounters())
+    }
+
+    func feed(index: PBSFixedIndex, archive: String, into enc: Qcow2Encoder, options: Options, cache: ChunkCache,
+              counters: RestoreCounters) throws(QcowPressError) {
+        let eo = enc.options
         let cs = index.chunkSize
         let zeroFull = reader.zeroDigest(length: cs)
         let lastLen = index.chunkLength(max(0, index.chunkCount - 1))
@@ -175,7 +204,6 @@ public struct PBSRestore: Sendable {
                 steps.append(.load)
             }
         }
-        let counters = RestoreCounters()
         let next = ChunkQueue((0..<index.chunkCount).map { UInt64($0)..<UInt64($0 + 1) })
         let group = ThreadGroup()
         let reader = self.reader
@@ -222,12 +250,7 @@ public struct PBSRestore: Sendable {
                 }
             }
         }
-        if let e = group.wait() {
-            enc.cancel()
-            throw e
-        }
-        let s = try enc.finishBlocking()
-        return counters.summary(archive: name, image: s, chunks: index.chunkCount)
+        if let e = group.wait() { throw e }
     }
 }
 

@@ -112,6 +112,38 @@ public struct VMARestore: Sendable {
                        images: images, configs: written)
     }
 
+    /// Device names and sizes from an archive's header (reads only the header).
+    public static func deviceSizes(archive: String) throws(QcowPressError) -> [String: UInt64] {
+        guard archive != "-" else { throw .invalidArgument("a one-device pipe needs an archive file, not stdin") }
+        do {
+            let r = try VMAReader(stream: ArchiveStream(file: StreamFile(path: archive)))
+            return Dictionary(uniqueKeysWithValues: r.devices.map { ($0.name, $0.size) })
+        } catch let e as SourceError {
+            throw QcowPressError(e)
+        } catch let e as IOError {
+            throw .from(e)
+        } catch {
+            throw .invalidArgument("\(archive): \(error)")
+        }
+    }
+
+    /// Streams the archive once and writes one device into an encoder the caller opened and will
+    /// finish; every cluster of that device must be present.
+    public func pipe(device: String, into enc: Qcow2Encoder) throws(QcowPressError) {
+        let file: StreamFile
+        do { file = try StreamFile(path: archive) } catch { throw .from(error) }
+        let reader: VMAReader
+        do { reader = try VMAReader(stream: ArchiveStream(file: file)) } catch { throw QcowPressError(error) }
+        guard let i = reader.devices.firstIndex(where: { $0.name == device }) else {
+            throw .invalidArgument("\(archive): no device '\(device)'")
+        }
+        var encoders = [Qcow2Encoder?](repeating: nil, count: reader.devices.count)
+        encoders[i] = enc
+        let scratch = AlignedBuffer(capacity: VMAReader.clusterSize)
+        while try nextExtent(reader, encoders, scratch) {}
+        do { try reader.checkComplete() } catch { throw QcowPressError(error) }
+    }
+
     private func nextExtent(_ reader: VMAReader, _ encoders: [Qcow2Encoder?], _ scratch: AlignedBuffer) throws(QcowPressError) -> Bool {
         var engineError: QcowPressError? = nil
         do throws(SourceError) {

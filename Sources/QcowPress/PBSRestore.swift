@@ -70,7 +70,8 @@ public struct PBSRestore: Sendable {
 
     /// Restores `archives` (name, destination) one after another, sharing one chunk cache.
     public func restore(_ jobs: [(archive: String, destination: String)], encoder: EncoderOptions,
-                        options: Options = Options(), started: (Qcow2Encoder) -> Void = { _ in }) throws(QcowPressError) -> [Summary] {
+                        options: Options = Options(),
+                        started: (Qcow2Encoder, OrderedProgress) -> Void = { _, _ in }) throws(QcowPressError) -> [Summary] {
         var indexes: [PBSFixedIndex] = []
         do throws(SourceError) {
             for j in jobs { indexes.append(try snapshot.openImage(j.archive).0) }
@@ -150,10 +151,11 @@ public struct PBSRestore: Sendable {
     }
 
     func restoreOne(index: PBSFixedIndex, archive: String, destination: String, encoder eo: EncoderOptions,
-                    options: Options, cache: ChunkCache, started: (Qcow2Encoder) -> Void) throws(QcowPressError) -> Summary {
+                    options: Options, cache: ChunkCache, started: (Qcow2Encoder, OrderedProgress) -> Void) throws(QcowPressError) -> Summary {
         let enc = try Qcow2Encoder(destination: destination, options: eo)
-        started(enc)
         let counters = RestoreCounters()
+        counters.ordered = OrderedProgress(chunks: index.chunkCount, chunkSize: UInt64(index.chunkSize), total: eo.virtualSize)
+        started(enc, counters.ordered!)
         do throws(QcowPressError) {
             try feed(index: index, archive: archive, into: enc, options: options, cache: cache, counters: counters)
         } catch {
@@ -247,6 +249,7 @@ public struct PBSRestore: Sendable {
                         next.stop()
                         throw error
                     }
+                    counters.ordered?.complete(i)
                 }
             }
         }
@@ -265,7 +268,32 @@ extension QcowPressError {
     }
 }
 
+/// Bytes restored in guest order: the length of the prefix of the image whose chunks are all done
+/// (chunks complete out of order; the bar only moves over a finished prefix).
+public final class OrderedProgress: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var done: [Bool]
+    private var prefix = 0
+    let chunkSize: UInt64
+    public let total: UInt64
+
+    init(chunks: Int, chunkSize: UInt64, total: UInt64) {
+        done = [Bool](repeating: false, count: chunks)
+        self.chunkSize = chunkSize
+        self.total = total
+    }
+    func complete(_ i: Int) {
+        lock.withLock {
+            done[i] = true
+            while prefix < done.count && done[prefix] { prefix += 1 }
+        }
+    }
+    /// Guest bytes done in order.
+    public var bytesDone: UInt64 { lock.withLock { min(total, UInt64(prefix) * chunkSize) } }
+}
+
 final class RestoreCounters: @unchecked Sendable {
+    var ordered: OrderedProgress?
     private let lock = ConditionLock()
     private var read = 0, cached = 0, zero = 0, shared = 0
     private var saved: UInt64 = 0

@@ -91,10 +91,10 @@ struct RestorePBS: ParsableCommand {
         ro.dedup = !noDedup
         if let c = chunkCache { ro.cacheBytes = try parseSize(c, what: "--chunk-cache") }
         var bar: ProgressBar? = nil
-        let summaries = try restore.restore(jobs, encoder: eo, options: ro) { enc in
+        let summaries = try restore.restore(jobs, encoder: eo, options: ro) { enc, ordered in
             watch(enc)
             bar?.stop()
-            bar = encoder.progress && isatty(2) != 0 ? ProgressBar(total: enc.virtualSize) { enc.bytesReceived } : nil
+            bar = encoder.progress && isatty(2) != 0 ? ProgressBar(total: ordered.total) { ordered.bytesDone } : nil
         }
         bar?.stop()
         if encoder.output == .json {

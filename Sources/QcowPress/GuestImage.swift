@@ -64,14 +64,9 @@ public final class RawGuestImage: GuestImage, @unchecked Sendable {
         memset(into, 0, count)
         guard offset < file.size else { return }
         let n = Int(min(UInt64(count), file.size - offset))
-        do {
-            let got = try file.read(into: into, length: n, offset: offset)
-            guard got == n else { throw QcowPressError.inputDamaged(path: path, location: "file ended at offset \(offset + UInt64(got))") }
-        } catch let e as IOError {
-            throw .from(e)
-        } catch {
-            throw error as! QcowPressError
-        }
+        let got: Int
+        do { got = try file.read(into: into, length: n, offset: offset) } catch { throw .from(error) }
+        guard got == n else { throw .inputDamaged(path: path, location: "file ended at offset \(offset + UInt64(got))") }
     }
 }
 
@@ -223,37 +218,29 @@ extension Qcow2Image: GuestImage {
     }
 
     func readData(_ host: UInt64, _ n: Int, _ dst: UnsafeMutableRawPointer) throws(QcowPressError) {
-        do {
-            let got = try dataFile.read(into: dst, length: n, offset: host)
-            if got < n {
-                // External raw data files may be shorter than the guest (sparse tail).
-                guard dataFile !== file else {
-                    throw QcowPressError.inputDamaged(path: path, location: "cluster data at \(host) is past the end of the file")
-                }
-                memset(dst + got, 0, n - got)
+        let got: Int
+        do { got = try dataFile.read(into: dst, length: n, offset: host) } catch { throw .from(error) }
+        if got < n {
+            // External raw data files may be shorter than the guest (sparse tail).
+            guard dataFile !== file else {
+                throw .inputDamaged(path: path, location: "cluster data at \(host) is past the end of the file")
             }
-        } catch let e as IOError {
-            throw .from(e)
-        } catch {
-            throw error as! QcowPressError
+            memset(dst + got, 0, n - got)
         }
     }
 
     func decompress(_ d: CompressedDescriptor, into out: AlignedBuffer, context: ReadContext) throws(QcowPressError) {
         let len = min(d.readLength, Int(fileSize - d.hostOffset))
         let src = context.compressedBuffer(len + 512)
+        let got: Int
+        do { got = try file.read(into: src.pointer, length: len, offset: d.hostOffset) } catch { throw .from(error) }
+        guard got > 0 else { throw .inputDamaged(path: path, location: "compressed cluster at \(d.hostOffset) is past the end of the file") }
+        let algo: CompressionSettings.Algorithm = header.compressionType == .zstd ? .zstd : .zlib
         do {
-            let got = try file.read(into: src.pointer, length: len, offset: d.hostOffset)
-            guard got > 0 else { throw QcowPressError.inputDamaged(path: path, location: "compressed cluster at \(d.hostOffset) is past the end of the file") }
-            let algo: CompressionSettings.Algorithm = header.compressionType == .zstd ? .zstd : .zlib
             try context.decompressor(algo).decompress(UnsafeRawBufferPointer(start: src.pointer, count: got),
                                                     into: UnsafeMutableRawBufferPointer(start: out.pointer, count: cs))
-        } catch let e as IOError {
-            throw .from(e)
-        } catch let e as DecompressionError {
-            throw .inputDamaged(path: path, location: "compressed cluster at \(d.hostOffset): \(e.description)")
         } catch {
-            throw error as! QcowPressError
+            throw .inputDamaged(path: path, location: "compressed cluster at \(d.hostOffset): \(error.description)")
         }
     }
 }

@@ -144,14 +144,9 @@ public final class Qcow2Image: @unchecked Sendable {
         let off = l1[r]
         if let t = cacheLock.withLock({ l2Cache[off] }) { return t }
         let b = AlignedBuffer(capacity: cs)
-        do {
-            let n = try file.read(into: b.pointer, length: cs, offset: off)
-            guard n == cs else { throw QcowPressError.inputDamaged(path: path, location: "L2 table at \(off) is truncated") }
-        } catch let e as IOError {
-            throw .from(e)
-        } catch {
-            throw error as! QcowPressError
-        }
+        let n: Int
+        do { n = try file.read(into: b.pointer, length: cs, offset: off) } catch { throw .from(error) }
+        guard n == cs else { throw .inputDamaged(path: path, location: "L2 table at \(off) is truncated") }
         var t = [UInt64](repeating: 0, count: cs / 8)
         for i in 0..<(cs / 8) { t[i] = loadBE64(UnsafeRawBufferPointer(b.bytes), i * 8) }
         cacheLock.withLock {

@@ -47,7 +47,12 @@ public struct PBSFixedIndex: Sendable {
             throw SourceError(.damaged, path: path, "chunk_size at offset 72 is \(cs): must be a power of two from 4 KiB to 64 MiB")
         }
         chunkSize = Int(cs)
-        let count = Int((size + cs - 1) / cs)
+        // The file must hold one digest per chunk; checked without overflow for any stored size.
+        let count64 = size / cs + (size % cs == 0 ? 0 : 1)
+        guard count64 <= UInt64(bytes.count / 32) else {
+            throw SourceError(.damaged, path: path, "size \(size) at offset 64 needs \(count64) digests, the file holds \((bytes.count - Self.headerSize) / 32)")
+        }
+        let count = Int(count64)
         let expected = Self.headerSize + 32 * count
         guard bytes.count == expected else {
             throw SourceError(.damaged, path: path, "file is \(bytes.count) bytes, but size \(size) at offset 64 needs \(count) digests (\(expected) bytes)")

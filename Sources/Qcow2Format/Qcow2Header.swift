@@ -169,10 +169,10 @@ extension Qcow2Header {
             throw FormatError(field: "refcount_table_clusters", offset: 56, value: UInt64(refcountTableClusters), reason: "must be 1…\(Self.maxRefcountTableBytes / cs)")
         }
         if let fileSize {
-            if l1Size > 0 && l1TableOffset + UInt64(l1Size) * 8 > fileSize {
+            if l1Size > 0 && !fits(l1TableOffset, UInt64(l1Size) * 8, within: fileSize) {
                 throw FormatError(field: "l1_table_offset", offset: 40, value: l1TableOffset, reason: "L1 table extends past the end of the file (\(fileSize) bytes)")
             }
-            if refcountTableOffset + UInt64(refcountTableClusters) * cs > fileSize {
+            if !fits(refcountTableOffset, UInt64(refcountTableClusters) * cs, within: fileSize) {
                 throw FormatError(field: "refcount_table_offset", offset: 48, value: refcountTableOffset, reason: "refcount table extends past the end of the file (\(fileSize) bytes)")
             }
         }
@@ -206,10 +206,10 @@ extension Qcow2Header {
             guard backingFileSize > 0, backingFileSize <= Self.maxBackingFileSize else {
                 throw FormatError(field: "backing_file_size", offset: 16, value: UInt64(backingFileSize), reason: "must be 1…1023")
             }
-            let end = backingFileOffset + UInt64(backingFileSize)
-            guard end <= cs else {
+            guard fits(backingFileOffset, UInt64(backingFileSize), within: cs) else {
                 throw FormatError(field: "backing_file_offset", offset: 8, value: backingFileOffset, reason: "backing file name lies outside the first cluster")
             }
+            let end = backingFileOffset + UInt64(backingFileSize)
             guard end <= UInt64(bytes.count) else {
                 throw FormatError(field: "backing_file_offset", offset: 8, value: backingFileOffset, reason: "image is truncated before the backing file name")
             }
@@ -278,4 +278,11 @@ extension Qcow2Header {
         if clusterBits > 12 { exts.append(.featureNames(FeatureName.qemuDefaultTable)) }
         return exts
     }
+}
+
+/// True when [offset, offset+length) lies inside [0, size), computed without overflow (offsets
+/// read from a damaged image may be anywhere up to 2^64 − 1).
+@inlinable
+public func fits(_ offset: UInt64, _ length: UInt64, within size: UInt64) -> Bool {
+    offset <= size && length <= size - offset
 }

@@ -33,8 +33,7 @@ public struct ImageCopier: Sendable {
     public func feed(_ sink: any BlockingImageSink) throws(QcowPressError) -> UInt64 {
         let size = source.virtualSize
         let step = UInt64(Self.chunkSize)
-        let chunks = stride(from: UInt64(0), to: size, by: Int(step)).map { $0..<min(size, $0 + step) }
-        let queue = ChunkQueue(chunks)
+        let queue = ChunkQueue(size: size, step: step)
         let group = ThreadGroup()
         let written = RestoreCounters()
         let (source, base, cs) = (self.source, self.base, self.clusterSize)

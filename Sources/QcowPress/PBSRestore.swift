@@ -126,7 +126,7 @@ public struct PBSRestore: Sendable {
         } catch {
             throw QcowPressError(error)
         }
-        let queue = ChunkQueue((0..<work.count).map { UInt64($0)..<UInt64($0 + 1) })
+        let queue = ChunkQueue(size: UInt64(work.count), step: 1)
         let group = ThreadGroup()
         let reader = self.reader
         let items = work
@@ -206,7 +206,7 @@ public struct PBSRestore: Sendable {
                 steps.append(.load)
             }
         }
-        let next = ChunkQueue((0..<index.chunkCount).map { UInt64($0)..<UInt64($0 + 1) })
+        let next = ChunkQueue(size: UInt64(index.chunkCount), step: 1)
         let group = ThreadGroup()
         let reader = self.reader
         let name = archive.hasSuffix(".fidx") ? archive : archive + ".fidx"

@@ -92,6 +92,11 @@ public struct Qcow2Checker: Sendable {
 
         func ref(_ off: UInt64, _ len: UInt64, _ what: String) {
             guard len > 0 else { return }
+            guard fits(off, len, within: UInt64(nClusters) << bits) else {
+                res.corruptions += 1
+                res.messages.append("ERROR \(what) at offset \(off) is past the end of the image file")
+                return
+            }
             let first = off >> bits
             let last = (off + len - 1) >> bits
             for c in first...last {
@@ -128,7 +133,7 @@ public struct Qcow2Checker: Sendable {
         var seenL2 = Set<UInt64>()
         func walk(l1Offset: UInt64, l1Size: Int, active: Bool) throws(QcowPressError) {
             guard l1Size > 0 else { return }
-            if l1Offset + UInt64(l1Size) * 8 > fileSize {
+            if !fits(l1Offset, UInt64(l1Size) * 8, within: fileSize) {
                 res.corruptions += 1
                 res.messages.append("ERROR L1 table at offset \(l1Offset) is past the end of the image file")
                 return
@@ -139,7 +144,7 @@ public struct Qcow2Checker: Sendable {
                 let e = L1Entry(rawValue: be64(l1, i * 8))
                 let l2 = e.l2Offset
                 guard l2 != 0 else { continue }
-                if l2 % cs != 0 || l2 + cs > fileSize {
+                if l2 % cs != 0 || !fits(l2, cs, within: fileSize) {
                     res.corruptions += 1
                     res.messages.append("ERROR L2 table offset \(l2) (L1 entry \(i)) is unaligned or past the end of the file")
                     continue
@@ -193,7 +198,7 @@ public struct Qcow2Checker: Sendable {
             var at = h.snapshotsOffset
             let start = at
             for s in 0..<Int(h.nbSnapshots) {
-                guard at + 40 <= fileSize else {
+                guard fits(at, 40, within: fileSize) else {
                     res.corruptions += 1
                     res.messages.append("ERROR snapshot \(s) header at \(at) is past the end of the file")
                     break
@@ -216,7 +221,7 @@ public struct Qcow2Checker: Sendable {
             let n = d.withUnsafeBytes { Int(loadBE32($0, 0)) }
             let dirSize = d.withUnsafeBytes { loadBE64($0, 8) }
             let dirOff = d.withUnsafeBytes { loadBE64($0, 16) }
-            guard dirSize < 64 << 20, dirOff + dirSize <= fileSize else {
+            guard dirSize < 64 << 20, fits(dirOff, dirSize, within: fileSize) else {
                 res.corruptions += 1
                 res.messages.append("ERROR bitmap directory at \(dirOff) is past the end of the file")
                 continue
@@ -230,7 +235,7 @@ public struct Qcow2Checker: Sendable {
                 let nameSize = dir.withUnsafeBytes { Int(loadBE16($0, p + 18)) }
                 let extra = dir.withUnsafeBytes { Int(loadBE32($0, p + 20)) }
                 ref(tOff, UInt64(tSize) * 8, "bitmap table")
-                if tOff + UInt64(tSize) * 8 <= fileSize {
+                if fits(tOff, UInt64(tSize) * 8, within: fileSize) {
                     let t = try read(tOff, tSize * 8)
                     for k in 0..<tSize {
                         let e = be64(t, k * 8) & L1Entry.offsetMask
@@ -246,7 +251,7 @@ public struct Qcow2Checker: Sendable {
         let perBlock = Int(g.clustersPerRefcountBlock(refcountOrder: Int(h.refcountOrder)))
         var stored = [UInt64](repeating: 0, count: nClusters)
         var highest = 0
-        for (bi, b) in refblocks.enumerated() where b != 0 && b + cs <= fileSize {
+        for (bi, b) in refblocks.enumerated() where b != 0 && fits(b, cs, within: fileSize) {
             let block = try read(b, Int(cs))
             block.withUnsafeBytes { p in
                 for k in 0..<perBlock {

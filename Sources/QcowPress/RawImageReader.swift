@@ -94,18 +94,28 @@ public struct RawImageReader: Sendable {
     }
 }
 
-/// A list of chunks taken in order by several threads.
+/// Chunks taken in order by several threads: a list, or a stride computed on demand (so an
+/// image claiming an absurd size allocates nothing up front).
 final class ChunkQueue: @unchecked Sendable {
     private let lock = ConditionLock()
-    private let chunks: [Range<UInt64>]
-    private var next_ = 0
+    private let count: UInt64
+    private let chunk: @Sendable (UInt64) -> Range<UInt64>
+    private var next_: UInt64 = 0
     private var stopped = false
-    init(_ c: [Range<UInt64>]) { chunks = c }
+    init(_ c: [Range<UInt64>]) {
+        count = UInt64(c.count)
+        chunk = { c[Int($0)] }
+    }
+    /// [0, size) in steps of `step`.
+    init(size: UInt64, step: UInt64) {
+        count = size / step + (size % step == 0 ? 0 : 1)
+        chunk = { i in (i * step)..<min(size, (i + 1) * step) }
+    }
     func next() -> Range<UInt64>? {
         lock.withLock {
-            guard !stopped, next_ < chunks.count else { return nil }
+            guard !stopped, next_ < count else { return nil }
             defer { next_ += 1 }
-            return chunks[next_]
+            return chunk(next_)
         }
     }
     func stop() { lock.withLock { stopped = true } }

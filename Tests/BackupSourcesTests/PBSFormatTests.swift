@@ -60,3 +60,13 @@ import Testing
         #expect(kinds.count >= 3, "\(kinds)")
     }
 }
+
+/// Regressions found by the fuzzer.
+@Suite struct FuzzRegressionTests {
+    /// size 0x7fff_ffff_ffff_ffff with 4 KiB chunks overflowed the digest count (trap).
+    @Test func fidxHugeSizeIsAnError() throws {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Fixtures/fuzz/fidx/regression-size-overflow.fidx").path
+        #expect(throws: SourceError.self) { _ = try PBSFixedIndex(path: path) }
+    }
+}

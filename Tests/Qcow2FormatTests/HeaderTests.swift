@@ -87,3 +87,26 @@ import Testing
         #expect(throws: FormatError.self) { try bytes.withUnsafeBytes { try Qcow2Header(parsing: $0) } }
     }
 }
+
+/// Offsets near 2^64 in a damaged header are errors, never arithmetic traps.
+@Suite struct HeaderOverflowTests {
+    func parse(_ patch: (inout [UInt8]) -> Void) throws -> FormatError? {
+        var b = try fixture("header-64k-zstd-backing.bin")
+        patch(&b)
+        do {
+            _ = try b.withUnsafeBytes { try Qcow2Header(parsing: $0, fileSize: 1 << 30) }
+            return nil
+        } catch let e as FormatError {
+            return e
+        }
+    }
+    func put64(_ b: inout [UInt8], _ at: Int, _ v: UInt64) { for i in 0..<8 { b[at + i] = UInt8(truncatingIfNeeded: v >> (56 - 8 * UInt64(i))) } }
+
+    @Test func hugeOffsets() throws {
+        #expect(try parse { put64(&$0, 8, UInt64.max) }?.field == "backing_file_offset")
+        #expect(try parse { put64(&$0, 40, 0xFFFF_FFFF_FFFF_0000); $0[36] = 0x00; $0[37] = 0x10 }?.field == "l1_table_offset")
+        #expect(try parse { put64(&$0, 48, 0xFFFF_FFFF_FFFF_0000) }?.field == "refcount_table_offset")
+        #expect(fits(UInt64.max - 1, 8, within: UInt64.max) == false)
+        #expect(fits(10, 5, within: 15))
+    }
+}

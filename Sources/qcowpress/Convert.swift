@@ -13,6 +13,8 @@ struct Convert: ParsableCommand {
     var backing: String?
     @Flag(name: .customLong("no-backing"), help: "Do not open the source's backing file (unallocated clusters read as zeros).")
     var noBacking = false
+    @Option(help: "Source reader threads (default 2).")
+    var readers: Int?
     @OptionGroup var encoder: EncoderArguments
     @Argument(help: "Source image.")
     var source: String
@@ -51,7 +53,7 @@ struct Convert: ParsableCommand {
             let reader = try RawImageReader(path: source)
             let options = try encoder.encoderOptions(virtualSize: reader.size)
             let summary = try runEncoder(destination: destination, options: options, showProgress: encoder.progress) { enc in
-                try reader.feed(enc)
+                try reader.feed(enc, readers: readers ?? RawImageReader.defaultReaders)
             }
             if encoder.output == .json { print(try encodeJSON(summary)) }
             return

@@ -1,8 +1,8 @@
 import DirectIO
 import Glibc
 
-/// Feeds a raw file or block device into an encoder with several reader threads: holes found with
-/// SEEK_DATA/SEEK_HOLE become zero ranges without a read; data is read with O_DIRECT in chunks.
+/// A raw file or block device as a source: its size, its format by magic, and `feed` (an
+/// ``ImageCopier`` over a ``RawGuestImage``).
 public struct RawImageReader: Sendable {
     /// Bytes read per request. 4 MiB: large enough that O_DIRECT reads run at device speed here,
     /// small enough that two readers hold only 8 MiB.
@@ -15,14 +15,10 @@ public struct RawImageReader: Sendable {
     /// The image's virtual size: the file size rounded up to 512 bytes, as QEMU's raw driver
     /// reports it (the tail past the end of the file reads as zeros).
     public let size: UInt64
-    let file: InputFile
 
     public init(path: String) throws(QcowPressError) {
-        do {
-            file = try InputFile(path: path)
-        } catch {
-            throw QcowPressError.from(error)
-        }
+        let file: InputFile
+        do { file = try InputFile(path: path, direct: false) } catch { throw .from(error) }
         self.path = path
         size = (file.size + 511) & ~511
     }
@@ -39,58 +35,12 @@ public struct RawImageReader: Sendable {
         return UInt32(bigEndian: magic) == 0x5146_49FB ? "qcow2" : "raw"
     }
 
-    /// Pushes the whole source into `encoder`; returns when every byte was handed over.
+    /// Pushes the whole source into `encoder`: holes (SEEK_DATA/SEEK_HOLE) become zero ranges
+    /// without a read; data is read with O_DIRECT in 4 MiB chunks by `readers` threads.
     public func feed(_ encoder: Qcow2Encoder, readers: Int = RawImageReader.defaultReaders) throws(QcowPressError) {
-        let data = file.dataRanges()
-        // Holes first: they cost nothing and let regions complete early.
-        var pos: UInt64 = 0
-        for r in data {
-            if r.lowerBound > pos { try encoder.writeZeroesBlocking(at: pos, length: r.lowerBound - pos) }
-            pos = r.upperBound
-        }
-        if pos < size { try encoder.writeZeroesBlocking(at: pos, length: size - pos) }
-
-        var chunks: [Range<UInt64>] = []
-        let step = UInt64(Self.chunkSize)
-        for r in data {
-            var a = r.lowerBound
-            while a < r.upperBound {
-                let b = min(r.upperBound, (a / step + 1) * step)
-                chunks.append(a..<b)
-                a = b
-            }
-        }
-        let queue = ChunkQueue(chunks)
-        let group = ThreadGroup()
-        let file = self.file
-        for i in 0..<max(1, readers) {
-            group.spawn(name: "qp-reader-\(i)") { () throws(QcowPressError) in
-                let buf = AlignedBuffer(capacity: Self.chunkSize)
-                while let c = queue.next() {
-                    // Round the request to 4 KiB for O_DIRECT; the file's end stops it early.
-                    let start = c.lowerBound & ~4095
-                    let lead = Int(c.lowerBound - start)
-                    let want = (lead + Int(c.count) + 4095) & ~4095
-                    let big = want > buf.capacity ? AlignedBuffer(capacity: want) : buf
-                    let got: Int
-                    do throws(IOError) { got = try file.read(into: big.pointer, length: want, offset: start) } catch {
-                        queue.stop()
-                        throw QcowPressError.from(error)
-                    }
-                    guard got >= lead + Int(c.count) else {
-                        queue.stop()
-                        throw .inputDamaged(path: file.path, location: "file ended at offset \(start + UInt64(got)) while reading (size changed during conversion?)")
-                    }
-                    do throws(QcowPressError) {
-                        try encoder.writeBlocking(at: c.lowerBound, UnsafeRawBufferPointer(start: big.pointer + lead, count: Int(c.count)))
-                    } catch {
-                        queue.stop()
-                        throw error
-                    }
-                }
-            }
-        }
-        if let e = group.wait() { throw e }
+        var copier = ImageCopier(source: try RawGuestImage(path: path), clusterSize: encoder.options.clusterSize)
+        copier.readers = readers
+        try copier.feed(encoder)
     }
 }
 
@@ -102,10 +52,6 @@ final class ChunkQueue: @unchecked Sendable {
     private let chunk: @Sendable (UInt64) -> Range<UInt64>
     private var next_: UInt64 = 0
     private var stopped = false
-    init(_ c: [Range<UInt64>]) {
-        count = UInt64(c.count)
-        chunk = { c[Int($0)] }
-    }
     /// [0, size) in steps of `step`.
     init(size: UInt64, step: UInt64) {
         count = size / step + (size % step == 0 ? 0 : 1)

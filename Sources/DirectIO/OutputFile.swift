@@ -13,6 +13,7 @@ public enum IOMode: String, Sendable, CaseIterable {
 
 /// A file being written by QcowPress. Only this type and the writers issue write syscalls.
 public final class OutputFile: @unchecked Sendable {
+    /// The name errors use: the final destination, not the temporary file being written.
     public let path: String
     public let fd: Int32
     /// True when opened with O_DIRECT.
@@ -20,8 +21,8 @@ public final class OutputFile: @unchecked Sendable {
 
     /// Creates `path` exclusively (it must not exist). With `direct`, tries O_DIRECT and falls back to
     /// buffered I/O when the file system refuses it (tmpfs); `direct` then reads false.
-    public init(creating path: String, direct wantDirect: Bool) throws(IOError) {
-        self.path = path
+    public init(creating path: String, direct wantDirect: Bool, displayName: String? = nil) throws(IOError) {
+        self.path = displayName ?? path
         let base = O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC
         var fd: Int32 = -1
         var direct = false
@@ -30,12 +31,12 @@ public final class OutputFile: @unchecked Sendable {
             if fd >= 0 {
                 direct = true
             } else if errno != EINVAL {
-                throw IOError(errno: errno, operation: "open", path: path)
+                throw IOError(errno: errno, operation: "open", path: self.path)
             }
         }
         if fd < 0 {
             fd = open(path, base, 0o644)
-            if fd < 0 { throw IOError(errno: errno, operation: "open", path: path) }
+            if fd < 0 { throw IOError(errno: errno, operation: "open", path: self.path) }
         }
         self.fd = fd
         self.direct = direct

@@ -107,7 +107,7 @@ public final class RawImageWriter: BlockingImageSink, @unchecked Sendable {
         self.size = size
         tempPath = Qcow2Encoder.temporaryName(for: destination)
         do {
-            file = try OutputFile(creating: tempPath, direct: false)
+            file = try OutputFile(creating: tempPath, direct: false, displayName: destination)
             try file.truncate(to: size)
         } catch {
             FileNames.unlink(tempPath)

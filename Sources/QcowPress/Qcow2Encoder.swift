@@ -88,7 +88,7 @@ public final class Qcow2Encoder: @unchecked Sendable {
         plan = group.plan
         tempPath = Self.temporaryName(for: destination)
         do {
-            file = try OutputFile(creating: tempPath, direct: options.ioMode != .buffered)
+            file = try OutputFile(creating: tempPath, direct: options.ioMode != .buffered, displayName: destination)
         } catch {
             throw QcowPressError.from(error)
         }

@@ -137,7 +137,7 @@ extension StreamSink {
         let block = AlignedBuffer(capacity: 4096)
         let base = offset & ~4095
         let n = try enc.file.preadAll(block.pointer, length: 4096, offset: base)
-        guard n == 4096 else { throw IOError(errno: EIO, operation: "read back L2 table", path: enc.tempPath, offset: base) }
+        guard n == 4096 else { throw IOError(errno: EIO, operation: "read back L2 table", path: enc.destination, offset: base) }
         storeBE64(block.bytes, Int(offset - base), value)
         try enc.file.pwriteAll(block.pointer, length: 4096, offset: base)
     }

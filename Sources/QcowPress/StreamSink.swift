@@ -194,7 +194,7 @@ final class StreamSink: @unchecked Sendable {
             throw QcowPressError.from(error)
         }
         guard let next = freeBuffers.popLast() else {
-            throw .io(IOError(errno: EIO, operation: "write completion", path: enc.tempPath))
+            throw .io(IOError(errno: EIO, operation: "write completion", path: enc.destination))
         }
         current = next
     }

@@ -12,6 +12,9 @@ struct Qcowpress: ParsableCommand {
     /// Parses and runs; every failure is one line on stderr and exit status 1 (usage included),
     /// as qemu-img users expect; help and version exit 0.
     static func main() {
+        // Block SIGINT/SIGTERM first, so a signal at any moment goes to the watcher thread (which
+        // cancels whatever is running and exits 130/143), never to the default action.
+        _ = SignalWatcher.shared
         do {
             var command = try parseAsRoot()
             try command.run()

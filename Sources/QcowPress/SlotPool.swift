@@ -84,7 +84,6 @@ final class SlotPool: @unchecked Sendable {
         for w in waiters { w.resume(returning: -1) }
     }
 
-    var freeCount: Int { lock.withLock { free.count } }
     var stallSeconds: Double { Double(lock.withLock { stallNanoseconds }) / 1e9 }
 }
 

@@ -50,16 +50,6 @@ public struct StreamPacker: Sendable {
         return back
     }
 
-    /// The byte ranges of the current buffer that hold data (front part rounded up to a cluster,
-    /// back part), relative to `bufferStart`.
-    public var usedRanges: [Range<Int>] {
-        var r: [Range<Int>] = []
-        let frontEnd = (front + clusterSize - 1) / clusterSize * clusterSize
-        if frontEnd > 0 { r.append(0..<frontEnd) }
-        if back < bufferSize { r.append(back..<bufferSize) }
-        return r
-    }
-
     /// Host offset just past everything placed so far (cluster-aligned).
     public var hostEnd: UInt64 {
         if back < bufferSize { return bufferStart + UInt64(bufferSize) }

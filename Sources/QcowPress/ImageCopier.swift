@@ -105,12 +105,12 @@ public final class RawImageWriter: BlockingImageSink, @unchecked Sendable {
         if FileNames.exists(destination) && !overwrite { throw .destinationExists(path: destination) }
         self.destination = destination
         self.size = size
-        tempPath = Qcow2Encoder.temporaryName(for: destination)
+        tempPath = TemporaryFiles.make(for: destination)
         do {
             file = try OutputFile(creating: tempPath, direct: false, displayName: destination)
             try file.truncate(to: size)
         } catch {
-            FileNames.unlink(tempPath)
+            TemporaryFiles.discard(tempPath)
             throw .from(error)
         }
     }
@@ -136,13 +136,13 @@ public final class RawImageWriter: BlockingImageSink, @unchecked Sendable {
     public func finish() throws(QcowPressError) {
         do {
             try file.sync()
-            try FileNames.rename(tempPath, destination)
+            try TemporaryFiles.commit(tempPath, to: destination)
             FileNames.syncDirectory(of: destination)
         } catch {
-            FileNames.unlink(tempPath)
+            TemporaryFiles.discard(tempPath)
             throw .from(error)
         }
     }
 
-    public func cancel() { FileNames.unlink(tempPath) }
+    public func cancel() { TemporaryFiles.discard(tempPath) }
 }

@@ -86,10 +86,11 @@ public final class Qcow2Encoder: @unchecked Sendable {
             group.ownedByOneEncoder = true
         }
         plan = group.plan
-        tempPath = Self.temporaryName(for: destination)
+        tempPath = TemporaryFiles.make(for: destination)
         do {
             file = try OutputFile(creating: tempPath, direct: options.ioMode != .buffered, displayName: destination)
         } catch {
+            TemporaryFiles.discard(tempPath)
             throw QcowPressError.from(error)
         }
         if options.ioMode != .buffered && !file.direct {

@@ -71,7 +71,7 @@ extension StreamSink {
             try enc.file.pwriteAll(hb.pointer, length: cs, offset: 0)
             try enc.file.truncate(to: fileEnd)
             try enc.file.sync()
-            try FileNames.rename(enc.tempPath, enc.destination)
+            try TemporaryFiles.commit(enc.tempPath, to: enc.destination)
             FileNames.syncDirectory(of: enc.destination)
         } catch {
             throw QcowPressError.from(error)
@@ -237,7 +237,7 @@ extension Qcow2Encoder {
             return r
         }
         for r in queued where r.slot >= 0 { pool.release(r.slot) }
-        FileNames.unlink(tempPath)
+        TemporaryFiles.discard(tempPath)
         completion.resolve(.failure(e))
     }
 }

@@ -98,12 +98,13 @@ public struct VMARestore: Sendable {
         // Configs last, each under a temporary name and renamed, so none looks written early.
         var written: [String] = []
         for (k, c) in reader.configs.enumerated() {
-            let tmp = Qcow2Encoder.temporaryName(for: configPaths[k])
+            let tmp = TemporaryFiles.make(for: configPaths[k])
             guard FileManager.default.createFile(atPath: tmp, contents: Data(c.data)) else {
+                TemporaryFiles.discard(tmp)
                 throw .io(IOError(errno: EIO, operation: "write config", path: configPaths[k]))
             }
-            do { try FileNames.rename(tmp, configPaths[k]) } catch {
-                FileNames.unlink(tmp)
+            do { try TemporaryFiles.commit(tmp, to: configPaths[k]) } catch {
+                TemporaryFiles.discard(tmp)
                 throw .from(error)
             }
             written.append(configPaths[k])

@@ -28,6 +28,7 @@ final class SignalWatcher: @unchecked Sendable {
             var sig: Int32 = 0
             sigwait(&set, &sig)
             SignalWatcher.shared.run()
+            TemporaryFiles.removeAll()
             exit(128 + sig)
         }, nil)
     }

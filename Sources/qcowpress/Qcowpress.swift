@@ -6,7 +6,7 @@ import QcowPress
 struct Qcowpress: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qcowpress",
-        abstract: "Write qcow2 images fast: convert, inspect.",
+        abstract: "Write qcow2 images fast: convert, restore (PBS, VMA), export, inspect, check.",
         subcommands: [Convert.self, Restore.self, Export.self, Info.self, Check.self])
 
     /// Parses and runs; every failure is one line on stderr and exit status 1 (usage included),

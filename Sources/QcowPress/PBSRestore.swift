@@ -126,26 +126,22 @@ public struct PBSRestore: Sendable {
         } catch {
             throw QcowPressError(error)
         }
-        let queue = ChunkQueue(size: UInt64(work.count), step: 1)
-        let group = ThreadGroup()
         let reader = self.reader
         let items = work
-        for t in 0..<max(1, loaders) {
-            group.spawn(name: "qp-verify-\(t)") { () throws(QcowPressError) in
-                let buf = AlignedBuffer(capacity: 64 << 20, zeroed: false)
-                var raw: [UInt8] = []
-                while let r = queue.next() {
-                    let w = items[Int(r.lowerBound)]
-                    do throws(SourceError) {
-                        try reader.load(digest: w.digest, length: w.length, into: UnsafeMutableRawBufferPointer(start: buf.pointer, count: w.length), raw: &raw, what: w.what)
-                    } catch {
-                        queue.stop()
-                        throw QcowPressError(error)
-                    }
+        let largest = items.map(\.length).max() ?? 0
+        try forEachIndex(UInt64(items.count), threads: loaders, name: "qp-verify") {
+            let buf = AlignedBuffer(capacity: max(largest, 4096), zeroed: false)
+            var raw: [UInt8] = []
+            return { (i) throws(QcowPressError) in
+                let w = items[Int(i)]
+                do throws(SourceError) {
+                    try reader.load(digest: w.digest, length: w.length, into: UnsafeMutableRawBufferPointer(start: buf.pointer, count: w.length),
+                                    raw: &raw, what: w.what)
+                } catch {
+                    throw QcowPressError(error)
                 }
             }
         }
-        if let e = group.wait() { throw e }
         return VerifySummary(archives: archives.count, chunks: items.count, bytes: items.reduce(0) { $0 + UInt64($1.length) },
                              seconds: Double(monotonicNanoseconds() - t0) / 1e9)
     }
@@ -206,54 +202,44 @@ public struct PBSRestore: Sendable {
                 steps.append(.load)
             }
         }
-        let next = ChunkQueue(size: UInt64(index.chunkCount), step: 1)
-        let group = ThreadGroup()
         let reader = self.reader
         let name = archive.hasSuffix(".fidx") ? archive : archive + ".fidx"
         let plan = steps
-        for t in 0..<max(1, options.loaders) {
-            group.spawn(name: "qp-pbs-\(t)") { () throws(QcowPressError) in
-                let buf = AlignedBuffer(capacity: cs)
-                var raw: [UInt8] = []
-                while let r = next.next() {
-                    let i = Int(r.lowerBound)
-                    let at = UInt64(i) * UInt64(cs)
-                    let len = index.chunkLength(i)
-                    do throws(QcowPressError) {
-                        switch plan[i] {
-                        case .zero:
-                            try enc.writeZeroesBlocking(at: at, length: UInt64(len))
-                            counters.add(zero: 1)
-                        case .copy(let f):
-                            try enc.writeCopy(at: at, from: UInt64(f) * UInt64(cs), length: UInt64(len))
-                            counters.add(shared: 1, saved: UInt64(len))
-                            cache.consume(index.digest(i))
-                        case .load:
-                            let d = index.digest(i)
-                            let out = UnsafeMutableRawBufferPointer(start: buf.pointer, count: len)
-                            if cache.take(d, into: out) {
-                                counters.add(cached: 1)
-                            } else {
-                                do throws(SourceError) {
-                                    try reader.load(digest: d, length: len, into: out, raw: &raw,
-                                                    what: "chunk \(i) of \(name) (guest offset \(at))")
-                                } catch {
-                                    throw QcowPressError(error)
-                                }
-                                counters.add(read: 1)
-                                cache.offer(d, UnsafeRawBufferPointer(out))
-                            }
-                            try enc.writeBlocking(at: at, UnsafeRawBufferPointer(out))
+        try forEachIndex(UInt64(index.chunkCount), threads: options.loaders, name: "qp-pbs") {
+            let buf = AlignedBuffer(capacity: cs)
+            var raw: [UInt8] = []
+            return { (i64) throws(QcowPressError) in
+                let i = Int(i64)
+                let at = UInt64(i) * UInt64(cs)
+                let len = index.chunkLength(i)
+                switch plan[i] {
+                case .zero:
+                    try enc.writeZeroesBlocking(at: at, length: UInt64(len))
+                    counters.add(zero: 1)
+                case .copy(let f):
+                    try enc.writeCopy(at: at, from: UInt64(f) * UInt64(cs), length: UInt64(len))
+                    counters.add(shared: 1, saved: UInt64(len))
+                    cache.consume(index.digest(i))
+                case .load:
+                    let d = index.digest(i)
+                    let out = UnsafeMutableRawBufferPointer(start: buf.pointer, count: len)
+                    if cache.take(d, into: out) {
+                        counters.add(cached: 1)
+                    } else {
+                        do throws(SourceError) {
+                            try reader.load(digest: d, length: len, into: out, raw: &raw,
+                                            what: "chunk \(i) of \(name) (guest offset \(at))")
+                        } catch {
+                            throw QcowPressError(error)
                         }
-                    } catch {
-                        next.stop()
-                        throw error
+                        counters.add(read: 1)
+                        cache.offer(d, UnsafeRawBufferPointer(out))
                     }
-                    counters.ordered?.complete(i)
+                    try enc.writeBlocking(at: at, UnsafeRawBufferPointer(out))
                 }
+                counters.ordered?.complete(i)
             }
         }
-        if let e = group.wait() { throw e }
     }
 }
 
@@ -302,7 +288,6 @@ final class RestoreCounters: @unchecked Sendable {
             read += r; cached += c; zero += z; shared += s; saved += v
         }
     }
-    var readCount: Int { lock.withLock { read } }
     func summary(archive: String, image: EncoderSummary, chunks: Int) -> PBSRestore.Summary {
         lock.withLock {
             PBSRestore.Summary(archive: archive, image: image, chunks: chunks, chunksRead: read, chunksFromCache: cached,

@@ -31,26 +31,10 @@ public struct VMARestore: Sendable {
     /// Runs the restore. `progress` is told the archive's reader (bytes read, total when known).
     public func run(encoder template: EncoderOptions, started: (Qcow2Encoder) -> Void = { _ in },
                     progress: (@escaping @Sendable () -> UInt64, UInt64?) -> Void = { _, _ in }) throws(QcowPressError) -> Summary {
-        let file: StreamFile
-        do { file = try StreamFile(path: archive) } catch { throw .from(error) }
-        let stream: ArchiveStream
-        let reader: VMAReader
-        do {
-            stream = try ArchiveStream(file: file)
-            reader = try VMAReader(stream: stream)
-        } catch {
-            throw QcowPressError(error)
-        }
-        let total = stream.compression == .none ? file.size : file.size
-        progress({ file.position }, total)
+        let (file, reader) = try open()
+        progress({ file.position }, file.size)
         var selected = Array(reader.devices.indices)
-        if let device {
-            guard let i = reader.devices.firstIndex(where: { $0.name == device }) else {
-                let names = reader.devices.map(\.name).joined(separator: ", ")
-                throw .invalidArgument("\(archive): no device '\(device)' (devices: \(names))")
-            }
-            selected = [i]
-        }
+        if let device { selected = [try index(of: device, in: reader)] }
         var isDir: ObjCBool = false
         if FileManager.default.fileExists(atPath: outdir, isDirectory: &isDir) {
             guard isDir.boolValue else { throw .invalidArgument("\(outdir): is not a directory") }
@@ -81,9 +65,7 @@ public struct VMARestore: Sendable {
                 encoders[i] = e
                 started(e)
             }
-            let scratch = AlignedBuffer(capacity: VMAReader.clusterSize)
-            while try nextExtent(reader, encoders, scratch) {}
-            do { try reader.checkComplete() } catch { throw QcowPressError(error) }
+            try stream(reader, into: encoders)
         } catch {
             cancelAll()
             throw error
@@ -109,37 +91,44 @@ public struct VMARestore: Sendable {
             }
             written.append(configPaths[k])
         }
-        return Summary(archive: archive, compression: stream.compression.rawValue, archiveBytes: file.position,
+        return Summary(archive: archive, compression: reader.stream.compression.rawValue, archiveBytes: file.position,
                        images: images, configs: written)
     }
 
     /// Device names and sizes from an archive's header (reads only the header).
     public static func deviceSizes(archive: String) throws(QcowPressError) -> [String: UInt64] {
         guard archive != "-" else { throw .invalidArgument("a one-device pipe needs an archive file, not stdin") }
-        do {
-            let r = try VMAReader(stream: ArchiveStream(file: StreamFile(path: archive)))
-            return Dictionary(uniqueKeysWithValues: r.devices.map { ($0.name, $0.size) })
-        } catch let e as SourceError {
-            throw QcowPressError(e)
-        } catch let e as IOError {
-            throw .from(e)
-        } catch {
-            throw .invalidArgument("\(archive): \(error)")
-        }
+        let reader = try VMARestore(archive: archive, outdir: "").open().1
+        return Dictionary(uniqueKeysWithValues: reader.devices.map { ($0.name, $0.size) })
     }
 
     /// Streams the archive once and writes one device into an encoder the caller opened and will
     /// finish; every cluster of that device must be present.
     public func pipe(device: String, into enc: Qcow2Encoder) throws(QcowPressError) {
+        let reader = try open().1
+        var encoders = [Qcow2Encoder?](repeating: nil, count: reader.devices.count)
+        encoders[try index(of: device, in: reader)] = enc
+        try stream(reader, into: encoders)
+    }
+
+    /// The archive opened (decompressed by magic) with its header read.
+    private func open() throws(QcowPressError) -> (StreamFile, VMAReader) {
         let file: StreamFile
         do { file = try StreamFile(path: archive) } catch { throw .from(error) }
-        let reader: VMAReader
-        do { reader = try VMAReader(stream: ArchiveStream(file: file)) } catch { throw QcowPressError(error) }
+        do { return (file, try VMAReader(stream: ArchiveStream(file: file))) } catch { throw QcowPressError(error) }
+    }
+
+    private func index(of device: String, in reader: VMAReader) throws(QcowPressError) -> Int {
         guard let i = reader.devices.firstIndex(where: { $0.name == device }) else {
-            throw .invalidArgument("\(archive): no device '\(device)'")
+            let names = reader.devices.map(\.name).joined(separator: ", ")
+            throw .invalidArgument("\(archive): no device '\(device)' (devices: \(names))")
         }
-        var encoders = [Qcow2Encoder?](repeating: nil, count: reader.devices.count)
-        encoders[i] = enc
+        return i
+    }
+
+    /// Every extent to the end; clusters go to `encoders[device]` (nil: checked, not written).
+    /// Then every cluster of every device must have appeared.
+    private func stream(_ reader: VMAReader, into encoders: [Qcow2Encoder?]) throws(QcowPressError) {
         let scratch = AlignedBuffer(capacity: VMAReader.clusterSize)
         while try nextExtent(reader, encoders, scratch) {}
         do { try reader.checkComplete() } catch { throw QcowPressError(error) }

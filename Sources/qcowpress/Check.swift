@@ -11,9 +11,7 @@ struct Check: ParsableCommand {
     var image: String
 
     func run() throws {
-        guard try RawImageReader.detectFormat(path: image) == "qcow2" else {
-            throw QcowPressError.inputDamaged(path: image, location: "magic at offset 0 is not QFI\\xfb (not a qcow2 image)")
-        }
+        guard try RawImageReader.detectFormat(path: image) == "qcow2" else { throw notQcow2(image) }
         let r = try Qcow2Checker(path: image).run()
         switch output {
         case .human: print(r.text, terminator: "")

@@ -29,16 +29,14 @@ struct Convert: ParsableCommand {
         if let f = sourceFormat, f != "raw" && f != "qcow2" {
             throw QcowPressError.invalidArgument("source format '\(f)' is not supported (raw, qcow2)")
         }
-        let format = try sourceFormat ?? RawImageReader.detectFormat(path: source)
-        if sourceFormat == "qcow2", try RawImageReader.detectFormat(path: source) != "qcow2" {
-            throw QcowPressError.inputDamaged(path: source, location: "magic at offset 0 is not QFI\\xfb (not a qcow2 image)")
-        }
+        let detected = try RawImageReader.detectFormat(path: source)
+        if sourceFormat == "qcow2" && detected != "qcow2" { throw notQcow2(source) }
+        let format = sourceFormat ?? detected
         let backingName = backing ?? parsed.values["backing_file"]
         if outputFormat == "raw" {
             guard backingName == nil else { throw QcowPressError.invalidArgument("-B needs -O qcow2") }
             let image = try openImage(source, format: format, openBacking: !noBacking)
             let w = try RawImageWriter(destination: destination, size: image.virtualSize, overwrite: encoder.force)
-            SignalWatcher.shared.add { w.cancel() }
             do {
                 try ImageCopier(source: image, clusterSize: 65536).feed(w)
                 try w.finish()
@@ -46,16 +44,6 @@ struct Convert: ParsableCommand {
                 w.cancel()
                 throw error
             }
-            return
-        }
-        if format == "raw" && backingName == nil {
-            // The fast path: O_DIRECT reads, holes from SEEK_DATA/SEEK_HOLE.
-            let reader = try RawImageReader(path: source)
-            let options = try encoder.encoderOptions(virtualSize: reader.size)
-            let summary = try runEncoder(destination: destination, options: options, showProgress: encoder.progress) { enc in
-                try reader.feed(enc, readers: readers ?? RawImageReader.defaultReaders)
-            }
-            if encoder.output == .json { print(try encodeJSON(summary)) }
             return
         }
         let image = try openImage(source, format: format, openBacking: !noBacking)
@@ -68,12 +56,18 @@ struct Convert: ParsableCommand {
             options.backingFile = backingName
             options.backingFormat = fmt
         }
-        let copier = ImageCopier(source: image, base: base, clusterSize: options.clusterSize)
+        var copier = ImageCopier(source: image, base: base, clusterSize: options.clusterSize)
+        copier.readers = readers ?? ImageCopier.defaultReaders
         let summary = try runEncoder(destination: destination, options: options, showProgress: encoder.progress) { enc in
             try copier.feed(enc)
         }
         if encoder.output == .json { print(try encodeJSON(summary)) }
     }
+}
+
+/// The one-line error for a file that should be qcow2 and is not.
+func notQcow2(_ path: String) -> QcowPressError {
+    .inputDamaged(path: path, location: "magic at offset 0 is not QFI\\xfb (not a qcow2 image)")
 }
 
 func openImage(_ path: String, format: String, openBacking: Bool) throws -> any GuestImage {
@@ -87,8 +81,8 @@ func resolveBesides(_ image: String, _ name: String) -> String {
     return name
 }
 
-/// Runs an encoder with the command's conventions: SIGINT/SIGTERM cancel it (temporary output
-/// removed, exit 130/143), a progress bar on a TTY, fallback notes once on stderr.
+/// Runs an encoder with the command's conventions: a progress bar on a TTY, fallback notes once on
+/// stderr, and cancel (temporary output removed) when feeding fails.
 func runEncoder(destination: String, options: EncoderOptions, showProgress: Bool,
                 feed: (Qcow2Encoder) throws -> Void) throws -> EncoderSummary {
     let encoder = try Qcow2Encoder(destination: destination, options: options)
@@ -104,8 +98,7 @@ func runEncoder(destination: String, options: EncoderOptions, showProgress: Bool
     return try encoder.finishBlocking()
 }
 
-/// Makes a signal cancel `encoder` (removing its temporary file) and says its fallbacks once.
+/// Says the encoder's fallbacks (io_uring → pwrite, O_DIRECT → buffered) once on stderr.
 func watch(_ encoder: Qcow2Encoder) {
-    SignalWatcher.shared.add { encoder.cancel() }
     for n in encoder.fallbackNotes { writeStderr("qcowpress: note: \(n)\n") }
 }

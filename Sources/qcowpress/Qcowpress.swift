@@ -14,7 +14,7 @@ struct Qcowpress: ParsableCommand {
     static func main() {
         // Block SIGINT/SIGTERM first, so a signal at any moment goes to the watcher thread (which
         // cancels whatever is running and exits 130/143), never to the default action.
-        _ = SignalWatcher.shared
+        SignalWatcher.install()
         do {
             var command = try parseAsRoot()
             try command.run()

@@ -132,10 +132,7 @@ extension Qcow2Encoder {
     public func writeZeroes(at offset: UInt64, length: UInt64) async throws(QcowPressError) {
         let (head, tail) = try zeroWholeClusters(at: offset, length: length)
         for r in [head, tail] where !r.isEmpty {
-            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(r.count), alignment: 16)
-            defer { buf.deallocate() }
-            buf.initializeMemory(as: UInt8.self, repeating: 0)
-            try await write(at: r.lowerBound, UnsafeRawBufferPointer(buf))
+            try await write(at: r.lowerBound, UnsafeRawBufferPointer(rebasing: zeroBytes[0..<Int(r.count)]))
         }
     }
 
@@ -143,14 +140,16 @@ extension Qcow2Encoder {
     public func writeZeroesBlocking(at offset: UInt64, length: UInt64) throws(QcowPressError) {
         let (head, tail) = try zeroWholeClusters(at: offset, length: length)
         for r in [head, tail] where !r.isEmpty {
-            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(r.count), alignment: 16)
-            defer { buf.deallocate() }
-            buf.initializeMemory(as: UInt8.self, repeating: 0)
-            try writeBlocking(at: r.lowerBound, UnsafeRawBufferPointer(buf))
+            try writeBlocking(at: r.lowerBound, UnsafeRawBufferPointer(rebasing: zeroBytes[0..<Int(r.count)]))
         }
     }
 
     // MARK: - internals
+
+    /// Zeros for the unaligned ends of a zero range (each shorter than two clusters ≤ 4 MiB).
+    /// calloc'd once and only ever read, so its pages stay the kernel's shared zero page.
+    nonisolated(unsafe) static let zeroBytesStorage = UnsafeRawBufferPointer(start: calloc(1, 4 << 20), count: 4 << 20)
+    var zeroBytes: UnsafeRawBufferPointer { Self.zeroBytesStorage }
 
     static let needSlot: Int32 = -2
     /// Clusters handed to the workers at once: amortises the lock and wake-up (~64 KiB × 8 = 512 KiB

@@ -32,8 +32,9 @@ public enum PBSBlob {
     /// - Parameters:
     ///   - key: the AES-256 key for encrypted blobs.
     ///   - what: names the blob in errors (path, chunk index and offset).
+    ///   - zstd: a decompression context to reuse (one per thread); nil makes a fresh one.
     public static func decode(_ bytes: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer,
-                              key: SymmetricKey?, path: String, what: String) throws(SourceError) -> Int {
+                              key: SymmetricKey?, path: String, what: String, zstd: ZstdDecoder? = nil) throws(SourceError) -> Int {
         guard let kind = kind(of: bytes) else {
             throw SourceError(.damaged, path: path, "\(what): blob magic at offset 0 is unknown")
         }
@@ -64,7 +65,7 @@ public enum PBSBlob {
         }
         return try decrypted.withPayload(fallback: &payload) { (p) throws(SourceError) -> Int in
             if kind == .zstd || kind == .encryptedZstd {
-                return try zstdDecompress(p, into: out, path: path, what: what)
+                return try (zstd ?? ZstdDecoder()).decode(p, into: out, path: path, what: what)
             }
             guard p.count <= out.count else {
                 throw SourceError(.damaged, path: path, "\(what): payload of \(p.count) bytes is larger than \(out.count)")
@@ -74,36 +75,18 @@ public enum PBSBlob {
         }
     }
 
-    /// zstd frames with or without a content size (PBS writes both), decoded by streaming.
-    static func zstdDecompress(_ src: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer,
-                               path: String, what: String) throws(SourceError) -> Int {
-        let d = ZstdDecoder.shared
-        return try d.decode(src, into: out, path: path, what: what)
-    }
-
     static func hex32(_ v: UInt32) -> String {
         let s = String(v, radix: 16)
         return String(repeating: "0", count: 8 - s.count) + s
     }
 }
 
-/// One zstd decompression context per thread.
-final class ZstdDecoder {
-    nonisolated(unsafe) static var perThread = [UInt: ZstdDecoder]()
-    static let lock = NSLock()
+/// A zstd decompression context, reused across blobs by one thread at a time. Decodes frames with
+/// or without a content size (PBS writes both) by streaming into a fixed output.
+public final class ZstdDecoder {
     let dctx: OpaquePointer?
-    init() { dctx = ZSTD_createDCtx() }
+    public init() { dctx = ZSTD_createDCtx() }
     deinit { ZSTD_freeDCtx(dctx) }
-
-    static var shared: ZstdDecoder {
-        let id = UInt(bitPattern: Int(pthread_self()))
-        lock.lock()
-        defer { lock.unlock() }
-        if let d = perThread[id] { return d }
-        let d = ZstdDecoder()
-        perThread[id] = d
-        return d
-    }
 
     func decode(_ src: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer, path: String, what: String) throws(SourceError) -> Int {
         ZSTD_DCtx_reset(dctx, ZSTD_reset_session_only)

@@ -25,10 +25,17 @@ public struct PBSChunkReader: Sendable {
         return Array(SHA256.hash(data: plain))
     }
 
-    /// Loads chunk `digest` into `out`, which must hold `length` bytes; `raw` is scratch space for
-    /// the blob file (grown as needed). `what` names the chunk in errors (index, offset, archive).
+    /// Per-thread scratch of a loader: the blob file's bytes (grown as needed) and a zstd context.
+    public final class Scratch {
+        var raw: [UInt8] = []
+        let zstd = ZstdDecoder()
+        public init() {}
+    }
+
+    /// Loads chunk `digest` into `out`, which must hold `length` bytes. `what` names the chunk in
+    /// errors (index, offset, archive).
     public func load(digest: ArraySlice<UInt8>, length: Int, into out: UnsafeMutableRawBufferPointer,
-                     raw: inout [UInt8], what: String) throws(SourceError) {
+                     scratch: Scratch, what: String) throws(SourceError) {
         let path = snapshot.chunkPath(digest)
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
@@ -42,8 +49,8 @@ public struct PBSChunkReader: Sendable {
         guard size <= PBSBlob.maxBlobSize else {
             throw SourceError(.damaged, path: path, "\(what): chunk file is \(size) bytes (limit 128 MiB)")
         }
-        if raw.count < size { raw = [UInt8](repeating: 0, count: size) }
-        let got: Int = raw.withUnsafeMutableBytes { p in
+        if scratch.raw.count < size { scratch.raw = [UInt8](repeating: 0, count: size) }
+        let got: Int = scratch.raw.withUnsafeMutableBytes { p in
             var done = 0
             while done < size {
                 let r = Glibc.read(fd, p.baseAddress! + done, size - done)
@@ -59,9 +66,10 @@ public struct PBSChunkReader: Sendable {
         // Read once, then let the page cache forget it: a restore host's cache belongs to its VMs.
         _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
         let k = key?.key
-        let decoded: Result<Int, SourceError> = raw.withUnsafeBytes { p in
+        let zstd = scratch.zstd
+        let decoded: Result<Int, SourceError> = scratch.raw.withUnsafeBytes { p in
             Result { () throws(SourceError) -> Int in
-                try PBSBlob.decode(UnsafeRawBufferPointer(rebasing: p[0..<size]), into: out, key: k, path: path, what: what)
+                try PBSBlob.decode(UnsafeRawBufferPointer(rebasing: p[0..<size]), into: out, key: k, path: path, what: what, zstd: zstd)
             }
         }
         let n = try decoded.get()

@@ -131,12 +131,12 @@ public struct PBSRestore: Sendable {
         let largest = items.map(\.length).max() ?? 0
         try forEachIndex(UInt64(items.count), threads: loaders, name: "qp-verify") {
             let buf = AlignedBuffer(capacity: max(largest, 4096), zeroed: false)
-            var raw: [UInt8] = []
+            let scratch = PBSChunkReader.Scratch()
             return { (i) throws(QcowPressError) in
                 let w = items[Int(i)]
                 do throws(SourceError) {
                     try reader.load(digest: w.digest, length: w.length, into: UnsafeMutableRawBufferPointer(start: buf.pointer, count: w.length),
-                                    raw: &raw, what: w.what)
+                                    scratch: scratch, what: w.what)
                 } catch {
                     throw QcowPressError(error)
                 }
@@ -207,7 +207,7 @@ public struct PBSRestore: Sendable {
         let plan = steps
         try forEachIndex(UInt64(index.chunkCount), threads: options.loaders, name: "qp-pbs") {
             let buf = AlignedBuffer(capacity: cs)
-            var raw: [UInt8] = []
+            let scratch = PBSChunkReader.Scratch()
             return { (i64) throws(QcowPressError) in
                 let i = Int(i64)
                 let at = UInt64(i) * UInt64(cs)
@@ -227,7 +227,7 @@ public struct PBSRestore: Sendable {
                         counters.add(cached: 1)
                     } else {
                         do throws(SourceError) {
-                            try reader.load(digest: d, length: len, into: out, raw: &raw,
+                            try reader.load(digest: d, length: len, into: out, scratch: scratch,
                                             what: "chunk \(i) of \(name) (guest offset \(at))")
                         } catch {
                             throw QcowPressError(error)

@@ -74,10 +74,7 @@ extension StreamSink {
         do {
             try writer.drain()
             freeBuffers = Array(Set(freeBuffers + (0..<buffers.count).filter { $0 != current }))
-            let block = AlignedBuffer(capacity: 4096)
-            let base = at & ~4095
-            _ = try enc.file.preadAll(block.pointer, length: 4096, offset: base)
-            return loadBE64(UnsafeRawBufferPointer(block.bytes), Int(at - base))
+            return try entryOnDisk(at: at)
         } catch {
             throw QcowPressError.from(error)
         }
@@ -104,13 +101,8 @@ extension StreamSink {
 
     /// Applies the copied-flag clears recorded for tables already on disk (after everything is written).
     func applyDiskFlagClears() throws(IOError) {
-        let block = AlignedBuffer(capacity: 4096)
         for at in diskFlagClears {
-            let base = at & ~4095
-            _ = try enc.file.preadAll(block.pointer, length: 4096, offset: base)
-            let v = loadBE64(UnsafeRawBufferPointer(block.bytes), Int(at - base))
-            storeBE64(block.bytes, Int(at - base), v & ~L2Entry.copiedFlag)
-            try enc.file.pwriteAll(block.pointer, length: 4096, offset: base)
+            try entryOnDisk(at: at) { $0 & ~L2Entry.copiedFlag }
         }
     }
 }

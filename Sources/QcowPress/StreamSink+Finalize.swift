@@ -124,7 +124,7 @@ extension StreamSink {
                 if entryAt >= start {
                     storeBE64(buf.bytes, Int(entryAt - start), value)
                 } else {
-                    try patchOnDisk(at: entryAt, value: value)
+                    try entryOnDisk(at: entryAt) { _ in value }
                 }
             }
         }
@@ -132,14 +132,20 @@ extension StreamSink {
         return start + UInt64(end)
     }
 
-    /// Read-modify-write of one 8-byte entry in a table already written (one 4 KiB block).
-    func patchOnDisk(at offset: UInt64, value: UInt64) throws(IOError) {
+    /// Reads one 8-byte table entry already on disk (the whole 4 KiB block around it, for O_DIRECT);
+    /// with `update`, writes the block back with the entry replaced.
+    @discardableResult
+    func entryOnDisk(at offset: UInt64, update: ((UInt64) -> UInt64)? = nil) throws(IOError) -> UInt64 {
         let block = AlignedBuffer(capacity: 4096)
         let base = offset & ~4095
         let n = try enc.file.preadAll(block.pointer, length: 4096, offset: base)
         guard n == 4096 else { throw IOError(errno: EIO, operation: "read back L2 table", path: enc.destination, offset: base) }
-        storeBE64(block.bytes, Int(offset - base), value)
-        try enc.file.pwriteAll(block.pointer, length: 4096, offset: base)
+        let v = loadBE64(UnsafeRawBufferPointer(block.bytes), Int(offset - base))
+        if let update {
+            storeBE64(block.bytes, Int(offset - base), update(v))
+            try enc.file.pwriteAll(block.pointer, length: 4096, offset: base)
+        }
+        return v
     }
 
     func summary(fileEnd: UInt64) -> EncoderSummary {

@@ -54,20 +54,11 @@ public struct ImageInfo: Sendable, Codable, Equatable {
         _ = fstat(f.fd, &st)
         filename = path
         actualSize = UInt64(st.st_blocks) * 512
-        let want = Int(min(f.size, 2 << 20))
-        let buf = AlignedBuffer(capacity: max(want, 512))
-        let got: Int
-        do { got = try f.read(into: buf.pointer, length: want, offset: 0) } catch { throw .from(error) }
-        let bytes = UnsafeRawBufferPointer(start: buf.pointer, count: got)
-        guard got >= 4, loadBE32(bytes, 0) == Qcow2Header.magic else {
+        guard let h = try readQcow2Header(f, path: path, requireMagic: false) else {
             format = "raw"
             virtualSize = f.size
             dirtyFlag = false
             return
-        }
-        let h: Qcow2Header
-        do { h = try Qcow2Header(parsing: bytes, fileSize: f.size) } catch {
-            throw .inputDamaged(path: path, location: error.description)
         }
         format = "qcow2"
         virtualSize = h.size

@@ -74,15 +74,7 @@ public struct Qcow2Checker: Sendable {
             do { _ = try r.get() } catch { throw .from(error) }
             return out
         }
-        let head = try read(0, Int(min(fileSize, 2 << 20)))
-        let h: Qcow2Header
-        let parsed: Swift.Result<Qcow2Header, FormatError> = head.withUnsafeBytes { p in
-            Swift.Result { () throws(FormatError) -> Qcow2Header in try Qcow2Header(parsing: p, fileSize: fileSize) }
-        }
-        switch parsed {
-        case .success(let v): h = v
-        case .failure(let e): throw .inputDamaged(path: path, location: e.description)
-        }
+        let h = try readQcow2Header(file, path: path)
         let cs = UInt64(h.clusterSize)
         let bits = UInt64(h.clusterBits)
         let g = h.geometry

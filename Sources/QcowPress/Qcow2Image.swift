@@ -38,14 +38,7 @@ public final class Qcow2Image: @unchecked Sendable {
         self.path = path
         do { file = try InputFile(path: path, direct: false) } catch { throw .from(error) }
         fileSize = file.size
-        let headBytes = Int(min(fileSize, 2 << 20))
-        let head = AlignedBuffer(capacity: max(headBytes, 4096))
-        do { _ = try file.read(into: head.pointer, length: headBytes, offset: 0) } catch { throw .from(error) }
-        do {
-            header = try Qcow2Header(parsing: UnsafeRawBufferPointer(start: head.pointer, count: headBytes), fileSize: fileSize)
-        } catch {
-            throw .inputDamaged(path: path, location: error.description)
-        }
+        header = try readQcow2Header(file, path: path)
         geometry = header.geometry
         cs = header.clusterSize
         virtualSize = header.size
@@ -162,4 +155,27 @@ public final class Qcow2Image: @unchecked Sendable {
 
 func overlaps(_ a: Range<UInt64>, _ b: Range<UInt64>) -> Bool {
     !a.isEmpty && !b.isEmpty && a.lowerBound < b.upperBound && b.lowerBound < a.upperBound
+}
+
+/// The qcow2 header at the start of `file`, parsed against the file's size. Reads the first cluster
+/// at most (2 MiB). Returns nil when the magic is not qcow2's, unless `requireMagic` (then that is
+/// the error); a damaged header is ``QcowPressError/inputDamaged(path:location:)`` naming the field.
+func readQcow2Header(_ file: InputFile, path: String, requireMagic: Bool) throws(QcowPressError) -> Qcow2Header? {
+    let n = Int(min(file.size, 2 << 20))
+    let head = AlignedBuffer(capacity: max(n, 4096))
+    let got: Int
+    do { got = try file.read(into: head.pointer, length: n, offset: 0) } catch { throw .from(error) }
+    let bytes = UnsafeRawBufferPointer(start: head.pointer, count: got)
+    if !requireMagic && (got < 4 || loadBE32(bytes, 0) != Qcow2Header.magic) { return nil }
+    do { return try Qcow2Header(parsing: bytes, fileSize: file.size) } catch {
+        throw .inputDamaged(path: path, location: error.description)
+    }
+}
+
+/// The qcow2 header at the start of `file`; anything else (bad magic included) is an error.
+func readQcow2Header(_ file: InputFile, path: String) throws(QcowPressError) -> Qcow2Header {
+    guard let h = try readQcow2Header(file, path: path, requireMagic: true) else {
+        throw .inputDamaged(path: path, location: "magic at offset 0 is not QFI\\xfb (not a qcow2 image)")
+    }
+    return h
 }

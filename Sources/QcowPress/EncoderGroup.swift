@@ -70,7 +70,6 @@ public final class EncoderGroup: @unchecked Sendable {
             lock.broadcast()
         }
     }
-    deinit { shutdown() }
 
     func submit(_ encoder: Qcow2Encoder, _ items: [Qcow2Encoder.WorkItem]) {
         lock.withLock {

@@ -105,7 +105,7 @@ public final class EncoderGroup: @unchecked Sendable {
     private func workerLoop() {
         let compressor = compression.map { Codecs.makeCompressor($0, clusterSize: clusterSize) }
         let scratch = AlignedBuffer(capacity: clusterSize)
-        var out: [Qcow2Encoder.ResultItem] = []
+        var out: [ResultItem] = []
         out.reserveCapacity(Self.workerBatch)
         while let (enc, items) = next() {
             if enc.isStopped {
@@ -132,7 +132,7 @@ public final class EncoderGroup: @unchecked Sendable {
                     out.append(.init(cluster: item.cluster, slot: item.slot, kind: .raw))
                 }
             }
-            enc.deliver(&out, codecNanoseconds: monotonicNanoseconds() - t0)
+            enc.queue.deliver(&out, codecNanoseconds: monotonicNanoseconds() - t0)
         }
     }
 }

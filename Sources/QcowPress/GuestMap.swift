@@ -1,26 +1,282 @@
+import DirectIO
 import Qcow2Format
 
-/// In-memory L2 tables of regions still being written, and clusters being assembled from partial
-/// writes. Guarded by the encoder's map lock; the writer thread sets final entries.
-///
-/// In-memory entry values: 0 untouched; ``zeroMarker`` final zero; ``pendingMarker`` handed to the
-/// workers; anything else a final L2 entry.
-final class L2Table {
-    let entries: UnsafeMutablePointer<UInt64>
-    let count: Int
-    /// Clusters of this region whose entry is final (zero or written).
+/// What the engine knows about one guest cluster while its region is in memory.
+enum ClusterState: Equatable {
+    /// Nothing written or announced yet.
+    case untouched
+    /// Claimed by a write (whole, partial or copy); its final entry is on its way.
+    case pending
+    /// Final: reads as zero (found at intake, by a worker, or declared by `writeZeroes`).
+    case zero
+    /// Final: this L2 entry (a standard or compressed entry, never 0).
+    case final(UInt64)
+}
+
+/// What became final in one call: copies that were waiting for those clusters (each to be resolved
+/// by the writer thread) and regions whose every cluster is now final (their tables can be written).
+struct Finalized {
+    var copies: [(dst: UInt64, src: UInt64)] = []
+    var regions: [Int] = []
+    var isEmpty: Bool { copies.isEmpty && regions.isEmpty }
+}
+
+/// The guest side of the encoder: the L2 tables of regions still in flight, clusters being
+/// assembled from partial writes, regions already complete, and copies waiting for their source.
+/// One lock; every method is one critical section, so a state change and what it releases (waiting
+/// copies, a complete region) are decided together — whoever makes a cluster final, the producer
+/// (zero clusters at intake) or the writer (worker results), gets its waiters.
+final class GuestMap: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private let geometry: ClusterGeometry
+    private let guestClusters: UInt64
+    private let clusterBytes: (UInt64) -> Int
+
+    // Guarded by `lock`.
+    private var tables: [Int: RegionTable] = [:]
+    private var completed = Set<Int>()
+    private var partials: [UInt64: PartialCluster] = [:]
+    /// Copies waiting for their source: source cluster → destinations.
+    private var waiting: [UInt64: [UInt64]] = [:]
+
+    /// `clusterBytes(c)`: the guest bytes cluster c holds (the last one may be short).
+    init(geometry: ClusterGeometry, guestClusters: UInt64, clusterBytes: @escaping (UInt64) -> Int) {
+        self.geometry = geometry
+        self.guestClusters = guestClusters
+        self.clusterBytes = clusterBytes
+    }
+
+    private func overlap(_ c: UInt64) -> QcowPressError {
+        .misuse("overlapping write: guest cluster \(c) was already written")
+    }
+
+    /// The in-memory table of the region holding `c`, created when first touched.
+    private func table(_ c: UInt64) throws(QcowPressError) -> RegionTable {
+        let r = geometry.l1Index(ofGuestCluster: c)
+        if let t = tables[r] { return t }
+        if completed.contains(r) { throw overlap(c) }
+        let first = UInt64(r) << UInt64(geometry.l2Bits)
+        let t = RegionTable(count: geometry.l2Entries, clusters: Int(min(UInt64(geometry.l2Entries), guestClusters - first)))
+        tables[r] = t
+        return t
+    }
+
+    /// Marks an entry final and collects what that releases. Caller holds the lock.
+    private func finalize(_ c: UInt64, _ t: RegionTable, _ s: ClusterState, into out: inout Finalized) {
+        let i = geometry.l2Index(ofGuestCluster: c)
+        if case .untouched = t.entries[i] {} else if case .pending = t.entries[i] {} else {
+            preconditionFailure("guest cluster \(c) made final twice")
+        }
+        t.entries[i] = s
+        t.done += 1
+        if let w = waiting.removeValue(forKey: c) { for d in w { out.copies.append((d, c)) } }
+        if t.isComplete { out.regions.append(geometry.l1Index(ofGuestCluster: c)) }
+    }
+
+    // MARK: - intake (producers)
+
+    /// Claims a cluster for a whole-cluster write or a copy destination: untouched → pending.
+    func reserve(_ c: UInt64) throws(QcowPressError) {
+        try lock.withLock { () throws(QcowPressError) in
+            let t = try table(c)
+            let i = geometry.l2Index(ofGuestCluster: c)
+            guard t.entries[i] == .untouched, partials[c] == nil else { throw overlap(c) }
+            t.entries[i] = .pending
+        }
+    }
+
+    /// Marks clusters [first, end) zero (found at intake or declared). A whole untouched region
+    /// needs no table at all. Returns the copies and regions this released.
+    func markZero(_ first: UInt64, _ end: UInt64) throws(QcowPressError) -> Finalized {
+        try lock.withLock { () throws(QcowPressError) -> Finalized in
+            var out = Finalized()
+            var c = first
+            while c < end {
+                let r = geometry.l1Index(ofGuestCluster: c)
+                let regionFirst = UInt64(r) << UInt64(geometry.l2Bits)
+                let regionEnd = min(regionFirst + UInt64(geometry.l2Entries), guestClusters)
+                let stop = min(regionEnd, end)
+                if c == regionFirst && stop == regionEnd && tables[r] == nil {
+                    if completed.contains(r) { throw overlap(c) }
+                    completed.insert(r)
+                    if !waiting.isEmpty {
+                        for k in c..<stop { if let w = waiting.removeValue(forKey: k) { for d in w { out.copies.append((d, k)) } } }
+                    }
+                } else {
+                    let t = try table(c)
+                    for k in c..<stop {
+                        guard t.entries[geometry.l2Index(ofGuestCluster: k)] == .untouched, partials[k] == nil else { throw overlap(k) }
+                    }
+                    for k in c..<stop { finalize(k, t, .zero, into: &out) }
+                }
+                c = stop
+            }
+            return out
+        }
+    }
+
+    /// Claims `range` of a partially written cluster. Returns its slot, or nil when the cluster has
+    /// none yet (the caller takes a slot and calls ``installPartial(_:range:slot:)``).
+    func claimPartial(_ c: UInt64, range: Range<Int>) throws(QcowPressError) -> Int32? {
+        try lock.withLock { () throws(QcowPressError) -> Int32? in
+            guard var p = partials[c] else {
+                let t = try table(c)
+                guard t.entries[geometry.l2Index(ofGuestCluster: c)] == .untouched else { throw overlap(c) }
+                return nil
+            }
+            guard !range.overlaps(any: p.claimed) else { throw overlapAt(c, range) }
+            p.claimed.append(range)
+            partials[c] = p
+            return p.slot
+        }
+    }
+
+    private func overlapAt(_ c: UInt64, _ range: Range<Int>) -> QcowPressError {
+        .misuse("overlapping write at guest offset \((c << UInt64(geometry.clusterBits)) + UInt64(range.lowerBound))")
+    }
+
+    /// Installs a zeroed slot for a partial cluster, or returns the slot another producer installed
+    /// meanwhile (`installed` false: the caller gives its own back).
+    func installPartial(_ c: UInt64, range: Range<Int>, slot: Int32) -> Result<(slot: Int32, installed: Bool), QcowPressError> {
+        lock.withLock {
+            if var p = partials[c] {
+                guard !range.overlaps(any: p.claimed) else { return .failure(overlapAt(c, range)) }
+                p.claimed.append(range)
+                partials[c] = p
+                return .success((p.slot, false))
+            }
+            let t: RegionTable
+            do throws(QcowPressError) { t = try table(c) } catch { return .failure(error) }
+            let i = geometry.l2Index(ofGuestCluster: c)
+            guard t.entries[i] == .untouched else { return .failure(overlap(c)) }
+            t.entries[i] = .pending
+            partials[c] = PartialCluster(slot: slot, claimed: [range], filled: 0)
+            return .success((slot, true))
+        }
+    }
+
+    /// Counts `count` bytes copied into a partial cluster; true when that completed it (it leaves
+    /// the partial table and the caller queues it).
+    func filledPartial(_ c: UInt64, count: Int) -> Bool {
+        lock.withLock {
+            guard var p = partials[c] else { return false }
+            p.filled += count
+            if p.filled >= clusterBytes(c) {
+                partials[c] = nil
+                return true
+            }
+            partials[c] = p
+            return false
+        }
+    }
+
+    /// Every cluster still being assembled (at finish: its unwritten bytes are zero).
+    func takePartials() -> [(cluster: UInt64, slot: Int32)] {
+        lock.withLock {
+            let all = partials.map { ($0.key, $0.value.slot) }
+            partials.removeAll()
+            return all
+        }
+    }
+
+    // MARK: - writer thread
+
+    /// Records the final state of cluster `c` (a worker's result or a resolved copy).
+    func setFinal(_ c: UInt64, _ s: ClusterState) -> Finalized {
+        lock.withLock {
+            var out = Finalized()
+            let r = geometry.l1Index(ofGuestCluster: c)
+            if let t = tables[r] { finalize(c, t, s, into: &out) }
+            return out
+        }
+    }
+
+    /// Where the source of a copy stands.
+    enum Source {
+        /// Final in memory (`.zero` or `.final`).
+        case known(ClusterState)
+        /// Its region's table has been written (or the whole region was zero): look it up there.
+        case written(region: Int)
+        /// Not final yet: `dst` now waits for it and comes back through a ``Finalized``.
+        case waiting
+    }
+
+    /// The state of `src` for a copy into `dst`; registers `dst` as waiting when `src` is not
+    /// final yet (in the same critical section, so no final state can slip between).
+    func source(_ src: UInt64, for dst: UInt64) -> Source {
+        lock.withLock {
+            let r = geometry.l1Index(ofGuestCluster: src)
+            if let t = tables[r] {
+                let s = t.entries[geometry.l2Index(ofGuestCluster: src)]
+                switch s {
+                case .zero, .final: return .known(s)
+                case .untouched, .pending: break
+                }
+            } else if completed.contains(r) {
+                return .written(region: r)
+            }
+            waiting[src, default: []].append(dst)
+            return .waiting
+        }
+    }
+
+    /// Copies still waiting at the end, for sources that were never written; they leave the map.
+    func takeWaiting() -> [(dst: UInt64, src: UInt64)] {
+        lock.withLock {
+            var all: [(dst: UInt64, src: UInt64)] = []
+            for (src, dsts) in waiting { for d in dsts { all.append((d, src)) } }
+            waiting.removeAll()
+            all.sort { $0.dst < $1.dst }
+            return all
+        }
+    }
+
+    /// Takes a region's table out of memory to be written; the region counts as complete.
+    func takeTable(_ r: Int) -> RegionTable? {
+        lock.withLock {
+            guard let t = tables.removeValue(forKey: r) else { return nil }
+            completed.insert(r)
+            return t
+        }
+    }
+
+    /// Regions whose tables are still in memory (at the end: partly unwritten regions).
+    var regionsInMemory: [Int] { lock.withLock { tables.keys.sorted() } }
+
+    /// Clears the copied flag of `c`'s entry if its table is still in memory; false otherwise.
+    func clearCopiedInMemory(_ c: UInt64) -> Bool {
+        lock.withLock {
+            guard let t = tables[geometry.l1Index(ofGuestCluster: c)] else { return false }
+            let i = geometry.l2Index(ofGuestCluster: c)
+            if case .final(let e) = t.entries[i] { t.entries[i] = .final(e & ~L2Entry.copiedFlag) }
+            return true
+        }
+    }
+}
+
+/// The L2 table of one region in flight.
+final class RegionTable {
+    var entries: [ClusterState]
+    /// Clusters of this region whose state is final (zero or written).
     var done = 0
     /// Clusters in this region (the last region of an image may be shorter).
     let clusters: Int
 
     init(count: Int, clusters: Int) {
-        self.count = count
+        entries = Array(repeating: .untouched, count: count)
         self.clusters = clusters
-        entries = .allocate(capacity: count)
-        entries.initialize(repeating: 0, count: count)
     }
-    deinit { entries.deallocate() }
     var isComplete: Bool { done == clusters }
+
+    /// The on-disk entry of slot `i`: `zeroFlag` says whether a zero cluster is written as the zero
+    /// flag (a backing file would show through an unallocated entry) or as 0.
+    func diskEntry(_ i: Int, zeroFlag: Bool) -> UInt64 {
+        switch entries[i] {
+        case .untouched, .pending: return 0
+        case .zero: return zeroFlag ? L2Entry.zeroFlag : 0
+        case .final(let e): return e
+        }
+    }
 }
 
 /// A cluster assembled from several writes: its slot and the byte ranges already claimed.
@@ -30,12 +286,6 @@ struct PartialCluster {
     var claimed: [Range<Int>]
     /// Bytes copied in so far; the cluster is complete when this reaches its valid length.
     var filled: Int
-}
-
-enum MapMarker {
-    static let zero: UInt64 = L2Entry.zeroFlag
-    /// Bit 1 is reserved in an on-disk L2 entry, so it can never be confused with a final entry.
-    static let pending: UInt64 = 1 << 1
 }
 
 extension Range where Bound == Int {

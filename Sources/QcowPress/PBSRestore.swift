@@ -89,6 +89,7 @@ public struct PBSRestore: Sendable {
         var out: [Summary] = []
         for (j, job) in jobs.enumerated() {
             var eo = encoder
+            eo.group = group
             // Rounded up to whole 512-byte sectors, as QEMU sizes every block device.
             eo.virtualSize = (indexes[j].size + 511) & ~511
             out.append(try restoreOne(index: indexes[j], archive: job.archive, destination: job.destination,
@@ -184,7 +185,9 @@ public struct PBSRestore: Sendable {
         let zeroFull = reader.zeroDigest(length: cs)
         let lastLen = index.chunkLength(max(0, index.chunkCount - 1))
         let zeroLast = lastLen == cs ? zeroFull : reader.zeroDigest(length: lastLen)
-        let canShare = options.dedup && cs % eo.clusterSize == 0
+        // Sharing needs refcounts of at least 2 per cluster; narrow widths (refcount_bits 1…8)
+        // would turn most copies into second copies read back from the image: load them instead.
+        let canShare = options.dedup && cs % eo.clusterSize == 0 && eo.refcountOrder >= 4
         // Plan in guest order: zero, copy of an earlier chunk, or load.
         enum Step { case zero, copy(Int), load }
         var firstAt: [ArraySlice<UInt8>: Int] = [:]

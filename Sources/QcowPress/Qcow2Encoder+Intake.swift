@@ -55,6 +55,8 @@ extension Qcow2Encoder {
         var batch: [WorkItem] = []
         /// A slot acquired (by waiting) for the next cluster that needs one.
         var spare: Int32? = nil
+        /// Whole clusters found zero so far (counted once, at the end of the call).
+        var zeroClusters: UInt64 = 0
     }
 
     /// Takes clusters from `cursor.pos` on, using only slots free right now (or the spare).
@@ -63,15 +65,17 @@ extension Qcow2Encoder {
     func intakeStep(offset: UInt64, bytes: UnsafeRawBufferPointer, cursor: inout IntakeCursor) throws(QcowPressError) -> Bool {
         var c = (offset + UInt64(cursor.pos)) >> UInt64(geometry.clusterBits)
         do throws(QcowPressError) {
+            try lifecycle.checkOpen()
             while cursor.pos < bytes.count {
                 let (a, b, full) = span(cluster: c, offset: offset + UInt64(cursor.pos), remaining: bytes.count - cursor.pos)
                 let src = bytes.baseAddress! + cursor.pos
                 if full && isAllZero(src, b - a) {
-                    try markZero(c)
+                    queue.post(try map.markZero(c, c + 1))
+                    cursor.zeroClusters += 1
                 } else if full {
                     guard let slot = takeSlot(&cursor) else { return true }
                     do throws(QcowPressError) {
-                        try reserveFull(cluster: c)
+                        try map.reserve(c)
                     } catch {
                         pool.release(slot)
                         throw error
@@ -81,12 +85,18 @@ extension Qcow2Encoder {
                     if b - a < clusterSize { memset(p + (b - a), 0, clusterSize - (b - a)) }
                     cursor.batch.append(WorkItem(cluster: c, slot: slot, checkedNonZero: true))
                 } else {
-                    var slot = try claimPartial(cluster: c, range: a..<b)
-                    if slot == Self.needSlot {
+                    var slot: Int32
+                    if let s = try map.claimPartial(c, range: a..<b) {
+                        slot = s
+                    } else {
                         guard let fresh = takeSlot(&cursor) else { return true }
-                        slot = try installPartial(cluster: c, range: a..<b, slot: fresh)
+                        memset(pool.pointer(fresh), 0, clusterSize)
+                        let (s, installed) = try map.installPartial(c, range: a..<b, slot: fresh).get()
+                        if !installed { pool.release(fresh) }
+                        slot = s
                     }
-                    if try fillPartial(cluster: c, slot: slot, range: a..<b, src: src) {
+                    memcpy(pool.pointer(slot) + a, src, b - a)
+                    if map.filledPartial(c, count: b - a) {
                         cursor.batch.append(WorkItem(cluster: c, slot: slot))
                     }
                 }
@@ -119,11 +129,11 @@ extension Qcow2Encoder {
     func finishIntake(_ cursor: inout IntakeCursor, count: Int) {
         flush(&cursor.batch)
         if let s = cursor.spare { pool.release(s) }
-        mapLock.withLock { bytesIn += UInt64(count) }
+        queue.count(bytes: UInt64(count), zeroClusters: cursor.zeroClusters)
     }
 
     func failIfStopped() throws(QcowPressError) {
-        try mapLock.withLock { () throws(QcowPressError) in try checkOpen() }
+        try lifecycle.checkOpen()
         throw .cancelled
     }
 
@@ -151,7 +161,6 @@ extension Qcow2Encoder {
     nonisolated(unsafe) static let zeroBytesStorage = UnsafeRawBufferPointer(start: calloc(1, 4 << 20), count: 4 << 20)
     var zeroBytes: UnsafeRawBufferPointer { Self.zeroBytesStorage }
 
-    static let needSlot: Int32 = -2
     /// Clusters handed to the workers at once: amortises the lock and wake-up (~64 KiB × 8 = 512 KiB
     /// of work per hand-over at the default cluster size), small enough to keep both cores fed.
     static let batchSize = 8
@@ -173,125 +182,6 @@ extension Qcow2Encoder {
         return (a, b, a == 0 && b == valid)
     }
 
-    func checkOpen() throws(QcowPressError) {
-        switch state {
-        case .open: return
-        case .failed(let e): throw e
-        case .finishing, .done: throw .misuse("write after finish()")
-        }
-    }
-
-    /// Entry of guest cluster `c` (creating the region's table when needed). Caller holds mapLock.
-    func tableFor(_ c: UInt64) throws(QcowPressError) -> L2Table {
-        let r = geometry.l1Index(ofGuestCluster: c)
-        if let t = tables[r] { return t }
-        if completedRegions.contains(r) {
-            throw .misuse("overlapping write: guest cluster \(c) was already written")
-        }
-        let first = UInt64(r) << UInt64(geometry.l2Bits)
-        let n = Int(min(UInt64(geometry.l2Entries), guestClusters - first))
-        let t = L2Table(count: geometry.l2Entries, clusters: n)
-        tables[r] = t
-        return t
-    }
-
-    /// Reserves the entry of a whole-cluster write, so a concurrent overlapping write is refused.
-    func reserveFull(cluster c: UInt64) throws(QcowPressError) {
-        try mapLock.withLock { () throws(QcowPressError) in
-            try checkOpen()
-            let t = try tableFor(c)
-            let i = geometry.l2Index(ofGuestCluster: c)
-            guard t.entries[i] == 0, partials[c] == nil else {
-                throw .misuse("overlapping write: guest cluster \(c) was already written")
-            }
-            t.entries[i] = MapMarker.pending
-        }
-    }
-
-    func markZero(_ c: UInt64) throws(QcowPressError) {
-        let completed: Int? = try mapLock.withLock { () throws(QcowPressError) -> Int? in
-            try checkOpen()
-            let t = try tableFor(c)
-            let i = geometry.l2Index(ofGuestCluster: c)
-            guard t.entries[i] == 0, partials[c] == nil else {
-                throw .misuse("overlapping write: guest cluster \(c) was already written")
-            }
-            t.entries[i] = MapMarker.zero
-            t.done += 1
-            zeroClustersMarked += 1
-            return t.isComplete ? geometry.l1Index(ofGuestCluster: c) : nil
-        }
-        if let r = completed { announceRegion(r) }
-    }
-
-    /// Claims [range) of a partial cluster. Returns its slot, or `needSlot` if the cluster has none yet.
-    func claimPartial(cluster c: UInt64, range: Range<Int>) throws(QcowPressError) -> Int32 {
-        try mapLock.withLock { () throws(QcowPressError) -> Int32 in
-            try checkOpen()
-            guard var p = partials[c] else {
-                let t = try tableFor(c)
-                guard t.entries[geometry.l2Index(ofGuestCluster: c)] == 0 else {
-                    throw .misuse("overlapping write: guest cluster \(c) was already written")
-                }
-                return Self.needSlot
-            }
-            guard !range.overlaps(any: p.claimed) else {
-                throw .misuse("overlapping write at guest offset \((c << UInt64(geometry.clusterBits)) + UInt64(range.lowerBound))")
-            }
-            p.claimed.append(range)
-            partials[c] = p
-            return p.slot
-        }
-    }
-
-    /// Installs a fresh zeroed slot for a partial cluster, or returns the one another producer
-    /// installed meanwhile (giving ours back).
-    func installPartial(cluster c: UInt64, range: Range<Int>, slot: Int32) throws(QcowPressError) -> Int32 {
-        memset(pool.pointer(slot), 0, clusterSize)
-        var giveBack = false
-        let result: Result<Int32, QcowPressError> = mapLock.withLock {
-            if case .failed(let e) = state { return .failure(e) }
-            if var p = partials[c] {
-                giveBack = true
-                guard !range.overlaps(any: p.claimed) else {
-                    return .failure(.misuse("overlapping write at guest offset \((c << UInt64(geometry.clusterBits)) + UInt64(range.lowerBound))"))
-                }
-                p.claimed.append(range)
-                partials[c] = p
-                return .success(p.slot)
-            }
-            let t: L2Table
-            do throws(QcowPressError) { t = try tableFor(c) } catch { return .failure(error) }
-            let i = geometry.l2Index(ofGuestCluster: c)
-            guard t.entries[i] == 0 else {
-                giveBack = true
-                return .failure(.misuse("overlapping write: guest cluster \(c) was already written"))
-            }
-            t.entries[i] = MapMarker.pending
-            partials[c] = PartialCluster(slot: slot, claimed: [range], filled: 0)
-            return .success(slot)
-        }
-        if giveBack { pool.release(slot) }
-        return try result.get()
-    }
-
-    /// Copies a claimed range in; returns true when this completed the cluster (it is then removed
-    /// from the partial table and must be queued by the caller).
-    func fillPartial(cluster c: UInt64, slot: Int32, range: Range<Int>, src: UnsafeRawPointer) throws(QcowPressError) -> Bool {
-        memcpy(pool.pointer(slot) + range.lowerBound, src, range.count)
-        let valid = validBytes(c)
-        return mapLock.withLock {
-            guard var p = partials[c] else { return false }
-            p.filled += range.count
-            if p.filled >= valid {
-                partials[c] = nil
-                return true
-            }
-            partials[c] = p
-            return false
-        }
-    }
-
     /// Declares that the `length` bytes at `destination` are identical to the bytes written at
     /// `source` (earlier or still in flight): the destination's clusters point at the same host
     /// clusters, and nothing is copied, compressed or written. Both offsets must be cluster-aligned
@@ -310,18 +200,15 @@ extension Qcow2Encoder {
         let d0 = destination / cs
         let s0 = source / cs
         if d0 < s0 + n && s0 < d0 + n { throw .misuse("writeCopy ranges overlap") }
+        try lifecycle.checkOpen()
         var items: [ResultItem] = []
         items.reserveCapacity(Int(n))
         for k in 0..<n {
-            try reserveFull(cluster: d0 + k)
+            try map.reserve(d0 + k)
             items.append(ResultItem(cluster: d0 + k, slot: -1, kind: .copy(from: s0 + k)))
         }
-        resultLock.withLock {
-            expected += n
-            results.append(contentsOf: items)
-            resultLock.signal()
-        }
-        mapLock.withLock { bytesIn += length }
+        queue.post(Finalized(), copies: items)
+        queue.count(bytes: length)
     }
 
     /// Marks the whole clusters of [offset, offset+length) zero; returns the unaligned head and tail.
@@ -332,62 +219,23 @@ extension Qcow2Encoder {
             throw .misuse("zero range of \(length) bytes at offset \(offset) is beyond the virtual size \(options.virtualSize)")
         }
         let cs = UInt64(clusterSize)
-        var first = (offset + cs - 1) / cs
+        let first = (offset + cs - 1) / cs
         // The image's last cluster counts as whole when the range reaches the virtual size.
         let lastEnd = end == options.virtualSize ? guestClusters : end / cs
         if first >= lastEnd { return (offset..<end, end..<end) }
         let head = offset..<min(end, first * cs)
         let tail = min(end, max(lastEnd * cs, head.upperBound))..<end
-        var completed: [Int] = []
-        let wholeBytes = UInt64(tail.lowerBound - head.upperBound)
-        try mapLock.withLock { () throws(QcowPressError) in
-            try checkOpen()
-            while first < lastEnd {
-                let r = geometry.l1Index(ofGuestCluster: first)
-                let regionFirst = UInt64(r) << UInt64(geometry.l2Bits)
-                let regionEnd = min(regionFirst + UInt64(geometry.l2Entries), guestClusters)
-                let stop = min(regionEnd, lastEnd)
-                if first == regionFirst && stop == regionEnd && tables[r] == nil {
-                    // A whole untouched region: no table at all.
-                    if completedRegions.contains(r) {
-                        throw .misuse("overlapping write: guest cluster \(first) was already written")
-                    }
-                    completedRegions.insert(r)
-                    zeroClustersMarked += stop - first
-                } else {
-                    let t = try tableFor(first)
-                    for c in first..<stop {
-                        let i = geometry.l2Index(ofGuestCluster: c)
-                        guard t.entries[i] == 0, partials[c] == nil else {
-                            throw .misuse("overlapping write: guest cluster \(c) was already written")
-                        }
-                        t.entries[i] = MapMarker.zero
-                    }
-                    t.done += Int(stop - first)
-                    zeroClustersMarked += stop - first
-                    if t.isComplete { completed.append(r) }
-                }
-                first = stop
-            }
-            bytesIn += wholeBytes
-        }
-        for r in completed { announceRegion(r) }
+        try lifecycle.checkOpen()
+        queue.post(try map.markZero(first, lastEnd))
+        queue.count(bytes: tail.lowerBound - head.upperBound, zeroClusters: lastEnd - first)
         return (head, tail)
     }
 
     /// Hands a batch of complete clusters to the workers.
     func flush(_ batch: inout [WorkItem]) {
         guard !batch.isEmpty else { return }
-        let n = UInt64(batch.count)
-        resultLock.withLock { expected += n }
+        queue.expect(batch.count)
         group.submit(self, batch)
         batch.removeAll(keepingCapacity: true)
-    }
-
-    func announceRegion(_ r: Int) {
-        resultLock.withLock {
-            readyRegions.append(r)
-            resultLock.signal()
-        }
     }
 }

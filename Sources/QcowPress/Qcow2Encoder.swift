@@ -16,8 +16,9 @@ import Qcow2Format
 /// holds no header, so nothing at the destination looks like a finished image.
 ///
 /// Threads: `threads` compression workers and one writer that alone owns the output stream, the
-/// ring and the refcounts. Locks: `mapLock` (tables, partial clusters, state), the group's queue lock,
-/// `resultLock` (result queue); none is taken while holding another.
+/// ring and the refcounts. State has one owner each, with its own lock, and no lock is taken while
+/// holding another: ``GuestMap`` (guest side), ``ResultQueue`` (to the writer), ``Lifecycle``,
+/// the group's job queue and slot pool; the host side (``StreamSink``) belongs to the writer thread.
 public final class Qcow2Encoder: @unchecked Sendable {
     public let destination: String
     let tempPath: String
@@ -30,32 +31,16 @@ public final class Qcow2Encoder: @unchecked Sendable {
     let guestClusters: UInt64
     let startTime = monotonicNanoseconds()
 
-    enum State { case open, finishing, done, failed(QcowPressError) }
-
-    // Guarded by mapLock.
-    let mapLock = ConditionLock()
-    var state = State.open
-    var tables: [Int: L2Table] = [:]
-    var completedRegions = Set<Int>()
-    var partials: [UInt64: PartialCluster] = [:]
-    var bytesIn: UInt64 = 0
-    /// Clusters recorded as zero at intake (zero test on the producer's bytes, or writeZeroes).
-    var zeroClustersMarked: UInt64 = 0
+    /// The guest side: tables in flight, partial clusters, waiting copies (its own lock).
+    let map: GuestMap
+    /// Results, copies and ready regions on their way to the writer thread (its own lock).
+    let queue = ResultQueue()
+    /// open → finishing → done, or failed (its own lock).
+    let lifecycle = Lifecycle()
 
     /// A complete cluster in a slot. `checkedNonZero`: the intake already found non-zero bytes.
     struct WorkItem { var cluster: UInt64; var slot: Int32; var checkedNonZero = false }
     let group: EncoderGroup
-
-    // Guarded by resultLock.
-    enum ResultKind { case zero, raw, compressed(Int), copy(from: UInt64) }
-    struct ResultItem { var cluster: UInt64; var slot: Int32; var kind: ResultKind }
-    let resultLock = ConditionLock()
-    var results: [ResultItem] = []
-    var readyRegions: [Int] = []
-    var expected: UInt64 = 0
-    var codecNanoseconds: UInt64 = 0
-    var inputClosed = false
-    var writerStop = false
 
     let completion = Completion<EncoderSummary>()
     /// The library never prints; it logs through swift-log (the command installs a handler).
@@ -76,6 +61,10 @@ public final class Qcow2Encoder: @unchecked Sendable {
         geometry = ClusterGeometry(clusterSize: options.clusterSize)!
         clusterSize = options.clusterSize
         guestClusters = geometry.guestClusters(forVirtualSize: options.virtualSize)
+        let (g, size, cs) = (geometry, options.virtualSize, UInt64(options.clusterSize))
+        map = GuestMap(geometry: g, guestClusters: guestClusters) { c in
+            Int(min(cs, size - (c << UInt64(g.clusterBits))))
+        }
         if let g = options.group {
             guard g.clusterSize == options.clusterSize, g.compression == options.compression else {
                 throw .invalidArgument("an encoder group's cluster size and compression must match its encoders'")
@@ -121,19 +110,7 @@ public final class Qcow2Encoder: @unchecked Sendable {
     }
 
     /// True once the encoder failed or was cancelled (workers drop its clusters).
-    var isStopped: Bool {
-        mapLock.withLock { if case .failed = state { return true } else { return false } }
-    }
-
-    /// Results of one worker batch: handed to the writer thread in one go.
-    func deliver(_ out: inout [ResultItem], codecNanoseconds dt: UInt64) {
-        resultLock.withLock {
-            results.append(contentsOf: out)
-            codecNanoseconds += dt
-            resultLock.signal()
-        }
-        out.removeAll(keepingCapacity: true)
-    }
+    var isStopped: Bool { lifecycle.isFailed }
 
     /// The image's virtual size.
     public var virtualSize: UInt64 { options.virtualSize }
@@ -142,7 +119,7 @@ public final class Qcow2Encoder: @unchecked Sendable {
     public var fallbackNotes: [String] { notes }
 
     /// Guest bytes written or announced so far (for progress).
-    public var bytesReceived: UInt64 { mapLock.withLock { bytesIn } }
+    public var bytesReceived: UInt64 { queue.bytesIn }
 }
 
 /// A one-shot result that async tasks and OS threads can both wait for.

@@ -50,6 +50,15 @@ public struct StreamPacker: Sendable {
         return back
     }
 
+    /// Moves the front to the next cluster boundary (the bytes skipped stay unused), so the next
+    /// compressed cluster starts a fresh host cluster. False when that boundary is past the back.
+    public mutating func skipToClusterBoundary() -> Bool {
+        let next = (front + clusterSize - 1) / clusterSize * clusterSize
+        guard next + 1 <= back else { return false }
+        front = next
+        return true
+    }
+
     /// Host offset just past everything placed so far (cluster-aligned).
     public var hostEnd: UInt64 {
         if back < bufferSize { return bufferStart + UInt64(bufferSize) }
@@ -61,5 +70,34 @@ public struct StreamPacker: Sendable {
         bufferStart = hostEnd
         front = 0
         back = bufferSize
+    }
+}
+
+/// How the last buffer is closed up at the end: its back region's clusters move down to just after
+/// the front's last (partly) used cluster, lowest first, so the file has no hole in the middle.
+/// A pure function of the placements; the writer applies the moves (bytes, refcounts, entries).
+public enum LastBufferCompaction {
+    public struct Move: Equatable, Sendable {
+        public var from: Int
+        public var to: Int
+    }
+    public struct Plan: Equatable, Sendable {
+        /// The front's end rounded up to a cluster: where the first moved cluster goes.
+        public var frontEnd: Int
+        /// One move per back cluster, in ascending `from` order (identity moves included). Every
+        /// `to` is at or below its `from` and above every earlier `to`, so applying them in order
+        /// with memmove never overwrites a cluster not yet moved.
+        public var moves: [Move]
+        /// Bytes of the buffer to write.
+        public var end: Int
+    }
+
+    /// - Parameters: `front`: bytes used from the buffer's start; `back`: offsets of the clusters
+    ///   placed from the back (any order, distinct, cluster-aligned, at or above `front`).
+    public static func plan(front: Int, back: [Int], clusterSize cs: Int) -> Plan {
+        let frontEnd = (front + cs - 1) / cs * cs
+        let sorted = back.sorted()
+        let moves = sorted.enumerated().map { Move(from: $1, to: frontEnd + $0 * cs) }
+        return Plan(frontEnd: frontEnd, moves: moves, end: frontEnd + sorted.count * cs)
     }
 }

@@ -2,100 +2,92 @@ import DirectIO
 import Glibc
 import Qcow2Format
 
-/// Identical data stored once: a guest cluster may be declared a copy of an earlier one, and then
-/// points at the same host cluster(s). Compressed entries are shared as they are; an uncompressed
-/// host cluster loses its copied flag everywhere once it has two referrers (qcow2: copied means
-/// refcount exactly 1). Refcounts count every reference.
+/// Identical data stored once: a guest cluster may be declared a copy of another, and then points
+/// at the same host cluster(s). Compressed entries are shared as they are; an uncompressed host
+/// cluster loses its copied flag everywhere once it has two referrers (qcow2: copied means
+/// refcount exactly 1). Refcounts count every reference and never pass what the image's refcount
+/// width holds: a copy that would, becomes a second copy of the data.
 extension StreamSink {
-    func copyEntry(dst: UInt64, src: UInt64) throws(QcowPressError) {
-        guard let e = try currentEntry(of: src) else {
-            deferredCopies[src, default: []].append(dst)
+    /// A copy dst ← src: resolved now when src is final, or when it becomes final (its state is
+    /// then handed to ``setFinal(_:_:)``'s worklist).
+    func copy(dst: UInt64, src: UInt64) throws(QcowPressError) {
+        switch enc.map.source(src, for: dst) {
+        case .waiting:
             return
+        case .known(let s):
+            try setFinal(dst, try resolve(copyOf: src, s, into: dst))
+        case .written:
+            try setFinal(dst, try resolve(copyOf: src, try writtenState(of: src), into: dst))
         }
-        try resolveCopy(dst: dst, src: src, entry: e)
     }
 
-    func resolveCopy(dst: UInt64, src: UInt64, entry e: UInt64) throws(QcowPressError) {
-        let newEntry: UInt64
+    /// The state of a cluster whose region's table was already written.
+    func writtenState(of c: UInt64) throws(QcowPressError) -> ClusterState {
+        guard let place = entryPlace(of: c) else { return try unwritten(c) }
+        let e = try entry(at: place)
+        if e == 0 { return try unwritten(c) }
         let l2 = L2Entry(rawValue: e)
-        if e == 0 || e == MapMarker.zero || (!l2.isCompressed && l2.hostOffset == 0) {
-            newEntry = MapMarker.zero
+        if !l2.isCompressed && (e & L2Entry.zeroFlag != 0 || l2.hostOffset == 0) { return .zero }
+        return .final(e)
+    }
+
+    /// A source that was never written reads as zero; over a backing file it would read the backing
+    /// file's bytes at the source's offset, which a copy cannot express.
+    func unwritten(_ src: UInt64) throws(QcowPressError) -> ClusterState {
+        if keepZeroFlag { throw .misuse("copy from guest cluster \(src), which was never written (it would read the backing file)") }
+        return .zero
+    }
+
+    /// The state a copy of `src` (in state `s`) gets: zero, the same host cluster(s) with one more
+    /// reference, or — when a refcount is at its limit — a fresh copy of the bytes.
+    func resolve(copyOf src: UInt64, _ s: ClusterState, into dst: UInt64) throws(QcowPressError) -> ClusterState {
+        guard case .final(let e) = s else {
             clustersZero += 1
-        } else if l2.isCompressed {
-            newEntry = e
-            for c in l2.compressedDescriptor(clusterBits: Int(bits)).hostClusterRange(clusterBits: Int(bits)) {
-                try addSharedRef(c << bits)
+            return .zero
+        }
+        let l2 = L2Entry(rawValue: e)
+        if l2.isCompressed {
+            let d = l2.compressedDescriptor(clusterBits: Int(bits))
+            let hosts = d.hostClusterRange(clusterBits: Int(bits))
+            guard canAddRef(hosts) else {
+                // The descriptor's read length covers the whole stream (and at most 511 bytes more,
+                // which QEMU's and our decoders ignore once the cluster is complete).
+                let n = min(d.readLength, cs - 1)
+                // Copied out first: placing may submit the buffer the bytes are in.
+                let copyBuf = AlignedBuffer(capacity: n)
+                memcpy(copyBuf.pointer, try placedBytes(at: d.hostOffset, count: n), n)
+                clustersDuplicated += 1
+                return .final(try placeCompressed(UnsafeRawPointer(copyBuf.pointer), n))
             }
+            for c in hosts { addRef(c << bits) }
             clustersShared += 1
-        } else {
-            let host = l2.hostOffset
-            newEntry = host
-            try addSharedRef(host)
-            if sharers[host] == nil {
-                sharers[host] = [src]
-                try clearCopiedFlag(of: src)
-            }
-            sharers[host]!.append(dst)
-            clustersShared += 1
+            return s
         }
-        try setFinal(dst, newEntry)
-    }
-
-    /// Adds a reference, refusing to go past what a 16-bit refcount holds.
-    func addSharedRef(_ host: UInt64) throws(QcowPressError) {
-        let i = Int(host >> bits)
-        guard refcounts[i] < UInt16.max else {
-            throw .misuse("host cluster at \(host) would exceed \(UInt16.max) references")
+        let host = l2.hostOffset
+        guard canAddRef((host >> bits)...(host >> bits)) else {
+            let copyBuf = AlignedBuffer(capacity: cs)
+            memcpy(copyBuf.pointer, try placedBytes(at: host, count: cs), cs)
+            let (p, at) = try placeAligned(owner: .data(dst))
+            memcpy(p, copyBuf.pointer, cs)
+            clustersDuplicated += 1
+            return .final(L2Entry.standard(hostOffset: at, copied: true).rawValue)
         }
-        refcounts[i] += 1
-    }
-
-    /// The final entry of a cluster, or nil while it is still on its way (or never written).
-    func currentEntry(of c: UInt64) throws(QcowPressError) -> UInt64? {
-        let g = enc.geometry
-        let r = g.l1Index(ofGuestCluster: c)
-        let i = g.l2Index(ofGuestCluster: c)
-        let inMemory: (found: Bool, value: UInt64) = enc.mapLock.withLock {
-            if let t = enc.tables[r] { return (true, t.entries[i]) }
-            return (false, 0)
+        addRef(host)
+        if sharers[host] == nil {
+            sharers[host] = [src]
+            try clearCopiedFlag(of: src)
         }
-        if inMemory.found {
-            let e = inMemory.value
-            return e == 0 || e == MapMarker.pending ? nil : e
-        }
-        let completed = enc.mapLock.withLock { enc.completedRegions.contains(r) }
-        guard completed else { return nil }
-        let table = L1Entry(rawValue: l1[r]).l2Offset
-        if table == 0 { return MapMarker.zero }
-        let at = table + UInt64(i * 8)
-        if at >= packer.bufferStart {
-            return loadBE64(UnsafeRawBufferPointer(buffers[current].bytes), Int(at - packer.bufferStart))
-        }
-        do {
-            try writer.drain()
-            freeBuffers = Array(Set(freeBuffers + (0..<buffers.count).filter { $0 != current }))
-            return try entryOnDisk(at: at)
-        } catch {
-            throw QcowPressError.from(error)
-        }
+        sharers[host]!.append(dst)
+        clustersShared += 1
+        return .final(host)  // shared: no copied flag
     }
 
     func clearCopiedFlag(of c: UInt64) throws(QcowPressError) {
-        let g = enc.geometry
-        let r = g.l1Index(ofGuestCluster: c)
-        let i = g.l2Index(ofGuestCluster: c)
-        let done: Bool = enc.mapLock.withLock {
-            guard let t = enc.tables[r] else { return false }
-            t.entries[i] &= ~L2Entry.copiedFlag
-            return true
-        }
-        if done { return }
-        let at = L1Entry(rawValue: l1[r]).l2Offset + UInt64(i * 8)
-        if at >= packer.bufferStart {
-            let b = buffers[current].bytes
-            storeBE64(b, Int(at - packer.bufferStart), loadBE64(UnsafeRawBufferPointer(b), Int(at - packer.bufferStart)) & ~L2Entry.copiedFlag)
-        } else {
-            diskFlagClears.append(at)
+        if enc.map.clearCopiedInMemory(c) { return }
+        guard let place = entryPlace(of: c) else { return }
+        switch place {
+        case .buffer: _ = try entry(at: place) { $0 & ~L2Entry.copiedFlag }
+        case .disk(let at): diskFlagClears.append(at)
         }
     }
 

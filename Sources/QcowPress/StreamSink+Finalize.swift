@@ -6,19 +6,13 @@ extension StreamSink {
     /// Writes the last buffer, the L1 table, refcount blocks and table, then the header; syncs and
     /// renames the image to its final name.
     func finalize() throws(QcowPressError) {
-        let remaining = enc.mapLock.withLock { enc.tables.keys.sorted() }
-        for r in remaining { try flushRegion(r) }
-        if let (src, _) = deferredCopies.first {
-            throw .misuse("copy from guest cluster \(src), which was never written")
-        }
+        // Copies of clusters never written: those read as zero, and so do their copies.
+        for (dst, src) in enc.map.takeWaiting() { try setFinal(dst, try unwritten(src)) }
+        for r in enc.map.regionsInMemory { try flushRegion(r) }
         let dataEnd: UInt64
-        do {
-            try writer.drain()
-            dataEnd = try writeLastBuffer()
-            try applyDiskFlagClears()
-        } catch {
-            throw QcowPressError.from(error)
-        }
+        do { try drainWrites() } catch { throw QcowPressError.from(error) }
+        dataEnd = try writeLastBuffer()
+        do { try applyDiskFlagClears() } catch { throw QcowPressError.from(error) }
         let g = enc.geometry
         let l1Bytes = l1.count * 8
         let l1Clusters = l1.isEmpty ? 0 : Int(g.clusters(forBytes: UInt64(l1Bytes)))
@@ -83,53 +77,40 @@ extension StreamSink {
     }
 
     /// Writes the last buffer with its gap closed: the clusters of the back region move down to
-    /// just after the front's last cluster, and the L1/L2 entries that point at them move too (an
-    /// L2 table already on disk is patched in place). Returns the end of the data stream.
-    func writeLastBuffer() throws(IOError) -> UInt64 {
+    /// just after the front's last cluster (``LastBufferCompaction``), and the L1/L2 entries that
+    /// point at them move too (an L2 table already on disk is patched in place). Returns the end of
+    /// the data stream.
+    func writeLastBuffer() throws(QcowPressError) -> UInt64 {
         let buf = buffers[current]
         let start = packer.bufferStart
-        let frontEnd = (packer.front + cs - 1) / cs * cs
-        buf.zero(from: packer.front, to: frontEnd)
-        // Lowest source first: destinations are never above sources, so memmove in order is safe.
-        let items = backItems.sorted { $0.offset < $1.offset }
-        var moved: [(from: UInt64, to: UInt64)] = []
-        for (k, item) in items.enumerated() {
-            let dest = frontEnd + k * cs
-            if dest != item.offset { memmove(buf.pointer + dest, buf.pointer + item.offset, cs) }
-            moved.append((start + UInt64(item.offset), start + UInt64(dest)))
-        }
-        let end = frontEnd + items.count * cs
-        // Each slot's whole refcount moves with it (a shared raw cluster has several references).
-        let counts = moved.map { refcounts[Int($0.from >> bits)] }
-        for m in moved { refcounts[Int(m.from >> bits)] = 0 }
-        for (k, m) in moved.enumerated() {
-            addRef(m.to)
-            refcounts[Int(m.to >> bits)] += counts[k] - 1
-        }
+        let plan = LastBufferCompaction.plan(front: packer.front, back: backItems.map(\.offset), clusterSize: cs)
+        buf.zero(from: packer.front, to: plan.frontEnd)
+        let owners = Dictionary(uniqueKeysWithValues: backItems.map { ($0.offset, $0.owner) })
+        for m in plan.moves where m.to != m.from { memmove(buf.pointer + m.to, buf.pointer + m.from, cs) }
+        // Each cluster's whole refcount moves with it (a shared raw cluster has several references).
+        let counts = plan.moves.map { refcounts[Int((start + UInt64($0.from)) >> bits)] }
+        for m in plan.moves { refcounts[Int((start + UInt64(m.from)) >> bits)] = 0 }
+        for (k, m) in plan.moves.enumerated() { refcounts[Int((start + UInt64(m.to)) >> bits)] = counts[k] }
         // Tables first: a data entry is patched wherever its table now lives.
-        for (k, item) in items.enumerated() {
-            if case .table(let r) = item.owner {
-                l1[r] = L1Entry(l2Offset: moved[k].to, copied: true).rawValue
+        for m in plan.moves {
+            if case .table(let r) = owners[m.from]! { l1[r] = L1Entry(l2Offset: start + UInt64(m.to), copied: true).rawValue }
+        }
+        for m in plan.moves where m.to != m.from {
+            guard case .data(let c) = owners[m.from]! else { continue }
+            let from = start + UInt64(m.from)
+            let shared = sharers[from]
+            for ref in shared ?? [c] {
+                guard let place = entryPlace(of: ref) else { continue }
+                let value = L2Entry.standard(hostOffset: start + UInt64(m.to), copied: shared == nil).rawValue
+                _ = try entry(at: place) { _ in value }
             }
         }
-        for (k, item) in items.enumerated() {
-            guard case .data(let c) = item.owner, moved[k].from != moved[k].to else { continue }
-            let g = enc.geometry
-            let referrers = sharers[moved[k].from] ?? [c]
-            let shared = sharers[moved[k].from] != nil
-            for ref in referrers {
-                let table = L1Entry(rawValue: l1[g.l1Index(ofGuestCluster: ref)]).l2Offset
-                let entryAt = table + UInt64(g.l2Index(ofGuestCluster: ref) * 8)
-                let value = L2Entry.standard(hostOffset: moved[k].to, copied: !shared).rawValue
-                if entryAt >= start {
-                    storeBE64(buf.bytes, Int(entryAt - start), value)
-                } else {
-                    try entryOnDisk(at: entryAt) { _ in value }
-                }
-            }
+        do {
+            if plan.end > 0 { try enc.file.pwriteAll(buf.pointer, length: plan.end, offset: start) }
+        } catch {
+            throw QcowPressError.from(error)
         }
-        if end > 0 { try enc.file.pwriteAll(buf.pointer, length: end, offset: start) }
-        return start + UInt64(end)
+        return start + UInt64(plan.end)
     }
 
     /// Reads one 8-byte table entry already on disk (the whole 4 KiB block around it, for O_DIRECT);
@@ -149,7 +130,7 @@ extension StreamSink {
     }
 
     func summary(fileEnd: UInt64) -> EncoderSummary {
-        let codecNs = enc.resultLock.withLock { enc.codecNanoseconds }
+        let codecNs = enc.queue.codecNanoseconds
         return EncoderSummary(
             destination: enc.destination,
             virtualSize: enc.options.virtualSize,
@@ -157,7 +138,7 @@ extension StreamSink {
             compression: enc.options.compression?.description ?? "none",
             bytesIn: enc.bytesReceived,
             bytesOut: fileEnd,
-            clustersZero: clustersZero + enc.mapLock.withLock { enc.zeroClustersMarked },
+            clustersZero: clustersZero + enc.queue.zeroClustersMarked,
             clustersCompressed: clustersCompressed,
             clustersUncompressed: clustersRaw,
             clustersShared: clustersShared,
@@ -170,81 +151,6 @@ extension StreamSink {
             peakRSSBytes: peakResidentBytes(),
             ioMode: writer.modeDescription,
             notes: enc.notes)
-    }
-}
-
-extension Qcow2Encoder {
-    /// Completes the image: queues partially written clusters (their unwritten bytes are zero),
-    /// waits for every cluster to reach the disk, writes the metadata and header, syncs, and renames
-    /// the image to its destination. Call once, after every write has returned.
-    public func finish() async throws(QcowPressError) -> EncoderSummary {
-        try beginFinish()
-        return try await completion.wait().get()
-    }
-
-    /// Blocking form of ``finish()``, for callers on their own OS threads.
-    public func finishBlocking() throws(QcowPressError) -> EncoderSummary {
-        try beginFinish()
-        return try completion.waitBlocking().get()
-    }
-
-    /// Stops everything and removes the partial output. Writers waiting for memory are woken with
-    /// ``QcowPressError/cancelled``.
-    public func cancel() {
-        fail(.cancelled)
-    }
-
-    func beginFinish() throws(QcowPressError) {
-        let items: [WorkItem] = try mapLock.withLock { () throws(QcowPressError) -> [WorkItem] in
-            switch state {
-            case .open: state = .finishing
-            case .failed(let e): throw e
-            case .finishing, .done: throw .misuse("finish() called twice")
-            }
-            let items = partials.map { WorkItem(cluster: $0.key, slot: $0.value.slot) }
-            partials.removeAll()
-            return items
-        }
-        var batch = items
-        flush(&batch)
-        resultLock.withLock {
-            inputClosed = true
-            resultLock.signal()
-        }
-    }
-
-    func succeed(_ s: EncoderSummary) {
-        mapLock.withLock { state = .done }
-        group.leave()
-        completion.resolve(.success(s))
-    }
-
-    /// Puts the encoder in the failed state (first error wins), stops all threads and removes the
-    /// temporary file.
-    func fail(_ e: QcowPressError) {
-        let first: Bool = mapLock.withLock {
-            switch state {
-            case .failed, .done: return false
-            default:
-                state = .failed(e)
-                return true
-            }
-        }
-        guard first else { return }
-        logger.debug("encoder stopped", metadata: ["destination": "\(destination)", "reason": "\(e.message)"])
-        if group.ownedByOneEncoder { pool.fail() }
-        group.leave()
-        // Clusters queued for the writer go back to the (possibly shared) pool.
-        let queued: [ResultItem] = resultLock.withLock {
-            writerStop = true
-            resultLock.broadcast()
-            let r = results
-            results = []
-            return r
-        }
-        for r in queued where r.slot >= 0 { pool.release(r.slot) }
-        TemporaryFiles.discard(tempPath)
-        completion.resolve(.failure(e))
     }
 }
 

@@ -2,9 +2,11 @@ import DirectIO
 import Glibc
 import Qcow2Format
 
-/// The writer thread: the single owner of the host stream (packer, write buffers, the ring),
-/// the refcounts and the L1 table. It turns worker results into placed bytes and final L2 entries,
-/// writes out L2 tables of finished regions, and at the end writes the metadata and the header.
+/// The host side of the encoder, owned by its one writer thread (no lock: nothing else touches
+/// it): the packer and write buffers, the refcounts, the L1 table, who sits in the back region of
+/// the current buffer, and which raw host clusters are shared. It turns worker results into placed
+/// bytes and final entries (in the ``GuestMap``), resolves copies, writes L2 tables of finished
+/// regions, and at the end writes the metadata and the header.
 final class StreamSink: @unchecked Sendable {
     let enc: Qcow2Encoder
     let writer: any BufferWriter
@@ -14,27 +16,29 @@ final class StreamSink: @unchecked Sendable {
     let buffers: [AlignedBuffer]
     var freeBuffers: [Int]
     var current: Int
-    /// Refcount of each host cluster. 16 bits: the default refcount width, and more than the
-    /// references one host cluster can get from compressed clusters (≤ cluster_size / 8).
+    /// Refcount of each host cluster, never above ``refcountLimit``.
     var refcounts: [UInt16] = []
+    /// What the image's refcount width holds (and 16 bits in memory: QEMU's default width).
+    let refcountLimit: UInt16
     var l1: [UInt64]
-    var processed: UInt64 = 0
     var clustersZero: UInt64 = 0
     var clustersCompressed: UInt64 = 0
     var clustersRaw: UInt64 = 0
     var diskWaitNanoseconds: UInt64 = 0
+    /// Zero clusters are written as the zero flag (a backing file would show through 0).
     let keepZeroFlag: Bool
     /// Who references each cluster placed in the back region of the current buffer, so the last
     /// buffer can be compacted at the end (its gap closed) and the references moved with it.
-    enum BackOwner { case data(UInt64), table(Int) }
-    var backItems: [(offset: Int, owner: BackOwner)] = []
-    /// Copies (dst ← src) waiting for their source cluster's final entry.
-    var deferredCopies: [UInt64: [UInt64]] = [:]
+    var backItems: [Placement] = []
     /// Uncompressed host clusters referenced by more than one guest cluster, with every referrer.
     var sharers: [UInt64: [UInt64]] = [:]
     /// Entries in tables already on disk whose copied flag must be cleared at the end.
     var diskFlagClears: [UInt64] = []
     var clustersShared: UInt64 = 0
+    /// Copies that became separate data because a refcount was at its limit.
+    var clustersDuplicated: UInt64 = 0
+    /// One cluster for reading back data that is copied rather than shared.
+    lazy var scratch = AlignedBuffer(capacity: cs + 8192)
 
     init(encoder: Qcow2Encoder, writer: any BufferWriter) {
         enc = encoder
@@ -50,6 +54,8 @@ final class StreamSink: @unchecked Sendable {
         // With a backing file an unallocated entry means "read the backing file", so zero clusters
         // must say zero explicitly; without one, unallocated already reads as zero (as qemu-img writes).
         keepZeroFlag = encoder.options.backingFile != nil
+        let width = 1 << encoder.options.refcountOrder
+        refcountLimit = width >= 16 ? UInt16.max : UInt16((1 << width) - 1)
         refcounts = [1]  // the header cluster
     }
 
@@ -64,21 +70,12 @@ final class StreamSink: @unchecked Sendable {
     /// Processes results until the input is closed and everything has arrived (returns true), or
     /// the encoder was stopped (returns false).
     func loop() throws(QcowPressError) -> Bool {
-        var items: [Qcow2Encoder.ResultItem] = []
+        var items: [ResultItem] = []
         var regions: [Int] = []
         while true {
-            let (stop, finished): (Bool, Bool) = enc.resultLock.withLock {
-                while enc.results.isEmpty && enc.readyRegions.isEmpty && !enc.writerStop
-                    && !(enc.inputClosed && processed == enc.expected) {
-                    enc.resultLock.wait()
-                }
-                swap(&items, &enc.results)
-                swap(&regions, &enc.readyRegions)
-                return (enc.writerStop, enc.inputClosed && processed + UInt64(items.count) == enc.expected)
-            }
-            if stop { return false }
+            let next = enc.queue.next(into: &items, regionsInto: &regions)
+            if next == .stopped { return false }
             for item in items { try handle(item) }
-            processed += UInt64(items.count)
             items.removeAll(keepingCapacity: true)
             for r in regions { try flushRegion(r) }
             regions.removeAll(keepingCapacity: true)
@@ -87,14 +84,9 @@ final class StreamSink: @unchecked Sendable {
             } catch {
                 throw QcowPressError.from(error)
             }
-            if finished {
+            if next == .finished {
                 // Anything announced after the last result is picked up here.
-                let late: [Int] = enc.resultLock.withLock {
-                    let r = enc.readyRegions
-                    enc.readyRegions = []
-                    return r
-                }
-                for r in late { try flushRegion(r) }
+                for r in enc.queue.takeRegions() { try flushRegion(r) }
                 return true
             }
         }
@@ -108,68 +100,77 @@ final class StreamSink: @unchecked Sendable {
         if i >= refcounts.count {
             refcounts.append(contentsOf: repeatElement(0, count: max(i + 1 - refcounts.count, refcounts.count / 2)))
         }
+        precondition(refcounts[i] < refcountLimit, "refcount of host cluster \(i) at its limit")
         refcounts[i] += 1
     }
 
-    func handle(_ item: Qcow2Encoder.ResultItem) throws(QcowPressError) {
-        let entry: UInt64
+    /// True when every host cluster of `range` can take one more reference.
+    func canAddRef(_ range: ClosedRange<UInt64>) -> Bool {
+        range.allSatisfy { Int($0) >= refcounts.count || refcounts[Int($0)] < refcountLimit }
+    }
+
+    func handle(_ item: ResultItem) throws(QcowPressError) {
+        let state: ClusterState
         switch item.kind {
         case .copy(let src):
-            try copyEntry(dst: item.cluster, src: src)
+            try copy(dst: item.cluster, src: src)
             return
         case .zero:
             clustersZero += 1
-            entry = MapMarker.zero
+            state = .zero
         case .raw:
             let (p, host) = try placeAligned(owner: .data(item.cluster))
             memcpy(p, enc.pool.pointer(item.slot), cs)
             enc.pool.release(item.slot)
-            addRef(host)
             clustersRaw += 1
-            entry = L2Entry.standard(hostOffset: host, copied: true).rawValue
+            state = .final(L2Entry.standard(hostOffset: host, copied: true).rawValue)
         case .compressed(let length):
-            let (p, host) = try placeCompressed(length)
-            memcpy(p, enc.pool.pointer(item.slot), length)
+            let entry = try placeCompressed(UnsafeRawPointer(enc.pool.pointer(item.slot)), length)
             enc.pool.release(item.slot)
-            let d = CompressedDescriptor(hostOffset: host, length: length, clusterBits: Int(bits))
-            for c in d.hostClusterRange(clusterBits: Int(bits)) { addRef(c << bits) }
             clustersCompressed += 1
-            entry = L2Entry.compressed(d).rawValue
+            state = .final(entry)
         }
-        try setFinal(item.cluster, entry)
+        try setFinal(item.cluster, state)
     }
 
-    /// Records the final entry of guest cluster `c`, resolves copies waiting for it, and writes
-    /// the region's table when this was its last cluster.
-    func setFinal(_ c: UInt64, _ entry: UInt64) throws(QcowPressError) {
-        let geometry = enc.geometry
-        let r = geometry.l1Index(ofGuestCluster: c)
-        let complete: Bool = enc.mapLock.withLock {
-            guard let t = enc.tables[r] else { return false }
-            t.entries[geometry.l2Index(ofGuestCluster: c)] = entry
-            t.done += 1
-            return t.isComplete
+    /// Records the final state of guest cluster `c`, resolves the copies that waited for it (and
+    /// copies of those), and writes the tables of regions this completed.
+    func setFinal(_ c: UInt64, _ state: ClusterState) throws(QcowPressError) {
+        var work = [(c, state)]
+        while let (cluster, s) = work.popLast() {
+            let f = enc.map.setFinal(cluster, s)
+            for (dst, src) in f.copies { work.append((dst, try resolve(copyOf: src, s, into: dst))) }
+            for r in f.regions { try flushRegion(r) }
         }
-        if let waiting = deferredCopies.removeValue(forKey: c) {
-            for d in waiting { try resolveCopy(dst: d, src: c, entry: entry) }
-        }
-        if complete { try flushRegion(r) }
     }
 
-    func placeAligned(owner: BackOwner) throws(QcowPressError) -> (UnsafeMutableRawPointer, UInt64) {
+    /// Places one cluster-aligned cluster; `owner` is who will reference it (for compaction).
+    func placeAligned(owner: Placement.Owner) throws(QcowPressError) -> (UnsafeMutableRawPointer, UInt64) {
         while true {
             if let at = packer.placeAligned() {
-                if at == packer.back { backItems.append((at, owner)) }
-                return (buffers[current].pointer + at, packer.bufferStart + UInt64(at))
+                if at == packer.back { backItems.append(Placement(offset: at, owner: owner)) }
+                let host = packer.bufferStart + UInt64(at)
+                addRef(host)
+                return (buffers[current].pointer + at, host)
             }
             try submitCurrent()
         }
     }
 
-    func placeCompressed(_ length: Int) throws(QcowPressError) -> (UnsafeMutableRawPointer, UInt64) {
+    /// Places `length` compressed bytes and returns their L2 entry (refcounts counted). A host
+    /// cluster whose refcount is at its limit is not shared with the next compressed cluster.
+    func placeCompressed(_ bytes: UnsafeRawPointer, _ length: Int) throws(QcowPressError) -> UInt64 {
         while true {
+            let front = packer.bufferStart + UInt64(packer.front)
+            if front % UInt64(cs) != 0 && !canAddRef((front >> bits)...(front >> bits)) {
+                if !packer.skipToClusterBoundary() { try submitCurrent() }
+                continue
+            }
             if let at = packer.placeCompressed(length: length) {
-                return (buffers[current].pointer + at, packer.bufferStart + UInt64(at))
+                memcpy(buffers[current].pointer + at, bytes, length)
+                let d = CompressedDescriptor(hostOffset: packer.bufferStart + UInt64(at), length: length, clusterBits: Int(bits))
+                for c in d.hostClusterRange(clusterBits: Int(bits)) { addRef(c << bits) }
+                return L2Entry.compressed(d).rawValue
             }
             try submitCurrent()
         }
@@ -201,25 +202,78 @@ final class StreamSink: @unchecked Sendable {
 
     /// Writes the L2 table of region `r` into the stream (skipped when every entry reads as zero).
     func flushRegion(_ r: Int) throws(QcowPressError) {
-        guard let t: L2Table = enc.mapLock.withLock({
-            guard let t = enc.tables[r] else { return nil }
-            enc.tables[r] = nil
-            enc.completedRegions.insert(r)
-            return t
-        }) else { return }
+        guard let t = enc.map.takeTable(r) else { return }
         var any = false
-        for i in 0..<t.count {
-            var e = t.entries[i]
-            if e == MapMarker.pending { e = 0 }  // only after a failure; never in a finished image
-            if e == MapMarker.zero && !keepZeroFlag { e = 0 }
-            t.entries[i] = e
-            if e != 0 { any = true }
+        for i in 0..<t.entries.count where t.diskEntry(i, zeroFlag: keepZeroFlag) != 0 {
+            any = true
+            break
         }
         guard any else { return }
         let (p, host) = try placeAligned(owner: .table(r))
         let out = UnsafeMutableRawBufferPointer(start: p, count: cs)
-        for i in 0..<t.count { storeBE64(out, i * 8, t.entries[i]) }
-        addRef(host)
+        for i in 0..<t.entries.count { storeBE64(out, i * 8, t.diskEntry(i, zeroFlag: keepZeroFlag)) }
         l1[r] = L1Entry(l2Offset: host, copied: true).rawValue
     }
+
+    // MARK: - where written bytes are now
+
+    /// Host bytes already placed: a pointer into the current buffer, or (after the writes in flight
+    /// are done) a copy read back from the file into `scratch`.
+    func placedBytes(at offset: UInt64, count: Int) throws(QcowPressError) -> UnsafeRawPointer {
+        if offset >= packer.bufferStart {
+            return UnsafeRawPointer(buffers[current].pointer + Int(offset - packer.bufferStart))
+        }
+        let base = offset & ~4095
+        let span = (Int(offset - base) + count + 4095) & ~4095
+        do throws(IOError) {
+            try drainWrites()
+            let n = try enc.file.preadAll(scratch.pointer, length: span, offset: base)
+            guard n == span else { throw IOError(errno: EIO, operation: "read back", path: enc.destination, offset: base) }
+        } catch {
+            throw QcowPressError.from(error)
+        }
+        return UnsafeRawPointer(scratch.pointer + Int(offset - base))
+    }
+
+    /// Waits for every write in flight; all buffers but the current one are free afterwards.
+    func drainWrites() throws(IOError) {
+        try writer.drain()
+        freeBuffers = (0..<buffers.count).filter { $0 != current }
+    }
+
+    /// Where the on-disk entry of guest cluster `c` lives, once its region's table was written
+    /// (nil when the region had no table: every entry reads as zero).
+    enum EntryPlace { case buffer(Int), disk(UInt64) }
+    func entryPlace(of c: UInt64) -> EntryPlace? {
+        let g = enc.geometry
+        let table = L1Entry(rawValue: l1[g.l1Index(ofGuestCluster: c)]).l2Offset
+        if table == 0 { return nil }
+        let at = table + UInt64(g.l2Index(ofGuestCluster: c) * 8)
+        return at >= packer.bufferStart ? .buffer(Int(at - packer.bufferStart)) : .disk(at)
+    }
+
+    /// Reads (and with `update`, rewrites) an entry wherever its table is.
+    func entry(at place: EntryPlace, update: ((UInt64) -> UInt64)? = nil) throws(QcowPressError) -> UInt64 {
+        switch place {
+        case .buffer(let o):
+            let b = buffers[current].bytes
+            let v = loadBE64(UnsafeRawBufferPointer(b), o)
+            if let update { storeBE64(b, o, update(v)) }
+            return v
+        case .disk(let at):
+            do {
+                try drainWrites()
+                return try entryOnDisk(at: at, update: update)
+            } catch {
+                throw QcowPressError.from(error)
+            }
+        }
+    }
+}
+
+/// A cluster placed in the back region of the current buffer, and who references it.
+struct Placement: Equatable {
+    enum Owner: Equatable { case data(UInt64), table(Int) }
+    var offset: Int
+    var owner: Owner
 }

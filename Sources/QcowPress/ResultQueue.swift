@@ -1,0 +1,114 @@
+import DirectIO
+
+/// A cluster's way to the writer thread.
+struct ResultItem {
+    enum Kind { case zero, raw, compressed(Int), copy(from: UInt64) }
+    var cluster: UInt64
+    /// The slot holding the data (raw or compressed); -1 when there is none.
+    var slot: Int32
+    var kind: Kind
+}
+
+/// Everything handed to one encoder's writer thread: worker results, copies to resolve, regions
+/// whose tables can be written; with the counts that tell the writer when the input is complete
+/// and the flag that stops it. One lock, a leaf (nothing else is locked while it is held).
+final class ResultQueue: @unchecked Sendable {
+    private let lock = ConditionLock()
+    // Guarded by `lock`.
+    private var items: [ResultItem] = []
+    private var regions: [Int] = []
+    /// Results announced (clusters handed to workers, copies queued) but not yet taken.
+    private var outstanding: UInt64 = 0
+    private var closed = false
+    private var stopped = false
+    private var codecNs: UInt64 = 0
+    private var guestBytes: UInt64 = 0
+    private var zeroMarked: UInt64 = 0
+
+    /// `n` results will arrive (clusters just handed to the workers).
+    func expect(_ n: Int) {
+        lock.withLock { outstanding += UInt64(n) }
+    }
+
+    /// Results of one worker batch, in one go.
+    func deliver(_ out: inout [ResultItem], codecNanoseconds dt: UInt64) {
+        lock.withLock {
+            items.append(contentsOf: out)
+            codecNs += dt
+            lock.signal()
+        }
+        out.removeAll(keepingCapacity: true)
+    }
+
+    /// Copies to resolve (new ones from `writeCopy`, or waiting ones whose source became final at
+    /// intake) and regions complete at intake.
+    func post(_ f: Finalized, copies extra: [ResultItem] = []) {
+        guard !f.isEmpty || !extra.isEmpty else { return }
+        lock.withLock {
+            let copies = f.copies.map { ResultItem(cluster: $0.dst, slot: -1, kind: .copy(from: $0.src)) } + extra
+            items.append(contentsOf: copies)
+            outstanding += UInt64(copies.count)
+            regions.append(contentsOf: f.regions)
+            lock.signal()
+        }
+    }
+
+    /// Guest bytes written or announced, and clusters marked zero without a worker (the counts).
+    func count(bytes: UInt64, zeroClusters: UInt64 = 0) {
+        lock.withLock {
+            guestBytes += bytes
+            zeroMarked += zeroClusters
+        }
+    }
+
+    /// No more input: once every announced result is taken, the writer finishes.
+    func close() {
+        lock.withLock {
+            closed = true
+            lock.signal()
+        }
+    }
+
+    /// Stops the writer; returns what was still queued (their slots go back to the pool).
+    func stop() -> [ResultItem] {
+        lock.withLock {
+            stopped = true
+            lock.broadcast()
+            let r = items
+            items = []
+            return r
+        }
+    }
+
+    enum Next { case work, finished, stopped }
+
+    /// Waits for work and swaps it into `into`/`regionsInto` (both empty on entry). `.finished`:
+    /// the input is closed and this was the last of it (anything in the buffers still to handle).
+    func next(into out: inout [ResultItem], regionsInto rs: inout [Int]) -> Next {
+        lock.withLock {
+            while items.isEmpty && regions.isEmpty && !stopped && !(closed && outstanding == 0) { lock.wait() }
+            if stopped { return .stopped }
+            swap(&out, &items)
+            swap(&rs, &regions)
+            outstanding -= UInt64(out.count)
+            return closed && outstanding == 0 ? .finished : .work
+        }
+    }
+
+    /// True once the input is closed and nothing announced is outstanding.
+    var isDrained: Bool { lock.withLock { closed && outstanding == 0 && items.isEmpty } }
+
+    /// Regions announced and not yet taken (picked up once more after the last result).
+    func takeRegions() -> [Int] {
+        lock.withLock {
+            let r = regions
+            regions = []
+            return r
+        }
+    }
+
+    var isStopped: Bool { lock.withLock { stopped } }
+    var codecNanoseconds: UInt64 { lock.withLock { codecNs } }
+    var bytesIn: UInt64 { lock.withLock { guestBytes } }
+    var zeroClustersMarked: UInt64 { lock.withLock { zeroMarked } }
+}

@@ -28,9 +28,18 @@ import Testing
                         placed.append(Placed(start: p.bufferStart + UInt64(at), length: len, aligned: aligned))
                         break
                     }
-                    let before = p.bufferStart
+                    // It did not fit: the buffer really is full for this item.
+                    if aligned {
+                        let frontClusterEnd = (p.front + cs - 1) / cs * cs
+                        #expect(p.back - cs < frontClusterEnd)
+                    } else {
+                        #expect(p.front + len > p.back)
+                    }
+                    // The next buffer starts right after the last used host cluster of this one.
+                    let end = p.back < bufferSize ? p.bufferStart + UInt64(bufferSize)
+                        : p.bufferStart + UInt64((p.front + cs - 1) / cs * cs)
                     p.advance()
-                    #expect(p.bufferStart == before + UInt64(bufferSize) || p.bufferStart > before)
+                    #expect(p.bufferStart == end && p.front == 0 && p.back == bufferSize)
                 }
             }
             // No overlap.
@@ -64,5 +73,54 @@ import Testing
                 for c in 1...maxUsed where c < lastBufferStart { #expect(used.contains(c), "host cluster \(c) unused") }
             }
         }
+    }
+
+    /// The last buffer's compaction plan: every back cluster gets one aligned destination, right
+    /// after the front's last cluster, in order, never above its source (so memmove in order is
+    /// safe), never over front data or another destination; the written length covers them all.
+    @Test(arguments: [9, 12, 16, 21])
+    func compactionPlanClosesTheGap(bits: Int) {
+        let cs = 1 << bits
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<200 {
+            let bufferSize = cs * Int.random(in: 2...16, using: &rng)
+            var p = StreamPacker(clusterSize: cs, bufferSize: bufferSize, firstHostOffset: UInt64(cs))
+            var back: [Int] = []
+            // Fill part of one buffer at random, never advancing.
+            for _ in 0..<Int.random(in: 0...40, using: &rng) {
+                if Bool.random(using: &rng) {
+                    guard let at = p.placeAligned() else { break }
+                    if at == p.back { back.append(at) }
+                } else {
+                    guard p.placeCompressed(length: Int.random(in: 1..<cs, using: &rng)) != nil else { break }
+                }
+            }
+            let plan = LastBufferCompaction.plan(front: p.front, back: back.shuffled(using: &rng), clusterSize: cs)
+            #expect(plan.frontEnd % cs == 0 && plan.frontEnd >= p.front && plan.frontEnd < p.front + cs)
+            #expect(plan.moves.map(\.from) == back.sorted())
+            var lastTo = plan.frontEnd - cs
+            for m in plan.moves {
+                #expect(m.to % cs == 0 && m.to <= m.from && m.to == lastTo + cs)
+                lastTo = m.to
+            }
+            #expect(plan.end == plan.frontEnd + back.count * cs && plan.end <= bufferSize)
+            // Applying the moves in order to a model buffer keeps every cluster's identity.
+            var model = [Int](repeating: -1, count: bufferSize / cs)
+            for b in back { model[b / cs] = b }
+            for m in plan.moves { model[m.to / cs] = model[m.from / cs] }
+            for m in plan.moves { #expect(model[m.to / cs] == m.from) }
+        }
+    }
+
+    /// Skipping to a cluster boundary starts the next compressed item in a fresh host cluster.
+    @Test func skipToClusterBoundary() {
+        var p = StreamPacker(clusterSize: 4096, bufferSize: 4 * 4096, firstHostOffset: 4096)
+        _ = p.placeCompressed(length: 100)
+        #expect(p.skipToClusterBoundary() && p.front == 4096)
+        #expect(p.skipToClusterBoundary() && p.front == 4096)  // already aligned: no move
+        _ = p.placeAligned()  // front, aligned
+        _ = p.placeAligned()
+        _ = p.placeAligned()
+        #expect(p.front == 4 * 4096 && !p.skipToClusterBoundary())
     }
 }

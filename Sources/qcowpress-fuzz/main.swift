@@ -102,7 +102,7 @@ var rng = Rng(s: UInt64(option("--seed") ?? "") ?? 0x9E37_79B9_7F4A_7C15)
 let seeds: [[UInt8]] = ((try? FileManager.default.contentsOfDirectory(atPath: corpusDir)) ?? []).sorted().compactMap {
     (try? Data(contentsOf: URL(fileURLWithPath: corpusDir + "/" + $0))).map { [UInt8]($0) }
 }
-guard !seeds.isEmpty || target == "qcow2-entries" else {
+guard !seeds.isEmpty || target == "qcow2-entries" || target == "self-test" else {
     print("no seeds in \(corpusDir)")
     exit(2)
 }
@@ -173,6 +173,9 @@ func run(_ input: [UInt8]) {
             while (try? r.nextExtent({ (c) throws(SourceError) in n &+= c.data.count })) == true {}
             _ = try? r.checkComplete()
         }
+    case "self-test":
+        // Proves the crash path to the tests: an input starting with "CRASH" traps.
+        if input.starts(with: Array("CRASH".utf8)) { fatalError("self-test crash") }
     default:
         print("unknown target \(target)")
         exit(2)

@@ -52,7 +52,24 @@ import Testing
         let root = BadCorpusTests.dir.deletingLastPathComponent()
         let r = try Harness.run(Self.fuzzer, [target, root.appendingPathComponent("fuzz/\(target)").path, "--seconds", "3"])
         #expect(r.status == 0, "\(target): \(r.stdout) \(r.stderr)")
-        #expect(r.stdout.contains("0 crashes"))
+        // It really ran: a few hundred executions at least in 3 s.
+        let runs = r.stdout.split(separator: " ").firstIndex(of: "runs").flatMap { i in
+            Int(r.stdout.split(separator: " ")[i - 1])
+        } ?? 0
+        #expect(runs >= 100, "\(target): \(r.stdout)")
+    }
+
+    /// A trapping input is a finding: the fuzzer dies by the signal, saves the input, and does not
+    /// claim a clean run.
+    @Test func aCrashIsReported() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.createDirectory(at: dir.appendingPathComponent("seeds"), withIntermediateDirectories: true)
+        try Data("CRASH now".utf8).write(to: dir.appendingPathComponent("seeds/a"))
+        let r = try Harness.run("/bin/sh", ["-c", "cd '\(dir.path)' && exec '\(Self.fuzzer)' self-test seeds --seconds 3"])
+        #expect(r.status != 0)
+        #expect(!r.stdout.contains("0 crashes"))
+        #expect(FileManager.default.fileExists(atPath: dir.appendingPathComponent("fuzz-crash-self-test.bin").path))
     }
 }
 

@@ -78,14 +78,18 @@ import Testing
         try withFile { f, _ in
             let (w, _) = makeBufferWriter(f, mode: mode, queueDepth: 4)
             let b = AlignedBuffer(capacity: 1 << 20)
-            memset(b.pointer, 0x5A, 1 << 20)
+            // Every byte distinct by position, so a tail written from the wrong place shows.
+            for i in 0..<(1 << 18) { b.pointer.storeBytes(of: UInt32(i) &* 2_654_435_761, toByteOffset: i * 4, as: UInt32.self) }
             FaultInjection.install(.init(operation: .write, index: 1, kind: .short, fd: f.fd))
             defer { FaultInjection.install(nil) }
-            try w.submit(b, length: 1 << 20, offset: 0, tag: 0)
+            try w.submit(b, length: 1 << 20, offset: 4096, tag: 0)
             try w.drain()
             var st = stat()
             fstat(f.fd, &st)
-            #expect(st.st_size == 1 << 20)
+            #expect(st.st_size == 4096 + 1 << 20)
+            let back = AlignedBuffer(capacity: 1 << 20)
+            #expect(pread(f.fd, back.pointer, 1 << 20, 4096) == 1 << 20)
+            #expect(memcmp(back.pointer, b.pointer, 1 << 20) == 0, "the rest of a short write lands after what was written")
         }
     }
 }

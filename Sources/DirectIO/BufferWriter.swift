@@ -125,66 +125,72 @@ public final class URingWriter: BufferWriter {
 }
 
 /// pwrite on a dedicated thread: the owner thread queues buffers and keeps filling the next one.
-/// Sendable because all shared state is guarded by `lock`; `file` is immutable.
+/// The thread holds only the shared `Core`, never the writer, so releasing the writer stops the
+/// thread (once its queue is empty) and closes nothing early: the core owns the file reference.
 public final class PwriteWriter: BufferWriter, @unchecked Sendable {
-    private let file: OutputFile
-    private let lock = ConditionLock()
-    private struct Job { var buffer: AlignedBuffer; var length: Int; var offset: UInt64; var tag: Int }
-    // Guarded by `lock`.
-    private var queue: [Job] = []
-    private var done: [Int] = []
-    private var error: IOError?
-    private var pending = 0
-    private var stopped = false
+    private final class Core: @unchecked Sendable {
+        let file: OutputFile
+        let lock = ConditionLock()
+        struct Job { var buffer: AlignedBuffer; var length: Int; var offset: UInt64; var tag: Int }
+        // Guarded by `lock`.
+        var queue: [Job] = []
+        var done: [Int] = []
+        var error: IOError?
+        var pending = 0
+        var stopped = false
 
-    public var modeDescription: String { file.direct ? "pwrite thread, O_DIRECT" : "pwrite thread, buffered" }
-    public var inFlight: Int { lock.withLock { pending } }
+        init(file: OutputFile) { self.file = file }
 
-    public init(file: OutputFile) {
-        self.file = file
-        startThread(name: "qp-pwrite") { [self] in run() }
-    }
-    deinit { lock.withLock { stopped = true; lock.broadcast() } }
-
-    private func run() {
-        while true {
-            let job: Job? = lock.withLock {
-                while queue.isEmpty && !stopped { lock.wait() }
-                if stopped && queue.isEmpty { return nil }
-                return queue.removeFirst()
-            }
-            guard let job else { return }
-            var failure: IOError?
-            do throws(IOError) {
-                try file.pwriteAll(job.buffer.pointer, length: job.length, offset: job.offset)
-                file.dropBehind(offset: job.offset, length: job.length)
-            } catch {
-                failure = error
-            }
-            lock.withLock {
-                pending -= 1
-                if let failure, error == nil { error = failure }
-                done.append(job.tag)
-                lock.broadcast()
+        func run() {
+            while true {
+                let job: Job? = lock.withLock {
+                    while queue.isEmpty && !stopped { lock.wait() }
+                    if stopped && queue.isEmpty { return nil }
+                    return queue.removeFirst()
+                }
+                guard let job else { return }
+                var failure: IOError?
+                do throws(IOError) {
+                    try file.pwriteAll(job.buffer.pointer, length: job.length, offset: job.offset)
+                    file.dropBehind(offset: job.offset, length: job.length)
+                } catch {
+                    failure = error
+                }
+                lock.withLock {
+                    pending -= 1
+                    if let failure, error == nil { error = failure }
+                    done.append(job.tag)
+                    lock.broadcast()
+                }
             }
         }
     }
+    private let core: Core
+
+    public var modeDescription: String { core.file.direct ? "pwrite thread, O_DIRECT" : "pwrite thread, buffered" }
+    public var inFlight: Int { core.lock.withLock { core.pending } }
+
+    public init(file: OutputFile) {
+        core = Core(file: file)
+        startThread(name: "qp-pwrite") { [core] in core.run() }
+    }
+    deinit { core.lock.withLock { core.stopped = true; core.lock.broadcast() } }
 
     public func submit(_ buffer: AlignedBuffer, length: Int, offset: UInt64, tag: Int) throws(IOError) {
-        try lock.withLock { () throws(IOError) in
-            if let error { throw error }
-            pending += 1
-            queue.append(Job(buffer: buffer, length: length, offset: offset, tag: tag))
-            lock.broadcast()
+        try core.lock.withLock { () throws(IOError) in
+            if let error = core.error { throw error }
+            core.pending += 1
+            core.queue.append(Core.Job(buffer: buffer, length: length, offset: offset, tag: tag))
+            core.lock.broadcast()
         }
     }
 
     public func reap(wait: Bool) throws(IOError) -> [Int] {
-        try lock.withLock { () throws(IOError) -> [Int] in
-            while wait && done.isEmpty && pending > 0 && error == nil { lock.wait() }
-            if let error { throw error }
-            let d = done
-            done.removeAll(keepingCapacity: true)
+        try core.lock.withLock { () throws(IOError) -> [Int] in
+            while wait && core.done.isEmpty && core.pending > 0 && core.error == nil { core.lock.wait() }
+            if let error = core.error { throw error }
+            let d = core.done
+            core.done.removeAll(keepingCapacity: true)
             return d
         }
     }

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 
 /// A file or pipe read front to back with read(2), never seeked (stdin included). Reads of a
 /// regular file are dropped from the page cache behind the reader.
@@ -9,7 +10,9 @@ public final class StreamFile: @unchecked Sendable {
     let regular: Bool
     /// Size when it is a regular file (for progress), else nil.
     public let size: UInt64?
-    private var consumed: UInt64 = 0
+    /// Written by the reading thread, read by progress reporters on others.
+    private let consumed = Atomic<UInt64>(0)
+    /// Only the reading thread touches this.
     private var dropped: UInt64 = 0
 
     /// Opens `path`, or standard input for "-".
@@ -37,18 +40,20 @@ public final class StreamFile: @unchecked Sendable {
     deinit { if ownsFD { close(fd) } }
 
     /// Bytes read so far.
-    public var position: UInt64 { consumed }
+    public var position: UInt64 { consumed.load(ordering: .relaxed) }
 
     /// Reads up to `count` bytes; 0 at end of file. Retries EINTR.
     public func read(into p: UnsafeMutableRawPointer, count: Int) throws(IOError) -> Int {
         while true {
             let r = Sys.read(fd, p, count)
             if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
-            if r < 0 { throw IOError(errno: Int32(-r), operation: "read", path: path, offset: consumed) }
-            consumed += UInt64(r)
-            if regular && consumed - dropped >= 8 << 20 {
-                _ = posix_fadvise(fd, off_t(dropped), off_t(consumed - dropped), POSIX_FADV_DONTNEED)
-                dropped = consumed
+            let before = consumed.load(ordering: .relaxed)
+            if r < 0 { throw IOError(errno: Int32(-r), operation: "read", path: path, offset: before) }
+            let now = before + UInt64(r)
+            consumed.store(now, ordering: .relaxed)
+            if regular && now - dropped >= 8 << 20 {
+                _ = posix_fadvise(fd, off_t(dropped), off_t(now - dropped), POSIX_FADV_DONTNEED)
+                dropped = now
             }
             return r
         }

@@ -1,3 +1,4 @@
+import Foundation
 import DirectIO
 import Glibc
 import Testing
@@ -90,6 +91,39 @@ import Testing
             let back = AlignedBuffer(capacity: 1 << 20)
             #expect(pread(f.fd, back.pointer, 1 << 20, 4096) == 1 << 20)
             #expect(memcmp(back.pointer, b.pointer, 1 << 20) == 0, "the rest of a short write lands after what was written")
+        }
+    }
+
+    /// Releasing a pwrite writer ends its thread (it used to hold the writer, so neither ever went).
+    @Test func pwriteWriterThreadEndsWithTheWriter() throws {
+        // Threads named qp-pwrite in this process (other suites may run threads of other names).
+        func threads() -> Int {
+            let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+            return tasks.filter { (try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8))?.hasPrefix("qp-pwrite") == true }.count
+        }
+        try withFile { f, _ in
+            // Writers of earlier tests may still be winding down: wait for them first.
+            var before = threads()
+            for _ in 0..<200 where before > 0 {
+                usleep(10_000)
+                before = threads()
+            }
+            weak var weakWriter: PwriteWriter?
+            do {
+                let w = PwriteWriter(file: f)
+                weakWriter = w
+                let b = AlignedBuffer(capacity: 4096)
+                try w.submit(b, length: 4096, offset: 0, tag: 0)
+                try w.drain()
+                #expect(threads() == before + 1)
+            }
+            #expect(weakWriter == nil)
+            var after = threads()
+            for _ in 0..<100 where after > before {
+                usleep(10_000)
+                after = threads()
+            }
+            #expect(after == before)
         }
     }
 }

@@ -26,18 +26,23 @@ public final class EncoderGroup: @unchecked Sendable {
     private var members = 0
 
     /// - Parameters: the settings every member encoder must use (cluster size and codec are per
-    ///   group: one slot size, one codec context per worker).
+    ///   group: one slot size, one codec context per worker); `images`: how many images will be
+    ///   written at the same time (each gets an equal share of the write buffers).
+    /// - Throws: ``QcowPressError/invalidArgument(_:)`` when the memory limit cannot hold even one
+    ///   worker and every image's smallest write buffers. Fewer workers than asked for are started
+    ///   when the limit cannot hold more (``threads`` says how many).
     public init(threads: Int = EncoderOptions.defaultThreads, memoryLimit: Int = 256 << 20,
-                clusterSize: Int = 65536, compression: CompressionSettings? = nil) {
-        self.threads = max(1, threads)
+                clusterSize: Int = 65536, compression: CompressionSettings? = nil, images: Int = 1) throws(QcowPressError) {
         self.clusterSize = clusterSize
         self.compression = compression
         self.memoryLimit = memoryLimit
         var o = EncoderOptions(virtualSize: 0)
-        o.threads = self.threads
+        o.threads = max(1, threads)
         o.memoryLimit = memoryLimit
         o.clusterSize = clusterSize
-        plan = MemoryPlan(options: o)
+        o.compression = compression
+        plan = try MemoryPlan(options: o, images: images)
+        self.threads = plan.threads
         pool = SlotPool(slotSize: clusterSize, count: plan.slotCount)
         for i in 0..<self.threads {
             startThread(name: "qp-worker-\(i)") { [self] in workerLoop() }
@@ -45,8 +50,26 @@ public final class EncoderGroup: @unchecked Sendable {
     }
 
     /// A group for the settings of one encoder's options.
-    convenience init(options o: EncoderOptions) {
-        self.init(threads: o.threads, memoryLimit: o.memoryLimit, clusterSize: o.clusterSize, compression: o.compression)
+    convenience init(options o: EncoderOptions) throws(QcowPressError) {
+        try self.init(threads: o.threads, memoryLimit: o.memoryLimit, clusterSize: o.clusterSize, compression: o.compression)
+    }
+
+    // Guarded by `lock`: bytes of write buffers the member images hold.
+    private var writeBufferBytes = 0
+
+    /// Write buffers for one image joining the group (returned by ``releaseWriteBuffers(_:)``).
+    func reserveWriteBuffers() throws(QcowPressError) -> (count: Int, size: Int) {
+        try lock.withLock { () throws(QcowPressError) -> (count: Int, size: Int) in
+            guard let b = plan.writeBuffers(inUse: writeBufferBytes) else {
+                throw .invalidArgument("memory limit \(memoryLimit >> 20)M has no room for another image's write buffers (\(writeBufferBytes >> 20)M in use); raise --memory-limit")
+            }
+            writeBufferBytes += b.count * b.size
+            return b
+        }
+    }
+
+    func releaseWriteBuffers(_ bytes: Int) {
+        lock.withLock { writeBufferBytes -= bytes }
     }
 
     /// Stops the workers once every member has finished or failed (called when the last leaves).

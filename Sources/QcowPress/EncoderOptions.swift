@@ -64,32 +64,81 @@ public struct EncoderOptions: Sendable {
     }
 }
 
-/// How the memory budget is divided. Every number here is a floor or a share of the budget.
+/// How the memory budget is divided: one plan per ``EncoderGroup`` bounds the whole engine —
+/// every image's write buffers, the workers (cluster scratch and codec context each), the cluster
+/// slots and the tables. What does not fit is cut (fewer workers, smaller or fewer write buffers,
+/// fewer slots), and what cannot be cut that far is refused with the size that would fit.
 struct MemoryPlan {
-    /// Write buffers: one filling, the others in flight.
+    /// Write buffers per image: one filling, the others in flight.
     /// Measured here (2 cores, ext4 on virtio, 3 GiB image, uncompressed so the disk is the limit):
     /// 3 buffers 1.78–1.92 s, 6 buffers 2.20–2.32 s (the device is shared and noisy; more in flight
-    /// bought nothing), so 3: one filling, two in flight.
+    /// bought nothing), so 3: one filling, two in flight. 2 is the floor (one filling, one in flight).
     static let bufferCount = 3
+    /// The preferred write buffer size: 4 MiB at the default budget; at least 2 clusters so raw
+    /// clusters fit beside compressed data; 1 MiB keeps per-request overhead negligible.
     let bufferSize: Int
+    /// Workers the budget allows (at most the ones asked for).
+    let threads: Int
     let slotCount: Int
     let tableBudget: Int
+    /// Every image's write buffers together (images of a group take their share as they start).
+    let writeBufferBudget: Int
+    let clusterSize: Int
+    let images: Int
 
-    init(options o: EncoderOptions) {
+    /// Memory one worker holds: its compression scratch cluster and codec context.
+    static func workerBytes(_ o: EncoderOptions) -> Int {
+        o.clusterSize + (o.compression.map { Codecs.contextBytes($0, clusterSize: o.clusterSize) } ?? 0)
+    }
+
+    /// - Parameter images: images the group will write at the same time (each gets an equal share
+    ///   of the write-buffer budget).
+    init(options o: EncoderOptions, images: Int = 1) throws(QcowPressError) {
         let cs = o.clusterSize
-        // 4 MiB buffers at the default budget; at least 2 clusters so raw clusters fit beside
-        // compressed data; 1 MiB floor keeps per-request overhead negligible.
-        var buf = min(4 << 20, max(1 << 20, o.memoryLimit / 32))
+        let budget = o.memoryLimit
+        var buf = min(4 << 20, max(1 << 20, budget / 32))
         buf = max(buf, 2 * cs)
         buf = (buf + cs - 1) / cs * cs
         bufferSize = buf
-        tableBudget = o.memoryLimit / 16
-        let forSlots = o.memoryLimit - Self.bufferCount * buf - tableBudget - o.threads * cs
+        clusterSize = cs
+        self.images = max(1, images)
+        tableBudget = budget / 16
+        let perWorker = Self.workerBytes(o)
+        // Write buffers: a quarter of the budget (three images at the default budget get full 4 MiB
+        // buffers), and at least every image's floor of 2 buffers of 2 clusters.
+        let floor = max(1, images) * 4 * cs
+        let wanted = max(budget / 4, floor)
+        let tables = budget / 16
+        // Each worker needs cluster slots to work on (one in hand, one queued) and its context.
+        let fixed = { (t: Int) -> Int in floor + tables + t * perWorker + (2 * t + 2) * cs }
+        var t = o.threads
+        while t > 1 && fixed(t) > budget { t -= 1 }
+        guard fixed(t) <= budget else {
+            let need = (fixed(1) + (1 << 20) - 1) >> 20
+            let what = images > 1 ? "\(images) images" : "an image"
+            throw .invalidArgument("memory limit \(budget >> 20)M cannot hold \(what) at cluster_size \(cs) with \(o.compression?.description ?? "no compression"): at least \(need)M is needed")
+        }
+        threads = t
+        let available = budget - tables - t * perWorker - (2 * t + 2) * cs
+        let writeBudget = min(wanted, available)
+        writeBufferBudget = writeBudget
+        let forSlots = budget - writeBudget - tables - t * perWorker
         // The budget is a ceiling, not a target: queued clusters beyond what keeps every worker and
         // the writer busy only add resident memory. Measured here (3 GiB ext4 image, 2 cores,
         // zstd 3): 8 MiB of slots per worker + 32 MiB for bursts ran as fast as 220 MiB of slots.
-        let useful = (o.threads * (8 << 20) + (32 << 20)) / cs
-        // Each worker needs a batch in hand and one queued, or the cores idle.
-        slotCount = max(4 * o.threads + 4, min(useful, forSlots / cs))
+        let useful = (t * (8 << 20) + (32 << 20)) / cs
+        slotCount = max(2 * t + 2, min(max(useful, 4 * t + 4), forSlots / cs))
+    }
+
+    /// One image's write buffers out of what `inUse` leaves of the write-buffer budget, at most its
+    /// share: 3 of the preferred size when they fit, else smaller ones (whole clusters, at least 2),
+    /// else only 2; nil when not even 2 buffers of 2 clusters fit.
+    func writeBuffers(inUse: Int) -> (count: Int, size: Int)? {
+        let left = min(writeBufferBudget - inUse, max(writeBufferBudget / images, 4 * clusterSize))
+        for count in [Self.bufferCount, 2] {
+            let size = min(bufferSize, left / count / clusterSize * clusterSize)
+            if size >= 2 * clusterSize { return (count, size) }
+        }
+        return nil
     }
 }

@@ -83,8 +83,8 @@ public struct PBSRestore: Sendable {
         for idx in indexes { for i in 0..<idx.chunkCount { uses[idx.digest(i), default: 0] += 1 } }
         let cache = ChunkCache(capacity: options.cacheBytes, uses: uses)
         // One worker pool and one budget for every drive of this restore.
-        let group = EncoderGroup(threads: encoder.threads, memoryLimit: encoder.memoryLimit,
-                                 clusterSize: encoder.clusterSize, compression: encoder.compression)
+        let group = try EncoderGroup(threads: encoder.threads, memoryLimit: encoder.memoryLimit,
+                                     clusterSize: encoder.clusterSize, compression: encoder.compression)
         defer { group.shutdown() }
         var out: [Summary] = []
         for (j, job) in jobs.enumerated() {

@@ -76,6 +76,7 @@ extension Qcow2Encoder {
 
     func succeed(_ s: EncoderSummary) {
         lifecycle.markDone()
+        group.releaseWriteBuffers(writeBuffers.count * writeBuffers.size)
         group.leave()
         completion.resolve(.success(s))
     }
@@ -86,6 +87,7 @@ extension Qcow2Encoder {
         guard lifecycle.markFailed(e) else { return }
         logger.debug("encoder stopped", metadata: ["destination": "\(destination)", "reason": "\(e.message)"])
         if group.ownedByOneEncoder { pool.fail() }
+        group.releaseWriteBuffers(writeBuffers.count * writeBuffers.size)
         group.leave()
         // Clusters queued for the writer go back to the (possibly shared) pool.
         for r in queue.stop() where r.slot >= 0 { pool.release(r.slot) }

@@ -25,6 +25,8 @@ public final class Qcow2Encoder: @unchecked Sendable {
     let options: EncoderOptions
     let geometry: ClusterGeometry
     let plan: MemoryPlan
+    /// This image's write buffers, out of the group's plan.
+    let writeBuffers: (count: Int, size: Int)
     let file: OutputFile
     var pool: SlotPool { group.pool }
     let clusterSize: Int
@@ -71,16 +73,28 @@ public final class Qcow2Encoder: @unchecked Sendable {
             }
             group = g
         } else {
-            group = EncoderGroup(options: options)
+            group = try EncoderGroup(options: options)
             group.ownedByOneEncoder = true
         }
         plan = group.plan
+        let owner = group
+        do throws(QcowPressError) {
+            writeBuffers = try group.reserveWriteBuffers()
+        } catch {
+            if owner.ownedByOneEncoder { owner.shutdown() }
+            throw error
+        }
         tempPath = TemporaryFiles.make(for: destination)
         do {
             file = try OutputFile(creating: tempPath, direct: options.ioMode != .buffered, displayName: destination)
         } catch {
             TemporaryFiles.discard(tempPath)
+            owner.releaseWriteBuffers(writeBuffers.count * writeBuffers.size)
+            if owner.ownedByOneEncoder { owner.shutdown() }
             throw QcowPressError.from(error)
+        }
+        if group.threads < options.threads {
+            notes.append("\(group.threads) compression threads instead of \(options.threads): the memory limit holds no more")
         }
         if options.ioMode != .buffered && !file.direct {
             notes.append("O_DIRECT refused by the file system; using buffered writes with the page cache dropped behind")
@@ -89,7 +103,8 @@ public final class Qcow2Encoder: @unchecked Sendable {
         if let note { notes.append(note) }
         let sink = StreamSink(encoder: self, writer: writer)
         logger.debug("encoder started", metadata: ["destination": "\(destination)", "io": "\(writer.modeDescription)",
-                                                   "slots": "\(plan.slotCount)", "bufferSize": "\(plan.bufferSize)"])
+                                                   "slots": "\(plan.slotCount)", "threads": "\(group.threads)",
+                                                   "writeBuffers": "\(writeBuffers.count) × \(writeBuffers.size)"])
         for n in notes { logger.info("\(n)") }
         group.join()
         startThread(name: "qp-writer") { sink.run() }

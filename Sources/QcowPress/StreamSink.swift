@@ -46,9 +46,10 @@ final class StreamSink: @unchecked Sendable {
         cs = encoder.clusterSize
         bits = UInt64(encoder.geometry.clusterBits)
         // Host cluster 0 holds the header; the data stream starts right after it.
-        packer = StreamPacker(clusterSize: cs, bufferSize: encoder.plan.bufferSize, firstHostOffset: UInt64(cs))
-        buffers = (0..<MemoryPlan.bufferCount).map { _ in AlignedBuffer(capacity: encoder.plan.bufferSize) }
-        freeBuffers = Array(1..<MemoryPlan.bufferCount)
+        let (count, size) = encoder.writeBuffers
+        packer = StreamPacker(clusterSize: cs, bufferSize: size, firstHostOffset: UInt64(cs))
+        buffers = (0..<count).map { _ in AlignedBuffer(capacity: size) }
+        freeBuffers = Array(1..<count)
         current = 0
         l1 = Array(repeating: 0, count: Int(encoder.geometry.l1Entries(forVirtualSize: encoder.options.virtualSize)))
         // With a backing file an unallocated entry means "read the backing file", so zero clusters

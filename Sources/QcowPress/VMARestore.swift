@@ -50,8 +50,9 @@ public struct VMARestore: Sendable {
             for p in configPaths where FileNames.exists(p) { throw .destinationExists(path: p) }
         }
         // One engine per device, all sharing one worker pool and one memory budget.
-        let group = EncoderGroup(threads: template.threads, memoryLimit: template.memoryLimit,
-                                 clusterSize: template.clusterSize, compression: template.compression)
+        let group = try EncoderGroup(threads: template.threads, memoryLimit: template.memoryLimit,
+                                     clusterSize: template.clusterSize, compression: template.compression,
+                                     images: selected.count)
         defer { group.shutdown() }
         var encoders = [Qcow2Encoder?](repeating: nil, count: reader.devices.count)
         func cancelAll() { for e in encoders { e?.cancel() } }

@@ -64,10 +64,10 @@ final class GuestMap: @unchecked Sendable {
     /// Marks an entry final and collects what that releases. Caller holds the lock.
     private func finalize(_ c: UInt64, _ t: RegionTable, _ s: ClusterState, into out: inout Finalized) {
         let i = geometry.l2Index(ofGuestCluster: c)
-        if case .untouched = t.entries[i] {} else if case .pending = t.entries[i] {} else {
+        if case .untouched = t[i] {} else if case .pending = t[i] {} else {
             preconditionFailure("guest cluster \(c) made final twice")
         }
-        t.entries[i] = s
+        t[i] = s
         t.done += 1
         if let w = waiting.removeValue(forKey: c) { for d in w { out.copies.append((d, c)) } }
         if t.isComplete { out.regions.append(geometry.l1Index(ofGuestCluster: c)) }
@@ -80,8 +80,8 @@ final class GuestMap: @unchecked Sendable {
         try lock.withLock { () throws(QcowPressError) in
             let t = try table(c)
             let i = geometry.l2Index(ofGuestCluster: c)
-            guard t.entries[i] == .untouched, partials[c] == nil else { throw overlap(c) }
-            t.entries[i] = .pending
+            guard t[i] == .untouched, partials[c] == nil else { throw overlap(c) }
+            t[i] = .pending
         }
     }
 
@@ -105,7 +105,7 @@ final class GuestMap: @unchecked Sendable {
                 } else {
                     let t = try table(c)
                     for k in c..<stop {
-                        guard t.entries[geometry.l2Index(ofGuestCluster: k)] == .untouched, partials[k] == nil else { throw overlap(k) }
+                        guard t[geometry.l2Index(ofGuestCluster: k)] == .untouched, partials[k] == nil else { throw overlap(k) }
                     }
                     for k in c..<stop { finalize(k, t, .zero, into: &out) }
                 }
@@ -121,7 +121,7 @@ final class GuestMap: @unchecked Sendable {
         try lock.withLock { () throws(QcowPressError) -> Int32? in
             guard var p = partials[c] else {
                 let t = try table(c)
-                guard t.entries[geometry.l2Index(ofGuestCluster: c)] == .untouched else { throw overlap(c) }
+                guard t[geometry.l2Index(ofGuestCluster: c)] == .untouched else { throw overlap(c) }
                 return nil
             }
             guard !range.overlaps(any: p.claimed) else { throw overlapAt(c, range) }
@@ -148,8 +148,8 @@ final class GuestMap: @unchecked Sendable {
             let t: RegionTable
             do throws(QcowPressError) { t = try table(c) } catch { return .failure(error) }
             let i = geometry.l2Index(ofGuestCluster: c)
-            guard t.entries[i] == .untouched else { return .failure(overlap(c)) }
-            t.entries[i] = .pending
+            guard t[i] == .untouched else { return .failure(overlap(c)) }
+            t[i] = .pending
             partials[c] = PartialCluster(slot: slot, claimed: [range], filled: 0)
             return .success((slot, true))
         }
@@ -207,7 +207,7 @@ final class GuestMap: @unchecked Sendable {
         lock.withLock {
             let r = geometry.l1Index(ofGuestCluster: src)
             if let t = tables[r] {
-                let s = t.entries[geometry.l2Index(ofGuestCluster: src)]
+                let s = t[geometry.l2Index(ofGuestCluster: src)]
                 switch s {
                 case .zero, .final: return .known(s)
                 case .untouched, .pending: break
@@ -248,30 +248,59 @@ final class GuestMap: @unchecked Sendable {
         lock.withLock {
             guard let t = tables[geometry.l1Index(ofGuestCluster: c)] else { return false }
             let i = geometry.l2Index(ofGuestCluster: c)
-            if case .final(let e) = t.entries[i] { t.entries[i] = .final(e & ~L2Entry.copiedFlag) }
+            if case .final(let e) = t[i] { t[i] = .final(e & ~L2Entry.copiedFlag) }
             return true
         }
     }
 }
 
-/// The L2 table of one region in flight.
+/// The L2 table of one region in flight. Entries are ``ClusterState``s to every caller; inside,
+/// one UInt64 each (half the memory of the enum's 16-byte stride): a final entry as itself, and
+/// the three other states as values no final entry can take (0; bit 1, reserved in an L2 entry;
+/// the bare zero flag, since a final zero is stored as `.zero`).
 final class RegionTable {
-    var entries: [ClusterState]
+    private var raw: [UInt64]
     /// Clusters of this region whose state is final (zero or written).
     var done = 0
     /// Clusters in this region (the last region of an image may be shorter).
     let clusters: Int
 
+    private static let untouched: UInt64 = 0
+    private static let pending: UInt64 = 1 << 1
+    private static let zero: UInt64 = L2Entry.zeroFlag
+
     init(count: Int, clusters: Int) {
-        entries = Array(repeating: .untouched, count: count)
+        raw = Array(repeating: Self.untouched, count: count)
         self.clusters = clusters
     }
     var isComplete: Bool { done == clusters }
+    var count: Int { raw.count }
+
+    subscript(i: Int) -> ClusterState {
+        get {
+            switch raw[i] {
+            case Self.untouched: return .untouched
+            case Self.pending: return .pending
+            case Self.zero: return .zero
+            case let e: return .final(e)
+            }
+        }
+        set {
+            switch newValue {
+            case .untouched: raw[i] = Self.untouched
+            case .pending: raw[i] = Self.pending
+            case .zero: raw[i] = Self.zero
+            case .final(let e):
+                precondition(e != Self.untouched && e != Self.pending && e != Self.zero, "not a final L2 entry: \(e)")
+                raw[i] = e
+            }
+        }
+    }
 
     /// The on-disk entry of slot `i`: `zeroFlag` says whether a zero cluster is written as the zero
     /// flag (a backing file would show through an unallocated entry) or as 0.
     func diskEntry(_ i: Int, zeroFlag: Bool) -> UInt64 {
-        switch entries[i] {
+        switch self[i] {
         case .untouched, .pending: return 0
         case .zero: return zeroFlag ? L2Entry.zeroFlag : 0
         case .final(let e): return e

@@ -205,14 +205,14 @@ final class StreamSink: @unchecked Sendable {
     func flushRegion(_ r: Int) throws(QcowPressError) {
         guard let t = enc.map.takeTable(r) else { return }
         var any = false
-        for i in 0..<t.entries.count where t.diskEntry(i, zeroFlag: keepZeroFlag) != 0 {
+        for i in 0..<t.count where t.diskEntry(i, zeroFlag: keepZeroFlag) != 0 {
             any = true
             break
         }
         guard any else { return }
         let (p, host) = try placeAligned(owner: .table(r))
         let out = UnsafeMutableRawBufferPointer(start: p, count: cs)
-        for i in 0..<t.entries.count { storeBE64(out, i * 8, t.diskEntry(i, zeroFlag: keepZeroFlag)) }
+        for i in 0..<t.count { storeBE64(out, i * 8, t.diskEntry(i, zeroFlag: keepZeroFlag)) }
         l1[r] = L1Entry(l2Offset: host, copied: true).rawValue
     }
 

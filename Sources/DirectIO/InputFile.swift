@@ -66,6 +66,40 @@ public final class InputFile: @unchecked Sendable {
         return done
     }
 
+    /// Reads consecutive bytes at `offset` into several buffers in one request (preadv), as
+    /// ``read(into:length:offset:)`` does into one. Returns bytes read; stops early only at end of file.
+    public func read(into buffers: [UnsafeMutableRawBufferPointer], offset: UInt64) throws(IOError) -> Int {
+        let length = buffers.reduce(0) { $0 + $1.count }
+        var done = 0
+        var rest = buffers
+        while done < length {
+            let at = offset + UInt64(done)
+            let r = Sys.preadv(fd, rest, at)
+            if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
+            if r < 0 { throw IOError(errno: Int32(-r), operation: "read", path: path, offset: at) }
+            if r == 0 {
+                if at >= size { break }
+                throw IOError(errno: EIO, operation: "read (no progress)", path: path, offset: at)
+            }
+            done += r
+            // Drop what was filled; a partly filled buffer continues where it stopped.
+            var skip = r
+            while skip > 0, let first = rest.first {
+                if skip >= first.count {
+                    skip -= first.count
+                    rest.removeFirst()
+                } else {
+                    rest[0] = UnsafeMutableRawBufferPointer(rebasing: first[skip...])
+                    skip = 0
+                }
+            }
+        }
+        if !direct && dropBehind && done > 0 {
+            _ = posix_fadvise(fd, off_t(offset), off_t(done), POSIX_FADV_DONTNEED)
+        }
+        return done
+    }
+
     /// Data ranges of the file in [from, to), using SEEK_DATA/SEEK_HOLE. Where the file system
     /// cannot tell, the whole range is data.
     public func dataRanges(from: UInt64 = 0, to: UInt64? = nil) -> [Range<UInt64>] {

@@ -129,6 +129,23 @@ enum Sys {
         return r < 0 ? -Int(Glibc.errno) : r
     }
 
+    /// preadv(2) into `buffers`; an injected short transfer reads only the first half.
+    static func preadv(_ fd: Int32, _ buffers: [UnsafeMutableRawBufferPointer], _ offset: UInt64) -> Int {
+        let total = buffers.reduce(0) { $0 + $1.count }
+        let f = fault(.read, fd: fd, length: total)
+        if let r = f.result { return r }
+        if f.length == 0 && total > 0 { return 0 }
+        var iov: [iovec] = []
+        var left = f.length
+        for b in buffers where left > 0 {
+            let n = min(left, b.count)
+            iov.append(iovec(iov_base: b.baseAddress, iov_len: n))
+            left -= n
+        }
+        let r = iov.withUnsafeBufferPointer { Glibc.preadv(fd, $0.baseAddress, Int32($0.count), off_t(offset)) }
+        return r < 0 ? -Int(Glibc.errno) : r
+    }
+
     static func read(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int) -> Int {
         let f = fault(.read, fd: fd, length: count)
         if let r = f.result { return r }

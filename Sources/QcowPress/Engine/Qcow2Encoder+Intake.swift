@@ -49,6 +49,65 @@ extension Qcow2Encoder {
         finishIntake(&cursor, count: bytes.count)
     }
 
+    /// Whole clusters read straight into cluster slots, with no copy through a reader's buffer:
+    /// `read(at, buffers)` fills the buffers it is given (one per cluster, in guest order, each
+    /// the cluster's guest bytes) from guest offset `at`; it is called once per round of slots. `offset` must be cluster-aligned and `count` cover
+    /// whole clusters or reach the end of the image. For producers on their own OS threads: blocks
+    /// while the budget is used up.
+    func fillBlocking(at offset: UInt64, count: Int,
+                      read: (UInt64, [UnsafeMutableRawBufferPointer]) throws(QcowPressError) -> Void) throws(QcowPressError) {
+        try checkRange(offset, count)
+        let cs = UInt64(clusterSize)
+        let end = offset + UInt64(count)
+        guard offset % cs == 0, end % cs == 0 || end == options.virtualSize else {
+            throw .misuse("fillBlocking needs whole clusters")
+        }
+        try lifecycle.checkOpen()
+        // Slots taken at once, a small share of the pool so several readers always fit.
+        let perRound = max(1, min(64, pool.count / 8))
+        var c = offset / cs
+        let last = (end + cs - 1) / cs
+        var zero: UInt64 = 0
+        var batch: [WorkItem] = []
+        while c < last {
+            let k = Int(min(UInt64(perRound), last - c))
+            let slots = pool.acquireBlocking(count: k)
+            if slots.isEmpty { try failIfStopped() }
+            let buffers = slots.enumerated().map { j, s in
+                UnsafeMutableRawBufferPointer(start: pool.pointer(s), count: validBytes(c + UInt64(j)))
+            }
+            var next = 0
+            do throws(QcowPressError) {
+                try read(c * cs, buffers)
+                for (j, s) in slots.enumerated() {
+                    next = j + 1
+                    let cluster = c + UInt64(j)
+                    let b = buffers[j]
+                    if isAllZero(b.baseAddress!, b.count) {
+                        pool.release(s)
+                        queue.post(try map.markZero(cluster, cluster + 1))
+                        zero += 1
+                        continue
+                    }
+                    do throws(QcowPressError) { try map.reserve(cluster) } catch {
+                        pool.release(s)
+                        throw error
+                    }
+                    if b.count < clusterSize { memset(b.baseAddress! + b.count, 0, clusterSize - b.count) }
+                    batch.append(WorkItem(cluster: cluster, slot: s, checkedNonZero: true))
+                    if batch.count >= Self.batchSize { flush(&batch) }
+                }
+            } catch {
+                for s in slots[next...] { pool.release(s) }
+                flush(&batch)
+                throw error
+            }
+            flush(&batch)
+            c += UInt64(k)
+        }
+        queue.count(bytes: UInt64(count), zeroClusters: zero)
+    }
+
     /// Progress of one write call through its clusters.
     struct IntakeCursor {
         var pos = 0

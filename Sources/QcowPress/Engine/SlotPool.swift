@@ -44,6 +44,23 @@ final class SlotPool: @unchecked Sendable {
         }
     }
 
+    /// Takes `n` slots at once (never holding some while waiting for the rest, so callers cannot
+    /// deadlock each other), blocking while fewer are free. Empty once the pool was failed.
+    func acquireBlocking(count n: Int) -> [Int32] {
+        precondition(n <= count)
+        return lock.withLock {
+            if free.count < n {
+                let t0 = monotonicNanoseconds()
+                while free.count < n && !failed { lock.wait() }
+                stallNanoseconds += monotonicNanoseconds() - t0
+            }
+            if failed { return [] }
+            let taken = Array(free.suffix(n))
+            free.removeLast(n)
+            return taken
+        }
+    }
+
     /// Takes a slot, suspending the task (never blocking a cooperative thread) while none is free.
     func acquire() async -> Int32 {
         if let s = lock.withLock({ free.popLast() }) { return s }
@@ -66,7 +83,8 @@ final class SlotPool: @unchecked Sendable {
         let waiter: CheckedContinuation<Int32, Never>? = lock.withLock {
             if !asyncWaiters.isEmpty { return asyncWaiters.removeFirst() }
             free.append(slot)
-            lock.signal()
+            // Broadcast: a waiter for several slots may be the one that can go now.
+            lock.broadcast()
             return nil
         }
         waiter?.resume(returning: slot)

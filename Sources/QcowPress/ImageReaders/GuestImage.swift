@@ -12,12 +12,31 @@ public protocol GuestImage: AnyObject, Sendable {
     func isKnownZero(at offset: UInt64, count: Int) throws(QcowPressError) -> Bool
     /// Reads [offset, offset+count) into `into`; bytes past the virtual size read as zeros.
     func read(at offset: UInt64, count: Int, into: UnsafeMutableRawPointer, context: ReadContext) throws(QcowPressError)
+    /// Reads consecutive guest bytes from `offset` into several buffers (each filled in turn), so a
+    /// reader can fill cluster slots directly. Bytes past the virtual size read as zeros.
+    func read(at offset: UInt64, into buffers: [UnsafeMutableRawBufferPointer], context: ReadContext) throws(QcowPressError)
+}
+
+extension GuestImage {
+    /// Reads into one scratch buffer and copies out (images that cannot read into many at once).
+    public func read(at offset: UInt64, into buffers: [UnsafeMutableRawBufferPointer], context: ReadContext) throws(QcowPressError) {
+        let total = buffers.reduce(0) { $0 + $1.count }
+        let b = context.gatherBuffer(total)
+        try read(at: offset, count: total, into: b.pointer, context: context)
+        var at = 0
+        for d in buffers {
+            d.copyMemory(from: UnsafeRawBufferPointer(start: b.pointer + at, count: d.count))
+            at += d.count
+        }
+    }
 }
 
 /// Per-thread scratch for reading images (decompression contexts, a cluster buffer).
 public final class ReadContext {
     var scratch: AlignedBuffer?
     var compressed: AlignedBuffer?
+    /// Whole reads that are then copied out to several buffers (the readers use `scratch` inside).
+    var gather: AlignedBuffer?
     var decompressors: [CompressionSettings.Algorithm: any ClusterDecompressor] = [:]
     public init() {}
 
@@ -25,6 +44,12 @@ public final class ReadContext {
         if let s = scratch, s.capacity >= n { return s }
         let b = AlignedBuffer(capacity: n)
         scratch = b
+        return b
+    }
+    func gatherBuffer(_ n: Int) -> AlignedBuffer {
+        if let s = gather, s.capacity >= n { return s }
+        let b = AlignedBuffer(capacity: n)
+        gather = b
         return b
     }
     func compressedBuffer(_ n: Int) -> AlignedBuffer {
@@ -85,6 +110,33 @@ public final class RawGuestImage: GuestImage, @unchecked Sendable {
         }
         guard got == n else { throw .inputDamaged(path: path, location: "file ended at offset \(offset + UInt64(got)) (size changed while reading?)") }
         if n < count { memset(into + n, 0, count - n) }
+    }
+
+    /// One preadv straight into the buffers (O_DIRECT when every buffer is 4 KiB-aligned and a
+    /// multiple of 4 KiB long; the file's end stops it, the rest reads as zeros).
+    public func read(at offset: UInt64, into buffers: [UnsafeMutableRawBufferPointer], context: ReadContext) throws(QcowPressError) {
+        let count = buffers.reduce(0) { $0 + $1.count }
+        let aligned = offset % 4096 == 0 && buffers.allSatisfy { UInt(bitPattern: $0.baseAddress) % 4096 == 0 && $0.count % 4096 == 0 }
+        guard let direct, aligned, offset < file.size else {
+            var at = offset
+            for b in buffers {
+                try read(at: at, count: b.count, into: b.baseAddress!, context: context)
+                at += UInt64(b.count)
+            }
+            return
+        }
+        let n = Int(min(UInt64(count), file.size - offset))
+        let got: Int
+        do { got = min(n, try direct.read(into: buffers, offset: offset)) } catch { throw .from(error) }
+        guard got == n else { throw .inputDamaged(path: path, location: "file ended at offset \(offset + UInt64(got)) (size changed while reading?)") }
+        if n < count {
+            var at = 0
+            for b in buffers {
+                let from = max(n, at), to = at + b.count
+                if from < to { memset(b.baseAddress! + (from - at), 0, to - from) }
+                at += b.count
+            }
+        }
     }
 }
 

@@ -43,7 +43,8 @@ public struct ImageCopier: Sendable {
         let (source, base, cs) = (self.source, self.base, self.clusterSize)
         try forEachIndex(size / step + (size % step == 0 ? 0 : 1), threads: readers, name: "qp-copy") {
             let ctx = ReadContext()
-            let buf = AlignedBuffer(capacity: Self.chunkSize)
+            // Untouched until used (a raw source into an encoder reads straight into its slots).
+            let buf = AlignedBuffer(capacity: Self.chunkSize, zeroed: false)
             let other = base == nil ? nil : AlignedBuffer(capacity: Self.chunkSize)
             return { (i) throws(QcowPressError) in
                 let at0 = i * step
@@ -52,6 +53,12 @@ public struct ImageCopier: Sendable {
                 guard let base, let other else {
                     if srcZero {
                         try sink.writeZeroesBlocking(at: at0, length: UInt64(n))
+                    } else if let enc = sink as? Qcow2Encoder, enc.clusterSize >= 4096 {
+                        // Straight into the encoder's cluster slots (O_DIRECT reads need 4 KiB-aligned
+                        // memory, which slots of 4 KiB and up are).
+                        try enc.fillBlocking(at: at0, count: n) { (at, b) throws(QcowPressError) in
+                            try source.read(at: at, into: b, context: ctx)
+                        }
                     } else {
                         try source.read(at: at0, count: n, into: buf.pointer, context: ctx)
                         try sink.writeBlocking(at: at0, UnsafeRawBufferPointer(start: buf.pointer, count: n))

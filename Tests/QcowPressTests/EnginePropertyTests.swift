@@ -244,3 +244,34 @@ extension EnginePropertyTests {
         #expect(try EncoderTests().qemuImg(["compare", "-f", "raw", "-F", "qcow2", raw.path, dst]) == 0)
     }
 }
+
+extension EnginePropertyTests {
+    /// Progress moves only over clusters that reached the output, in guest order: data written at
+    /// the end first does not count until everything before it is done.
+    @Test func bytesDoneCountsFinishedPrefixOnly() async throws {
+        let dir = try EncoderTests().tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var options = EncoderOptions(virtualSize: 8 << 20)
+        options.clusterSize = 65536
+        let enc = try Qcow2Encoder(destination: dir.appendingPathComponent("p.qcow2").path, options: options)
+        var rng = SeededRNG(seed: 3)
+        let half = (0..<(4 << 20)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        try await enc.write(at: 4 << 20, half)
+        // Give the workers and the writer time to finish the second half.
+        for _ in 0..<200 where enc.bytesReceived < 8 << 20 { try await Task.sleep(nanoseconds: 5_000_000) }
+        try await Task.sleep(nanoseconds: 100_000_000)
+        #expect(enc.bytesDone == 0, "nothing before offset 4 MiB is written yet")
+        try await enc.writeZeroes(at: 0, length: 1 << 20)
+        #expect(enc.bytesDone == 1 << 20, "zero clusters at the front count at once")
+        try await enc.write(at: 1 << 20, Array(half[0..<(3 << 20)]))
+        var done: UInt64 = 0
+        for _ in 0..<400 where done < 8 << 20 {
+            try await Task.sleep(nanoseconds: 5_000_000)
+            let d = enc.bytesDone
+            #expect(d >= done)
+            done = d
+        }
+        #expect(done == 8 << 20)
+        _ = try await enc.finish()
+    }
+}

@@ -61,7 +61,8 @@ public enum ImageSource: Sendable {
     }
 }
 
-/// Progress of an image being written: guest bytes handed over so far, of `total`.
+/// Progress of an image being written: guest bytes that reached the output in guest order (see
+/// ``Qcow2Encoder/bytesDone``), of `total`.
 public struct ImageProgress: Sendable, Equatable {
     public var done: UInt64
     public var total: UInt64
@@ -81,7 +82,7 @@ extension Qcow2Encoder {
                 var last: UInt64 = 0
                 while !Task.isCancelled {
                     let finished = completion.isResolved
-                    let done = min(total, bytesReceived)
+                    let done = min(total, bytesDone)
                     if done >= last {
                         last = done
                         continuation.yield(ImageProgress(done: done, total: total))

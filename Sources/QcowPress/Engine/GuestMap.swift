@@ -38,6 +38,8 @@ final class GuestMap: @unchecked Sendable {
     private var partials: [UInt64: PartialCluster] = [:]
     /// Copies waiting for their source: source cluster → destinations.
     private var waiting: [UInt64: [UInt64]] = [:]
+    /// Clusters 0..<prefix are all final (progress in guest order).
+    private var prefix: UInt64 = 0
 
     /// `clusterBytes(c)`: the guest bytes cluster c holds (the last one may be short).
     init(geometry: ClusterGeometry, guestClusters: UInt64, clusterBytes: @escaping (UInt64) -> Int) {
@@ -111,6 +113,7 @@ final class GuestMap: @unchecked Sendable {
                 }
                 c = stop
             }
+            advancePrefix()
             return out
         }
     }
@@ -187,6 +190,7 @@ final class GuestMap: @unchecked Sendable {
             var out = Finalized()
             let r = geometry.l1Index(ofGuestCluster: c)
             if let t = tables[r] { finalize(c, t, s, into: &out) }
+            if c == prefix { advancePrefix() }
             return out
         }
     }
@@ -239,6 +243,26 @@ final class GuestMap: @unchecked Sendable {
             return t
         }
     }
+
+    /// Moves the in-order prefix over every final cluster after it. Caller holds the lock.
+    private func advancePrefix() {
+        while prefix < guestClusters {
+            let r = geometry.l1Index(ofGuestCluster: prefix)
+            if let t = tables[r] {
+                switch t[geometry.l2Index(ofGuestCluster: prefix)] {
+                case .zero, .final: prefix += 1
+                case .untouched, .pending: return
+                }
+            } else if completed.contains(r) {
+                prefix = min(guestClusters, (UInt64(r) + 1) << UInt64(geometry.l2Bits))
+            } else {
+                return
+            }
+        }
+    }
+
+    /// Clusters from the start of the image that are all final (written or zero), in guest order.
+    var clustersDoneInOrder: UInt64 { lock.withLock { prefix } }
 
     /// Regions whose tables are still in memory (at the end: partly unwritten regions).
     var regionsInMemory: [Int] { lock.withLock { tables.keys.sorted() } }

@@ -135,6 +135,12 @@ public final class Qcow2Encoder: @unchecked Sendable {
 
     /// Guest bytes written or announced so far (for progress).
     public var bytesReceived: UInt64 { queue.bytesIn }
+
+    /// Guest bytes from the start of the image whose clusters all reached the output (placed in
+    /// a write buffer, or zero): progress that only moves over finished work, in guest order.
+    public var bytesDone: UInt64 {
+        min(options.virtualSize, map.clustersDoneInOrder << UInt64(geometry.clusterBits))
+    }
 }
 
 /// A one-shot result that async tasks and OS threads can both wait for.

@@ -87,7 +87,7 @@ func runEncoder(destination: String, options: EncoderOptions, showProgress: Bool
                 feed: (Qcow2Encoder) throws -> Void) throws -> EncoderSummary {
     let encoder = try Qcow2Encoder(destination: destination, options: options)
     watch(encoder)
-    let bar = showProgress && isatty(2) != 0 ? ProgressBar(total: options.virtualSize) { encoder.bytesDone } : nil
+    let bar = showProgress ? ProgressBar(total: options.virtualSize) { encoder.bytesDone } : nil
     defer { bar?.stop() }
     do {
         try feed(encoder)

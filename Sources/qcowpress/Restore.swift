@@ -94,7 +94,7 @@ struct RestorePBS: ParsableCommand {
         let summaries = try restore.restore(jobs, encoder: eo, options: ro) { enc, ordered in
             watch(enc)
             bar?.stop()
-            bar = encoder.progress && isatty(2) != 0 ? ProgressBar(total: ordered.total) { ordered.bytesDone } : nil
+            bar = encoder.progress ? ProgressBar(total: ordered.total, label: jobs.count > 1 ? (enc.destination as NSString).lastPathComponent : "") { ordered.bytesDone } : nil
         }
         bar?.stop()
         if encoder.output == .json {
@@ -141,9 +141,9 @@ struct RestoreVMA: ParsableCommand {
         r.overwrite = encoder.force
         let eo = try encoder.encoderOptions(virtualSize: 0)
         var bar: ProgressBar? = nil
-        let show = encoder.progress && isatty(2) != 0
+        let show = encoder.progress
         let summary = try r.run(encoder: eo, started: { watch($0) }, progress: { done, total in
-            if show { bar = ProgressBar(total: total ?? 0, done: done) }
+            if show { bar = ProgressBar(total: total, done: done) }
         })
         bar?.stop()
         if encoder.output == .json { print(try encodeJSON(summary)) }

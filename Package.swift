@@ -6,6 +6,7 @@ import PackageDescription
 //   ClusterCompression codecs; the only place zlib/zstd/ISA-L enter
 //   DirectIO           the only target that talks to the kernel (files, io_uring, pwrite)
 //   QcowPress          the engine, image readers, and the public library API
+//   NBDServer          the NBD protocol on SwiftNIO (serves anything behind NBDExport)
 //   qcowpress          the command line, a thin layer over QcowPress
 let package = Package(
     name: "QcowPress",
@@ -19,6 +20,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         .systemLibrary(name: "CURing", pkgConfig: "liburing", providers: [.apt(["liburing-dev"])]),
@@ -39,10 +41,16 @@ let package = Package(
             "Qcow2Format", "ClusterCompression", "DirectIO", "BackupSources",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The NBD protocol on SwiftNIO (fixed newstyle, structured replies, block status): knows
+        // nothing of qcow2; what it serves comes in through the NBDExport protocol.
+        .target(name: "NBDServer", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
         // Examples of the public API (built and run by the tests; README's snippet is one of them).
         .executableTarget(name: "qcowpress-examples", dependencies: ["QcowPress"], path: "Examples"),
         .executableTarget(name: "qcowpress", dependencies: [
-            "QcowPress",
+            "QcowPress", "NBDServer",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

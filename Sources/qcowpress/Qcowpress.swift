@@ -6,8 +6,8 @@ import QcowPress
 struct Qcowpress: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qcowpress",
-        abstract: "Write qcow2 images fast: convert, restore (PBS, VMA), export, inspect, check.",
-        subcommands: [Convert.self, Restore.self, Export.self, Info.self, Check.self])
+        abstract: "Write qcow2 images fast: convert, restore (PBS, VMA), export, inspect, check, serve over NBD.",
+        subcommands: [Convert.self, Restore.self, Export.self, Info.self, Check.self, Serve.self])
 
     /// Parses and runs; every failure is one line on stderr and exit status 1 (usage included),
     /// as qemu-img users expect; help and version exit 0.

@@ -7,6 +7,11 @@ import QcowPress
 /// exits 130/143. Nothing else needs to run: exit ends the engine's threads.
 enum SignalWatcher {
     nonisolated(unsafe) private static var started = false
+    /// Commands that run until stopped (serve) end with this status instead of 128 + signal.
+    nonisolated(unsafe) static var exitStatusOnSignal: Int32? = nil
+    /// Extra clean-up at a signal (a server's socket file).
+    nonisolated(unsafe) private static var cleanups: [() -> Void] = []
+    static func onExit(_ body: @escaping () -> Void) { cleanups.append(body) }
 
     static func install() {
         guard !started else { return }
@@ -19,7 +24,8 @@ enum SignalWatcher {
             var sig: Int32 = 0
             sigwait(&set, &sig)
             TemporaryFiles.removeAll()
-            exit(128 + sig)
+            for c in SignalWatcher.cleanups { c() }
+            exit(SignalWatcher.exitStatusOnSignal ?? 128 + sig)
         }, nil)
     }
 }

@@ -1,0 +1,93 @@
+/// Constants of the NBD protocol (the NBD project's doc/proto.md), fixed newstyle negotiation and
+/// the transmission phase. Only what this server speaks.
+public enum NBD {
+    // Negotiation.
+    static let initMagic: UInt64 = 0x4E42_444D_4147_4943  // "NBDMAGIC"
+    static let optMagic: UInt64 = 0x4948_4156_454F_5054  // "IHAVEOPT"
+    static let optReplyMagic: UInt64 = 0x0003_E889_0455_65A9
+    static let flagFixedNewstyle: UInt16 = 1 << 0
+    static let flagNoZeroes: UInt16 = 1 << 1
+    static let clientFlagFixedNewstyle: UInt32 = 1 << 0
+    static let clientFlagNoZeroes: UInt32 = 1 << 1
+
+    enum Option: UInt32 {
+        case exportName = 1, abort = 2, list = 3, startTLS = 5, info = 6, go = 7
+        case structuredReply = 8, listMetaContext = 9, setMetaContext = 10
+    }
+    enum OptionReply: UInt32 {
+        case ack = 1, server = 2, info = 3, metaContext = 4
+        case errUnsupported = 0x8000_0001, errPolicy = 0x8000_0002, errInvalid = 0x8000_0003
+        case errTLSRequired = 0x8000_0005, errUnknown = 0x8000_0006, errTooBig = 0x8000_0009
+    }
+    static let infoExport: UInt16 = 0
+    static let infoBlockSize: UInt16 = 3
+
+    // Transmission flags.
+    static let hasFlags: UInt16 = 1 << 0
+    static let readOnly: UInt16 = 1 << 1
+    static let sendFlush: UInt16 = 1 << 2
+    static let sendTrim: UInt16 = 1 << 5
+    static let sendWriteZeroes: UInt16 = 1 << 6
+    static let canMultiConn: UInt16 = 1 << 8
+
+    // Requests and replies.
+    static let requestMagic: UInt32 = 0x2560_9513
+    static let simpleReplyMagic: UInt32 = 0x6744_6698
+    static let structuredReplyMagic: UInt32 = 0x668E_33EF
+    enum Command: UInt16 { case read = 0, write = 1, disc = 2, flush = 3, trim = 4, cache = 5, writeZeroes = 6, blockStatus = 7 }
+    static let cmdFlagFUA: UInt16 = 1 << 0
+    static let cmdFlagNoHole: UInt16 = 1 << 1
+    static let cmdFlagDF: UInt16 = 1 << 2
+    static let cmdFlagReqOne: UInt16 = 1 << 3
+    static let replyFlagDone: UInt16 = 1 << 0
+    static let replyNone: UInt16 = 0
+    static let replyOffsetData: UInt16 = 1
+    static let replyOffsetHole: UInt16 = 2
+    static let replyBlockStatus: UInt16 = 5
+    static let replyError: UInt16 = 0x8001
+
+    // Errors (the protocol's own numbers, equal to Linux errno values).
+    static let EPERM: UInt32 = 1, EIO: UInt32 = 5, ENOMEM: UInt32 = 12, EINVAL: UInt32 = 22
+    static let ENOSPC: UInt32 = 28, EOVERFLOW: UInt32 = 75, ENOTSUP: UInt32 = 95, ESHUTDOWN: UInt32 = 108
+
+    /// block status flags of the base:allocation context.
+    public static let stateHole: UInt32 = 1 << 0
+    public static let stateZero: UInt32 = 1 << 1
+    static let baseAllocation = "base:allocation"
+    static let baseAllocationID: UInt32 = 1
+}
+
+/// What the server serves. Implementations do their own I/O; the server calls them off the event
+/// loop (on its thread pool), several at once.
+public protocol NBDExport: AnyObject, Sendable {
+    var name: String { get }
+    var size: UInt64 { get }
+    /// A short description for `NBD_INFO_DESCRIPTION`-less clients' listings.
+    var isReadOnly: Bool { get }
+    /// Reads [offset, offset + count) into `into` (count ≤ the server's maximum request).
+    func read(at offset: UInt64, count: Int, into: UnsafeMutableRawBufferPointer) throws(NBDError)
+    /// Extents from `offset` covering at most `length` bytes (at least one byte), each with
+    /// ``NBD/stateHole``/``NBD/stateZero`` flags.
+    func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)]
+    /// Writable exports: data, zeroes, flush. Read-only exports never see these.
+    func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws(NBDError)
+    func writeZeroes(at offset: UInt64, length: UInt64) throws(NBDError)
+    func flush() throws(NBDError)
+}
+
+extension NBDExport {
+    public func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws(NBDError) { throw NBDError(NBD.EPERM, "read-only export") }
+    public func writeZeroes(at offset: UInt64, length: UInt64) throws(NBDError) { throw NBDError(NBD.EPERM, "read-only export") }
+    public func flush() throws(NBDError) {}
+}
+
+/// An error for one request: an NBD error number and a message for the client (and the log).
+public struct NBDError: Error, Sendable {
+    public var code: UInt32
+    public var message: String
+    public init(_ code: UInt32, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+    public static func io(_ message: String) -> NBDError { NBDError(NBD.EIO, message) }
+}

@@ -1,0 +1,124 @@
+import ArgumentParser
+import Foundation
+import NBDServer
+import QcowPress
+import Synchronization
+
+struct Serve: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve images read-only over NBD.",
+        subcommands: [ServeImage.self])
+}
+
+struct ServeImage: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "image",
+        abstract: "Serve raw or qcow2 images (any kind qemu-img makes) read-only over NBD until SIGINT/SIGTERM.")
+
+    @Option(help: ArgumentHelp("Unix socket to listen on.", valueName: "path"), completion: .file())
+    var socket: String?
+    @Option(help: ArgumentHelp("TCP address to listen on.", valueName: "addr:port"))
+    var listen: String?
+    @Option(name: .customShort("f"), help: ArgumentHelp("Format of every FILE: raw or qcow2 (detected by magic when absent).", valueName: "format"))
+    var format: String?
+    @Argument(help: ArgumentHelp("Images to serve; each export is named after its file's base name.", valueName: "file"), completion: .file())
+    var files: [String]
+
+    func validate() throws {
+        guard (socket == nil) != (listen == nil) else { throw ValidationError("give one of --socket PATH or --listen ADDR:PORT") }
+        guard !files.isEmpty else { throw ValidationError("name at least one FILE") }
+        if let format, format != "raw" && format != "qcow2" { throw ValidationError("-f takes raw or qcow2") }
+    }
+
+    func run() throws {
+        var exports: [any NBDExport] = []
+        var names = Set<String>()
+        for f in files {
+            let detected = try RawImageReader.detectFormat(path: f)
+            if format == "qcow2" && detected != "qcow2" { throw notQcow2(f) }
+            let image = try openImage(f, format: format ?? detected, openBacking: true)
+            let name = (f as NSString).lastPathComponent
+            guard names.insert(name).inserted else { throw QcowPressError.invalidArgument("\(f): a second export named '\(name)'") }
+            exports.append(ImageExport(name: name, image: image))
+        }
+        let server = NBDServer(exports: exports)
+        var urls: [String] = []
+        do {
+            if let socket {
+                try server.listen(unixSocket: socket)
+                urls = exports.map { "nbd+unix:///\($0.name)?socket=\(socket)" }
+                SignalWatcher.onExit { unlink(socket) }
+            } else if let listen {
+                guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]) else {
+                    throw QcowPressError.invalidArgument("--listen \(listen): expected ADDR:PORT")
+                }
+                let host = String(listen[..<colon])
+                let bound = try server.listen(host: host, port: port)
+                urls = exports.map { "nbd://\(host):\(bound)/\($0.name)" }
+            }
+        } catch let e as QcowPressError {
+            throw e
+        } catch {
+            throw QcowPressError.invalidArgument("cannot listen on \(socket ?? listen ?? ""): \(error)")
+        }
+        for u in urls { print(u) }
+        fflush(nil)  // every stream: the URLs must reach a pipe at once
+        // Serves until SIGINT/SIGTERM, which end the process with status 0 (SignalWatcher).
+        SignalWatcher.exitStatusOnSignal = 0
+        while true { pause() }
+    }
+}
+
+/// A guest image as a read-only NBD export: reads through the image reader (any qcow2 it reads,
+/// backing chains included); block status reports holes where the reader knows the guest reads
+/// zeros without reading data (raw holes, zero or unallocated qcow2 clusters).
+final class ImageExport: NBDExport, @unchecked Sendable {
+    let name: String
+    let image: any GuestImage
+    var size: UInt64 { image.virtualSize }
+    var isReadOnly: Bool { true }
+    /// Per-request reader scratch, reused (a context is not shared by two requests at once).
+    private let lock = NSLock()
+    private var contexts: [ReadContext] = []
+    /// Block status looks at 64 KiB at a time and answers for at most 1 GiB per request (the
+    /// client asks again for the rest, as the protocol allows).
+    static let granule: UInt64 = 64 << 10
+    static let maxStatus: UInt64 = 1 << 30
+
+    init(name: String, image: any GuestImage) {
+        self.name = name
+        self.image = image
+    }
+
+    func read(at offset: UInt64, count: Int, into: UnsafeMutableRawBufferPointer) throws(NBDError) {
+        let ctx = lock.withLock { contexts.popLast() } ?? ReadContext()
+        defer { lock.withLock { contexts.append(ctx) } }
+        do throws(QcowPressError) {
+            try image.read(at: offset, count: count, into: into.baseAddress!, context: ctx)
+        } catch {
+            throw NBDError.io(error.message)
+        }
+    }
+
+    func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)] {
+        var out: [(length: UInt64, flags: UInt32)] = []
+        let end = min(offset + min(length, Self.maxStatus), size)
+        var at = offset
+        do throws(QcowPressError) {
+            while at < end {
+                let next = min(end, (at / Self.granule + 1) * Self.granule)
+                let zero = try image.isKnownZero(at: at, count: Int(next - at))
+                let flags = zero ? NBD.stateHole | NBD.stateZero : 0
+                if let last = out.last, last.flags == flags {
+                    out[out.count - 1].length += next - at
+                } else {
+                    out.append((next - at, flags))
+                }
+                at = next
+            }
+        } catch {
+            throw NBDError.io(error.message)
+        }
+        return out
+    }
+}

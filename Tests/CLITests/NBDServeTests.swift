@@ -1,0 +1,124 @@
+import Foundation
+import Testing
+
+/// `serve image` judged by real NBD peers: qemu-img (compare through nbd+unix and nbd://),
+/// libnbd's nbdinfo (--list, --map) and nbdcopy (4 connections), and a hostile client.
+@Suite(.enabled(if: Harness.haveQemuImg && FileManager.default.isExecutableFile(atPath: "/usr/bin/nbdinfo")
+                && FileManager.default.isExecutableFile(atPath: "/usr/bin/nbdcopy"), "needs qemu-img and libnbd-bin"))
+struct NBDServeTests {
+    /// A running `qcowpress serve image`, stopped (SIGTERM) by `stop()`.
+    final class Server {
+        let process = Process()
+        let urls: [String]
+        init(_ args: [String]) throws {
+            process.executableURL = URL(fileURLWithPath: Harness.binary)
+            process.arguments = ["serve", "image"] + args
+            let out = Pipe()
+            process.standardOutput = out
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+            var text = ""
+            let wanted = args.filter { !$0.hasPrefix("-") }.count - (args.contains("--socket") || args.contains("--listen") ? 1 : 0)
+            while text.split(separator: "\n").count < wanted {
+                let d = out.fileHandleForReading.availableData
+                if d.isEmpty { break }
+                text += String(decoding: d, as: UTF8.self)
+            }
+            urls = text.split(separator: "\n").map(String.init)
+        }
+        func stop() -> Int32 {
+            process.terminate()
+            process.waitUntilExit()
+            return process.terminationStatus
+        }
+    }
+
+    static func images(in dir: URL) throws -> (raw: String, qcow2: String) {
+        let raw = dir.appendingPathComponent("disk.raw")
+        // Data, a hole, text, a hole to the end: block status must show the holes.
+        let h = try FileHandle(forWritingTo: { FileManager.default.createFile(atPath: raw.path, contents: nil); return raw }())
+        try h.write(contentsOf: SourceImage.noise(3 << 20, seed: 1))
+        try h.seek(toOffset: 10 << 20)
+        try h.write(contentsOf: SourceImage.text(70_000, seed: 2))
+        try h.truncate(atOffset: 24 << 20)
+        try h.close()
+        let q = dir.appendingPathComponent("disk.qcow2").path
+        #expect(try Harness.qemuImg(["convert", "-c", "-O", "qcow2", raw.path, q]).status == 0)
+        return (raw.path, q)
+    }
+
+    @Test func realPeersReadWhatTheImagesHold() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let (raw, q) = try Self.images(in: dir)
+        let sock = dir.appendingPathComponent("s.sock").path
+        let server = try Server(["--socket", sock, raw, q])
+        #expect(server.urls == ["nbd+unix:///disk.raw?socket=\(sock)", "nbd+unix:///disk.qcow2?socket=\(sock)"])
+        let list = try Harness.run("/usr/bin/nbdinfo", ["--list", "nbd+unix:///?socket=\(sock)"])
+        #expect(list.status == 0 && list.stdout.contains("export=\"disk.raw\"") && list.stdout.contains("export=\"disk.qcow2\""), "\(list.stdout)")
+        #expect(list.stdout.contains("can_multi_conn: true") && list.stdout.contains("is_read_only: true"))
+        for url in server.urls {
+            let cmp = try Harness.qemuImg(["compare", raw, url])
+            #expect(cmp.status == 0, "\(url): \(cmp.stdout) \(cmp.stderr)")
+            let out = dir.appendingPathComponent("copy.raw").path
+            let copy = try Harness.run("/usr/bin/nbdcopy", ["--connections=4", url, out])
+            #expect(copy.status == 0, "\(copy.stderr)")
+            #expect(FileManager.default.contentsEqual(atPath: out, andPath: raw), "nbdcopy of \(url)")
+            try? FileManager.default.removeItem(atPath: out)
+            // Holes where the source reads zero: 3 MiB of data, then a hole up to 10 MiB.
+            let map = try Harness.run("/usr/bin/nbdinfo", ["--map", url])
+            let rows = map.stdout.split(separator: "\n").map { $0.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init) }
+            #expect(rows.first == ["0", "3145728", "0", "data"], "\(map.stdout)")
+            #expect(rows.dropFirst().first?.prefix(3) == ["3145728", "7340032", "3"], "\(map.stdout)")
+        }
+        #expect(server.stop() == 0, "SIGTERM ends a server with status 0")
+        #expect(!FileManager.default.fileExists(atPath: sock), "the socket is removed")
+    }
+
+    @Test func tcpWithAnyPort() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let (raw, q) = try Self.images(in: dir)
+        let server = try Server(["--listen", "127.0.0.1:0", q])
+        defer { _ = server.stop() }
+        #expect(server.urls.count == 1 && server.urls[0].hasPrefix("nbd://127.0.0.1:") && !server.urls[0].hasPrefix("nbd://127.0.0.1:0/"), "\(server.urls)")
+        if let url = server.urls.first {
+            #expect(try Harness.qemuImg(["compare", raw, url]).status == 0)
+        }
+    }
+
+    /// Garbage, absurd lengths, reads past the end, unknown commands, writes on a read-only export,
+    /// clients that vanish mid-request: each gets an error reply or a closed connection, and the
+    /// next client reads right. The server's memory stays small throughout.
+    @Test func hostileClientsDoNotHurtOthers() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let (raw, q) = try Self.images(in: dir)
+        let sock = dir.appendingPathComponent("s.sock").path
+        let server = try Server(["--socket", sock, q])
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Support/nbd_hostile.py").path
+        let r = try Harness.run("/usr/bin/python3", [script, sock, "disk.qcow2", String(24 << 20)])
+        #expect(r.status == 0, "\(r.stdout)\(r.stderr)")
+        #expect(r.stdout.split(separator: "\n").count == 15, "\(r.stdout)")
+        let status = try String(contentsOfFile: "/proc/\(server.process.processIdentifier)/status", encoding: .utf8)
+        let hwm = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") }.flatMap { $0.split(separator: " ").compactMap { Int($0) }.first } ?? 0
+        #expect(hwm < 128 << 10, "peak RSS \(hwm) KiB")
+        #expect(try Harness.qemuImg(["compare", raw, "nbd+unix:///disk.qcow2?socket=\(sock)"]).status == 0)
+        #expect(server.stop() == 0)
+    }
+
+    @Test func badArgumentsAreOneLine() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let file = dir.appendingPathComponent("not-a-socket")
+        try Data("keep me".utf8).write(to: file)
+        let raw = dir.appendingPathComponent("x.raw")
+        try Data(count: 65536).write(to: raw)
+        let r = try Harness.qcowpress(["serve", "image", "--socket", file.path, raw.path])
+        #expect(r.status == 1 && r.stderr.contains("not a socket") && r.stderr.split(separator: "\n").count == 1, "\(r.stderr)")
+        #expect(try Data(contentsOf: file) == Data("keep me".utf8), "a file in the socket's place is never removed")
+        let missing = try Harness.qcowpress(["serve", "image", "--socket", dir.appendingPathComponent("s").path, dir.appendingPathComponent("nope.raw").path])
+        #expect(missing.status == 1 && missing.stderr.contains("nope.raw"), "\(missing.stderr)")
+    }
+}

@@ -7,7 +7,7 @@ import Synchronization
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve images read-only over NBD.",
-        subcommands: [ServeImage.self])
+        subcommands: [ServeImage.self, ServePBS.self])
 }
 
 struct ServeImage: ParsableCommand {
@@ -25,7 +25,7 @@ struct ServeImage: ParsableCommand {
     var files: [String]
 
     func validate() throws {
-        guard (socket == nil) != (listen == nil) else { throw ValidationError("give one of --socket PATH or --listen ADDR:PORT") }
+        try validateListen(socket, listen)
         guard !files.isEmpty else { throw ValidationError("name at least one FILE") }
         if let format, format != "raw" && format != "qcow2" { throw ValidationError("-f takes raw or qcow2") }
     }
@@ -41,31 +41,118 @@ struct ServeImage: ParsableCommand {
             guard names.insert(name).inserted else { throw QcowPressError.invalidArgument("\(f): a second export named '\(name)'") }
             exports.append(ImageExport(name: name, image: image))
         }
-        let server = NBDServer(exports: exports)
-        var urls: [String] = []
-        do {
-            if let socket {
-                try server.listen(unixSocket: socket)
-                urls = exports.map { "nbd+unix:///\($0.name)?socket=\(socket)" }
-                SignalWatcher.onExit { unlink(socket) }
-            } else if let listen {
-                guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]) else {
-                    throw QcowPressError.invalidArgument("--listen \(listen): expected ADDR:PORT")
-                }
-                let host = String(listen[..<colon])
-                let bound = try server.listen(host: host, port: port)
-                urls = exports.map { "nbd://\(host):\(bound)/\($0.name)" }
-            }
-        } catch let e as QcowPressError {
-            throw e
-        } catch {
-            throw QcowPressError.invalidArgument("cannot listen on \(socket ?? listen ?? ""): \(error)")
+        try serveForever(exports, socket: socket, listen: listen)
+    }
+}
+
+struct ServePBS: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pbs",
+        abstract: "Serve the disk archives of a PBS snapshot read-only over NBD through one shared chunk cache, until SIGINT/SIGTERM.")
+
+    @Option(help: ArgumentHelp("The datastore directory.", valueName: "dir"), completion: .directory)
+    var datastore: String
+    @Option(help: ArgumentHelp("Namespace (a/b).", valueName: "ns"))
+    var ns: String?
+    @Option(help: ArgumentHelp("Key file of an encrypted backup.", valueName: "file"), completion: .file())
+    var keyfile: String?
+    @Option(name: .customLong("password-file"), help: ArgumentHelp("File holding the key file's passphrase.", valueName: "file"), completion: .file())
+    var passwordFile: String?
+    @Option(help: ArgumentHelp("Unix socket to listen on.", valueName: "path"), completion: .file())
+    var socket: String?
+    @Option(help: ArgumentHelp("TCP address to listen on.", valueName: "addr:port"))
+    var listen: String?
+    @Option(name: .customLong("cache-size"), help: ArgumentHelp("Memory for decoded chunks, shared by every export and client (default 256M).", valueName: "size"))
+    var cacheSize: String = "256M"
+    @Argument(help: ArgumentHelp("The snapshot, e.g. vm/100/2026-11-20T10:00:00Z.", valueName: "snapshot"))
+    var snapshot: String
+    @Argument(help: ArgumentHelp("Archives to serve (drive-scsi0.img.fidx, \".img.fidx\" optional); all when none.", valueName: "archive"))
+    var archives: [String] = []
+
+    func validate() throws { try validateListen(socket, listen) }
+
+    func run() throws {
+        let keyfile = self.keyfile
+        let passwordFile = self.passwordFile
+        let restore = try PBSRestore(datastore: datastore, namespace: ns, snapshot: snapshot, keyFile: keyfile) { () throws(QcowPressError) -> String in
+            try readPassword(file: passwordFile, prompt: "Passphrase for \(keyfile ?? "key"): ")
         }
-        for u in urls { print(u) }
-        fflush(nil)  // every stream: the URLs must reach a pipe at once
-        // Serves until SIGINT/SIGTERM, which end the process with status 0 (SignalWatcher).
-        SignalWatcher.exitStatusOnSignal = 0
-        while true { pause() }
+        let names = archives.isEmpty ? restore.archives.map(\.name) : archives.map { $0.hasSuffix(".fidx") || $0.hasSuffix(".img") ? $0 : $0 + ".img.fidx" }
+        let indexes = try names.map { n throws(QcowPressError) in (n, try restore.openArchive(n)) }
+        let cache = PBSChunkCache(reader: restore.reader, capacity: try parseSize(cacheSize, what: "--cache-size"), indexes: indexes.map(\.1))
+        let exports: [any NBDExport] = indexes.map { n, idx in
+            var name = (n as NSString).lastPathComponent
+            for suffix in [".fidx", ".img"] where name.hasSuffix(suffix) { name = String(name.dropLast(suffix.count)) }
+            return PBSExport(view: PBSArchiveView(name: name, index: idx, cache: cache))
+        }
+        try serveForever(exports, socket: socket, listen: listen)
+    }
+}
+
+func validateListen(_ socket: String?, _ listen: String?) throws {
+    guard (socket == nil) != (listen == nil) else { throw ValidationError("give one of --socket PATH or --listen ADDR:PORT") }
+}
+
+/// Listens, prints one URL per export (on stdout, flushed at once), and serves until SIGINT or
+/// SIGTERM, which end the process with status 0 and remove the socket.
+func serveForever(_ exports: [any NBDExport], socket: String?, listen: String?) throws -> Never {
+    let server = NBDServer(exports: exports)
+    var urls: [String] = []
+    do {
+        if let socket {
+            try server.listen(unixSocket: socket)
+            urls = exports.map { "nbd+unix:///\($0.name)?socket=\(socket)" }
+            SignalWatcher.onExit { unlink(socket) }
+        } else if let listen {
+            guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]) else {
+                throw QcowPressError.invalidArgument("--listen \(listen): expected ADDR:PORT")
+            }
+            let host = String(listen[..<colon])
+            let bound = try server.listen(host: host, port: port)
+            urls = exports.map { "nbd://\(host):\(bound)/\($0.name)" }
+        }
+    } catch let e as QcowPressError {
+        throw e
+    } catch {
+        throw QcowPressError.invalidArgument("cannot listen on \(socket ?? listen ?? ""): \(error)")
+    }
+    for u in urls { print(u) }
+    fflush(nil)  // every stream: the URLs must reach a pipe at once
+    SignalWatcher.exitStatusOnSignal = 0
+    while true { pause() }
+}
+
+/// A PBS archive as a read-only NBD export: reads through the shared chunk cache; block status
+/// reports the all-zero chunks as holes (known from the index, never loaded).
+final class PBSExport: NBDExport, @unchecked Sendable {
+    let view: PBSArchiveView
+    var name: String { view.name }
+    var size: UInt64 { view.size }
+    var isReadOnly: Bool { true }
+    init(view: PBSArchiveView) { self.view = view }
+
+    func read(at offset: UInt64, count: Int, into: UnsafeMutableRawBufferPointer) throws(NBDError) {
+        do throws(QcowPressError) { try view.read(at: offset, count: count, into: into) } catch { throw NBDError.io(error.message) }
+    }
+
+    func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)] {
+        let cs = UInt64(view.index.chunkSize)
+        let end = min(offset + length, size)
+        var out: [(length: UInt64, flags: UInt32)] = []
+        var at = offset
+        while at < end {
+            let i = Int(at / cs)
+            let next = min(end, (UInt64(i) + 1) * cs)
+            let zero = i >= view.index.chunkCount || view.isZeroChunk(i)
+            let flags = zero ? NBD.stateHole | NBD.stateZero : 0
+            if let last = out.last, last.flags == flags, last.length + (next - at) < 1 << 31 {
+                out[out.count - 1].length += next - at
+            } else {
+                out.append((next - at, flags))
+            }
+            at = next
+        }
+        return out
     }
 }
 

@@ -1,4 +1,5 @@
 import Foundation
+import QcowPress
 import Testing
 
 /// `serve image` judged by real NBD peers: qemu-img (compare through nbd+unix and nbd://),
@@ -10,15 +11,15 @@ struct NBDServeTests {
     final class Server {
         let process = Process()
         let urls: [String]
-        init(_ args: [String]) throws {
+        init(_ args: [String], exports: Int? = nil) throws {
             process.executableURL = URL(fileURLWithPath: Harness.binary)
-            process.arguments = ["serve", "image"] + args
+            process.arguments = ["serve"] + (exports == nil ? ["image"] : []) + args
             let out = Pipe()
             process.standardOutput = out
             process.standardError = FileHandle.nullDevice
             try process.run()
             var text = ""
-            let wanted = args.filter { !$0.hasPrefix("-") }.count - (args.contains("--socket") || args.contains("--listen") ? 1 : 0)
+            let wanted = exports ?? args.filter { !$0.hasPrefix("-") }.count - (args.contains("--socket") || args.contains("--listen") ? 1 : 0)
             while text.split(separator: "\n").count < wanted {
                 let d = out.fileHandleForReading.availableData
                 if d.isEmpty { break }
@@ -121,4 +122,72 @@ struct NBDServeTests {
         let missing = try Harness.qcowpress(["serve", "image", "--socket", dir.appendingPathComponent("s").path, dir.appendingPathComponent("nope.raw").path])
         #expect(missing.status == 1 && missing.stderr.contains("nope.raw"), "\(missing.stderr)")
     }
+}
+
+/// `serve pbs`: every archive of a snapshot through one chunk cache of fixed size.
+@Suite(.enabled(if: Harness.haveQemuImg && PBSFixture.available && FileManager.default.isExecutableFile(atPath: "/usr/bin/nbdcopy"),
+                "needs qemu-img, python3 and libnbd-bin"))
+struct PBSServeTests {
+    @Test func servesEveryArchiveThroughOneCache() throws {
+        let f = try PBSFixture(.init(name: "serve", chunk: 1 << 20))
+        defer { f.remove() }
+        let sock = f.dir.appendingPathComponent("p.sock").path
+        let server = try NBDServeTests.Server(["pbs"] + f.datastoreArgs + ["--socket", sock, "--cache-size", "4M", PBSRestoreTests.snapshot], exports: 2)
+        #expect(server.urls == ["nbd+unix:///drive-scsi0?socket=\(sock)", "nbd+unix:///drive-virtio1?socket=\(sock)"], "\(server.urls)")
+        for (url, raw) in zip(server.urls, [f.rawA, f.rawB]) {
+            // The guest sees the archive rounded up to 512 bytes, as QEMU does.
+            let padded = f.dir.appendingPathComponent("padded.raw").path
+            try? FileManager.default.removeItem(atPath: padded)
+            try FileManager.default.copyItem(atPath: raw, toPath: padded)
+            let size = try FileManager.default.attributesOfItem(atPath: raw)[.size] as! UInt64
+            try FileHandle(forWritingTo: URL(fileURLWithPath: padded)).truncate(atOffset: (size + 511) & ~511)
+            let cmp = try Harness.qemuImg(["compare", "-f", "raw", padded, url])
+            #expect(cmp.status == 0, "\(url): \(cmp.stdout)\(cmp.stderr)")
+            let out = f.dir.appendingPathComponent("copy.raw").path
+            let copy = try Harness.run("/usr/bin/nbdcopy", ["--connections=4", url, out])
+            #expect(copy.status == 0 && FileManager.default.contentsEqual(atPath: out, andPath: padded), "\(copy.stderr)")
+            try? FileManager.default.removeItem(atPath: out)
+        }
+        // Zero chunks are holes, from the index alone.
+        let map = try Harness.run("/usr/bin/nbdinfo", ["--map", server.urls[0]])
+        #expect(map.stdout.contains("hole,zero"), "\(map.stdout)")
+        #expect(server.stop() == 0)
+    }
+
+    /// Eight threads read the same chunks at once: each digest is loaded once (the others wait
+    /// for that load), and hot chunks stay while single-use ones are evicted.
+    @Test func concurrentReadersShareOneLoad() throws {
+        let f = try PBSFixture(.init(name: "single flight", chunk: 1 << 20))
+        defer { f.remove() }
+        let restore = try PBSRestore(datastore: f.datastore, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
+        let index = try restore.openArchive("drive-scsi0.img.fidx")
+        let cache = PBSChunkCache(reader: restore.reader, capacity: 64 << 20, indexes: [index])
+        let view = PBSArchiveView(name: "drive-scsi0", index: index, cache: cache)
+        let distinct = Set((0..<index.chunkCount).filter { !view.isZeroChunk($0) }.map { Array(index.digest($0)) }).count
+        let expected = try Data(contentsOf: URL(fileURLWithPath: f.rawA))
+        let failures = ConditionCounter()
+        DispatchQueue.concurrentPerform(iterations: 8) { t in
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+            defer { buf.deallocate() }
+            for i in 0..<index.chunkCount {
+                let at = UInt64(i) << 20
+                let n = Int(min(UInt64(1 << 20), UInt64(expected.count) - at))
+                do {
+                    try view.read(at: at, count: n, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<n]))
+                    if !expected[Int(at)..<(Int(at) + n)].elementsEqual(buf[0..<n]) { failures.add() }
+                } catch { failures.add() }
+            }
+            _ = t
+        }
+        #expect(failures.value == 0)
+        #expect(cache.stats.loads == distinct, "\(cache.stats.loads) loads for \(distinct) distinct chunks")
+        #expect(cache.stats.hits >= 7 * distinct)
+    }
+}
+
+final class ConditionCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var n = 0
+    func add() { lock.withLock { n += 1 } }
+    var value: Int { lock.withLock { n } }
 }

@@ -3,3 +3,4 @@
 @_exported import struct ClusterCompression.CompressionSettings
 @_exported import enum DirectIO.IOMode
 @_exported import struct DirectIO.IOError
+@_exported import struct BackupSources.PBSFixedIndex

@@ -63,6 +63,11 @@ public struct PBSRestore: Sendable {
         }
     }
 
+    /// Opens one archive's index (name as in the manifest; ".fidx" optional).
+    public func openArchive(_ name: String) throws(QcowPressError) -> PBSFixedIndex {
+        do throws(SourceError) { return try snapshot.openImage(name).0 } catch { throw QcowPressError(error) }
+    }
+
     /// The disk images of the snapshot: archive name and size in bytes.
     public var archives: [(name: String, size: UInt64)] {
         snapshot.images.map { ($0.filename, $0.size) }

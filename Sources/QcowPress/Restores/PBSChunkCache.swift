@@ -1,0 +1,164 @@
+import BackupSources
+import DirectIO
+import Glibc
+
+/// Decoded PBS chunks in a fixed amount of memory, shared by every archive (drive) and every
+/// reader of a snapshot — however many drives, one budget. Least recently used goes first, except
+/// that chunks the indexes use more than once ("hot": repeated file-system metadata, common
+/// blocks) are evicted only when no single-use chunk is left. Two readers of one digest never load
+/// it twice at once: the second waits for the first's load (single flight). Every load is verified
+/// as in a restore (CRC, decryption, decompression, digest).
+public final class PBSChunkCache: @unchecked Sendable {
+    public let reader: PBSChunkReader
+    public let capacity: Int
+    private let lock = ConditionLock()
+    // Guarded by `lock`.
+    private struct Entry { var bytes: [UInt8]; var lastUse: UInt64; let hot: Bool }
+    private var entries: [ArraySlice<UInt8>: Entry] = [:]
+    private var used = 0
+    private var clock: UInt64 = 0
+    private var loading = Set<ArraySlice<UInt8>>()
+    private var hot = Set<ArraySlice<UInt8>>()
+    private var scratches: [PBSChunkReader.Scratch] = []
+    private(set) var hits = 0
+    private(set) var loads = 0
+
+    /// - Parameter indexes: every index that will be read (their repeated digests are the hot set).
+    public init(reader: PBSChunkReader, capacity: Int, indexes: [PBSFixedIndex]) {
+        self.reader = reader
+        self.capacity = capacity
+        var count: [ArraySlice<UInt8>: Int] = [:]
+        for idx in indexes { for i in 0..<idx.chunkCount { count[idx.digest(i), default: 0] += 1 } }
+        hot = Set(count.filter { $0.value > 1 }.keys)
+    }
+
+    /// Counts of cache hits and chunk loads so far.
+    public var stats: (hits: Int, loads: Int) { lock.withLock { (hits, loads) } }
+
+    /// Runs `body` over chunk `digest` (`length` bytes), loading it if needed. `what` names the
+    /// chunk in errors.
+    public func withChunk<T>(_ digest: ArraySlice<UInt8>, length: Int, what: String,
+                             _ body: (UnsafeRawBufferPointer) throws(QcowPressError) -> T) throws(QcowPressError) -> T {
+        let d = ArraySlice(digest)  // its own storage: the key outlives the caller's index
+        while true {
+            let state: (bytes: [UInt8]?, mustLoad: Bool) = lock.withLock {
+                while loading.contains(d) { lock.wait() }
+                if var e = entries[d], e.bytes.count == length {
+                    clock += 1
+                    e.lastUse = clock
+                    entries[d] = e
+                    hits += 1
+                    return (e.bytes, false)
+                }
+                loading.insert(d)
+                return (nil, true)
+            }
+            if let bytes = state.bytes { return try Self.over(bytes, body) }
+            // This thread loads it; others asking for it wait above.
+            let scratch = lock.withLock { scratches.popLast() } ?? PBSChunkReader.Scratch()
+            var bytes = [UInt8](repeating: 0, count: length)
+            let result: Result<Void, QcowPressError> = bytes.withUnsafeMutableBytes { p in
+                do throws(SourceError) {
+                    try reader.load(digest: d, length: length, into: p, scratch: scratch, what: what)
+                    return .success(())
+                } catch {
+                    return .failure(QcowPressError(error))
+                }
+            }
+            lock.withLock {
+                scratches.append(scratch)
+                loading.remove(d)
+                if case .success = result {
+                    loads += 1
+                    insert(d, bytes)
+                }
+                lock.broadcast()
+            }
+            try result.get()
+            return try Self.over(bytes, body)
+        }
+    }
+
+    private static func over<T>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws(QcowPressError) -> T) throws(QcowPressError) -> T {
+        let r: Result<T, QcowPressError> = bytes.withUnsafeBytes { p in
+            do throws(QcowPressError) { return .success(try body(p)) } catch { return .failure(error) }
+        }
+        return try r.get()
+    }
+
+    /// Keeps a loaded chunk if it fits, evicting single-use chunks first, least recently used
+    /// first. Caller holds the lock.
+    private func insert(_ d: ArraySlice<UInt8>, _ bytes: [UInt8]) {
+        guard bytes.count <= capacity else { return }
+        while used + bytes.count > capacity {
+            let victim = entries.min { a, b in
+                if a.value.hot != b.value.hot { return !a.value.hot }
+                return a.value.lastUse < b.value.lastUse
+            }
+            guard let victim else { return }
+            used -= victim.value.bytes.count
+            entries[victim.key] = nil
+        }
+        clock += 1
+        entries[d] = Entry(bytes: bytes, lastUse: clock, hot: hot.contains(d))
+        used += bytes.count
+    }
+}
+
+/// One PBS archive (a drive) as a guest image read through a shared ``PBSChunkCache``: reads at
+/// any offset, all-zero chunks known without a load.
+public final class PBSArchiveView: @unchecked Sendable {
+    public let name: String
+    public let index: PBSFixedIndex
+    public let cache: PBSChunkCache
+    private let zeroFull: [UInt8]
+    private let zeroLast: [UInt8]
+
+    public init(name: String, index: PBSFixedIndex, cache: PBSChunkCache) {
+        self.name = name
+        self.index = index
+        self.cache = cache
+        zeroFull = cache.reader.zeroDigest(length: index.chunkSize)
+        let last = index.chunkLength(max(0, index.chunkCount - 1))
+        zeroLast = last == index.chunkSize ? zeroFull : cache.reader.zeroDigest(length: last)
+    }
+
+    /// Guest size: the archive's size rounded up to 512 bytes, as QEMU sizes block devices.
+    public var size: UInt64 { (index.size + 511) & ~511 }
+
+    /// True when chunk `i` is the all-zero chunk (recognised by its digest).
+    public func isZeroChunk(_ i: Int) -> Bool {
+        let len = index.chunkLength(i)
+        return index.digest(i).elementsEqual(len == index.chunkSize ? zeroFull : zeroLast)
+    }
+
+    /// Reads [offset, offset + count) (bytes past the archive's end read as zero).
+    public func read(at offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer) throws(QcowPressError) {
+        let cs = UInt64(index.chunkSize)
+        var done = 0
+        while done < count {
+            let at = offset + UInt64(done)
+            let i = Int(at / cs)
+            let within = Int(at % cs)
+            guard i < index.chunkCount else {
+                memset(out.baseAddress! + done, 0, count - done)
+                return
+            }
+            let len = index.chunkLength(i)
+            let n = min(count - done, len - within)
+            if n <= 0 {
+                memset(out.baseAddress! + done, 0, count - done)
+                return
+            }
+            if isZeroChunk(i) {
+                memset(out.baseAddress! + done, 0, n)
+            } else {
+                let dst = out.baseAddress! + done
+                try cache.withChunk(index.digest(i), length: len, what: "chunk \(i) of \(name) (guest offset \(UInt64(i) * cs))") { src in
+                    memcpy(dst, src.baseAddress! + within, n)
+                }
+            }
+            done += n
+        }
+    }
+}

@@ -30,6 +30,8 @@ struct RestorePBS: ParsableCommand {
     var noDedup = false
     @Option(name: .customLong("chunk-cache"), help: "Memory for chunks used more than once (default 64M).")
     var chunkCache: String?
+    @Option(help: ArgumentHelp("Serve every drive over NBD on this unix socket while it is restored (live restore).", valueName: "path"))
+    var live: String?
     @OptionGroup var encoder: EncoderArguments
     @Argument(help: "vm/100/2026-11-20T10:00:00Z")
     var snapshot: String
@@ -90,6 +92,10 @@ struct RestorePBS: ParsableCommand {
         if let loaders { ro.loaders = loaders }
         ro.dedup = !noDedup
         if let c = chunkCache { ro.cacheBytes = try parseSize(c, what: "--chunk-cache") }
+        if let live {
+            try runLive(restore, jobs: jobs, encoder: eo, options: ro, socket: live)
+            return
+        }
         var bar: ProgressBar? = nil
         let summaries = try restore.restore(jobs, encoder: eo, options: ro) { enc, ordered in
             watch(enc)

@@ -209,3 +209,67 @@ final class ImageExport: NBDExport, @unchecked Sendable {
         return out
     }
 }
+
+extension RestorePBS {
+    /// `restore pbs --live PATH`: every drive is served over NBD before the first chunk is
+    /// restored; reads load what they need ahead of the restore (written from the same load); once
+    /// every drive is complete, serving goes on until the last client disconnects.
+    func runLive(_ restore: PBSRestore, jobs: [(archive: String, destination: String)], encoder eo: EncoderOptions,
+                 options: PBSRestore.Options, socket: String) throws {
+        let live = try PBSLiveRestore(restore, jobs: jobs, encoder: eo, options: options)
+        for d in live.drives { watch(d.encoderForSignals) }
+        let exports: [any NBDExport] = live.drives.map { LiveExport(drive: $0) }
+        let server = NBDServer(exports: exports)
+        do {
+            try server.listen(unixSocket: socket)
+        } catch {
+            throw QcowPressError.invalidArgument("cannot listen on \(socket): \(error)")
+        }
+        SignalWatcher.onExit { unlink(socket) }
+        for d in live.drives { print("nbd+unix:///\(d.name)?socket=\(socket)") }
+        fflush(nil)
+        let summaries: [PBSRestore.Summary]
+        do {
+            summaries = try live.run()
+        } catch {
+            server.shutdown()
+            unlink(socket)
+            throw error
+        }
+        // Complete: serve until every client is gone.
+        while server.counts.open > 0 { usleep(100_000) }
+        server.shutdown()
+        unlink(socket)
+        if encoder.output == .json {
+            struct Live: Encodable {
+                var drives: [PBSRestore.Summary]
+                var chunksServedAheadOfOrder: Int
+                var nbdRequests: Int
+                var cacheHits: Int
+                var cacheLoads: Int
+            }
+            let c = live.cache.stats
+            print(try encodeJSON(Live(drives: summaries, chunksServedAheadOfOrder: live.drives.reduce(0) { $0 + $1.chunksAheadOfOrder },
+                                      nbdRequests: server.counts.requests, cacheHits: c.hits, cacheLoads: c.loads)))
+        }
+    }
+}
+
+/// A drive being restored as a read-only NBD export.
+final class LiveExport: NBDExport, @unchecked Sendable {
+    let drive: PBSLiveRestore.Drive
+    let pbs: PBSExport
+    var name: String { drive.name }
+    var size: UInt64 { drive.size }
+    var isReadOnly: Bool { true }
+    init(drive: PBSLiveRestore.Drive) {
+        self.drive = drive
+        pbs = PBSExport(view: drive.view)
+    }
+    func read(at offset: UInt64, count: Int, into: UnsafeMutableRawBufferPointer) throws(NBDError) {
+        do throws(QcowPressError) { try drive.read(at: offset, count: count, into: into) } catch { throw NBDError.io(error.message) }
+    }
+    func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)] {
+        try pbs.blockStatus(at: offset, length: length)
+    }
+}

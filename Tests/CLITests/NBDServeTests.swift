@@ -154,6 +154,57 @@ struct PBSServeTests {
         #expect(server.stop() == 0)
     }
 
+    /// `restore pbs --live`: the drives are readable over NBD from the start; a client copying a
+    /// whole drive during the restore reads it right, makes the restore load chunks ahead of its
+    /// order, and no chunk is fetched twice; the images end complete and clean.
+    @Test func liveRestoreServesWhileItWrites() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        // 24 distinct 1 MiB chunks, two zero ones, one repeated.
+        let rawA = dir.appendingPathComponent("a.raw").path
+        let noise = SourceImage.noise(24 << 20, seed: 8)
+        try (noise + Data(count: 2 << 20) + noise.prefix(1 << 20)).write(to: URL(fileURLWithPath: rawA))
+        let ds = dir.appendingPathComponent("ds").path
+        let mk = try Harness.run("/usr/bin/python3", [PBSFixture.script, "--datastore", ds, "--snapshot", PBSRestoreTests.snapshot,
+                                                      "--chunk-size", String(1 << 20), "--drive", "drive-scsi0.img=\(rawA)", "--seed", "4"])
+        #expect(mk.status == 0, "\(mk.stderr)")
+        let sock = dir.appendingPathComponent("l.sock").path
+        let out = dir.appendingPathComponent("out.qcow2").path
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Harness.binary)
+        p.arguments = ["restore", "pbs", "--datastore", ds, "--live", sock, "--loaders", "1", "--memory-limit", "16M", "--output", "json",
+                       PBSRestoreTests.snapshot, "drive-scsi0.img", out]
+        // A slow disk (every write 100 ms late) and a small budget: the restore takes seconds and
+        // the client gets ahead of it.
+        p.environment = ["QCOWPRESS_FAULT": "write:1:delay100:sticky"]
+        let stdout = Pipe()
+        p.standardOutput = stdout
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        var first = ""
+        while !first.contains("\n") {
+            let d = stdout.fileHandleForReading.availableData
+            if d.isEmpty { break }
+            first += String(decoding: d, as: UTF8.self)
+        }
+        #expect(first.hasPrefix("nbd+unix:///drive-scsi0?socket=\(sock)"), "\(first)")
+        let copy = dir.appendingPathComponent("copy.raw").path
+        let c = try Harness.run("/usr/bin/nbdcopy", ["--connections=4", "nbd+unix:///drive-scsi0?socket=\(sock)", copy])
+        #expect(c.status == 0, "\(c.stderr)")
+        #expect(FileManager.default.contentsEqual(atPath: copy, andPath: rawA), "the client read the source")
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+        let text = first + String(decoding: stdout.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let json = try JSONSerialization.jsonObject(with: Data(text[text.firstIndex(of: "{")!...].utf8)) as! [String: Any]
+        #expect((json["chunksServedAheadOfOrder"] as? Int ?? 0) >= 1, "\(json)")
+        // The restore loaded each of the 24 distinct chunks once (whoever asked first).
+        let drives = json["drives"] as? [[String: Any]] ?? []
+        #expect(drives.first?["chunksRead"] as? Int == 24, "\(json)")
+        #expect(drives.first?["chunksShared"] as? Int == 1 && drives.first?["chunksZero"] as? Int == 2, "\(json)")
+        try Harness.expectGood(out, equals: rawA)
+        #expect(!FileManager.default.fileExists(atPath: sock))
+    }
+
     /// Eight threads read the same chunks at once: each digest is loaded once (the others wait
     /// for that load), and hot chunks stay while single-use ones are evicted.
     @Test func concurrentReadersShareOneLoad() throws {

@@ -201,9 +201,11 @@ public struct PBSRestore: Sendable {
                  cache: ChunkCache(capacity: options.cacheBytes, uses: uses), counters: RestoreCounters())
     }
 
-    func feed(index: PBSFixedIndex, archive: String, into enc: Qcow2Encoder, options: Options, cache: ChunkCache,
-              counters: RestoreCounters) throws(QcowPressError) {
-        let eo = enc.options
+    /// What happens to each chunk, in guest order: zero (by digest), a copy of the first chunk with
+    /// the same digest, or a load.
+    enum Step { case zero, copy(Int), load }
+
+    func plan(_ index: PBSFixedIndex, options: Options, encoder eo: EncoderOptions) -> [Step] {
         let cs = index.chunkSize
         let zeroFull = reader.zeroDigest(length: cs)
         let lastLen = index.chunkLength(max(0, index.chunkCount - 1))
@@ -211,8 +213,6 @@ public struct PBSRestore: Sendable {
         // Sharing needs refcounts of at least 2 per cluster; narrow widths (refcount_bits 1…8)
         // would turn most copies into second copies read back from the image: load them instead.
         let canShare = options.dedup && cs % eo.clusterSize == 0 && eo.refcountOrder >= 4
-        // Plan in guest order: zero, copy of an earlier chunk, or load.
-        enum Step { case zero, copy(Int), load }
         var firstAt: [ArraySlice<UInt8>: Int] = [:]
         var steps: [Step] = []
         steps.reserveCapacity(index.chunkCount)
@@ -228,6 +228,13 @@ public struct PBSRestore: Sendable {
                 steps.append(.load)
             }
         }
+        return steps
+    }
+
+    func feed(index: PBSFixedIndex, archive: String, into enc: Qcow2Encoder, options: Options, cache: ChunkCache,
+              counters: RestoreCounters) throws(QcowPressError) {
+        let cs = index.chunkSize
+        let steps = plan(index, options: options, encoder: enc.options)
         let reader = self.reader
         let name = archive.hasSuffix(".fidx") ? archive : archive + ".fidx"
         let plan = steps

@@ -1,0 +1,174 @@
+import BackupSources
+import DirectIO
+import Glibc
+import Synchronization
+
+/// A restore whose drives can be read while they are written (live restore): every drive's
+/// encoder starts at once, one ``PBSChunkCache`` serves both the restore and readers, and a chunk a
+/// reader asks for is loaded at once — ahead of the restore's order — and that same load is
+/// written into the drive's qcow2, so the restore never fetches it again.
+///
+/// The cache is the restore's chunk cache (``PBSRestore/Options/cacheBytes``, out of the memory
+/// limit); chunks used more than once stay longest.
+public final class PBSLiveRestore: @unchecked Sendable {
+    /// One drive: readable at any offset from the start, written in the background.
+    public final class Drive: @unchecked Sendable {
+        public let archive: String
+        public let view: PBSArchiveView
+        public let destination: String
+        let encoder: Qcow2Encoder
+        let plan: [PBSRestore.Step]
+        /// Per chunk: 0 waiting, 1 claimed (being loaded and written, by the restore or a reader).
+        private let claims: UnsafeMutablePointer<UInt8>
+        private let lock = ConditionLock()
+        let counters = RestoreCounters()
+        let ordered: OrderedProgress
+        private let aheadCount = Atomic<Int>(0)
+
+        init(archive: String, view: PBSArchiveView, destination: String, encoder: Qcow2Encoder, plan: [PBSRestore.Step]) {
+            self.archive = archive
+            self.view = view
+            self.destination = destination
+            self.encoder = encoder
+            self.plan = plan
+            claims = .allocate(capacity: max(1, plan.count))
+            claims.initialize(repeating: 0, count: max(1, plan.count))
+            ordered = OrderedProgress(chunks: plan.count, chunkSize: UInt64(view.index.chunkSize), total: view.size)
+        }
+        deinit { claims.deallocate() }
+
+        public var name: String { view.name }
+        /// The image's encoder (for a signal handler's cancel).
+        public var encoderForSignals: Qcow2Encoder { encoder }
+        public var size: UInt64 { view.size }
+        /// Chunks a reader asked for before the restore reached them (loaded once, for both).
+        public var chunksAheadOfOrder: Int { aheadCount.load(ordering: .relaxed) }
+
+        /// Claims chunk `i` for loading and writing; false when someone already has.
+        func claim(_ i: Int) -> Bool {
+            lock.withLock {
+                if claims[i] != 0 { return false }
+                claims[i] = 1
+                return true
+            }
+        }
+
+        /// Loads chunk `i` through the cache and writes it into the image (the caller claimed it).
+        func loadAndWrite(_ i: Int) throws(QcowPressError) {
+            let cs = UInt64(view.index.chunkSize)
+            let len = view.index.chunkLength(i)
+            try view.cache.withChunk(view.index.digest(i), length: len, what: "chunk \(i) of \(archive) (guest offset \(UInt64(i) * cs))") { (p) throws(QcowPressError) in
+                try encoder.writeBlocking(at: UInt64(i) * cs, p)
+            }
+            counters.add(read: 1)
+            ordered.complete(i)
+        }
+
+        /// Reads guest bytes for a client: chunks of this range that the restore has not reached
+        /// are loaded and written now (ahead of order), then the bytes come from the cache.
+        public func read(at offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer) throws(QcowPressError) {
+            let cs = UInt64(view.index.chunkSize)
+            guard count > 0 else { return }
+            let first = Int(offset / cs)
+            let last = min(plan.count - 1, Int((offset + UInt64(count) - 1) / cs))
+            if first <= last {
+                for i in first...last {
+                    // A repeated chunk reads its first occurrence's data: load that one ahead.
+                    var source = i
+                    if case .copy(let f) = plan[i] { source = f }
+                    if case .load = plan[source], claim(source) {
+                        aheadCount.add(1, ordering: .relaxed)
+                        try loadAndWrite(source)
+                    }
+                }
+            }
+            try view.read(at: offset, count: count, into: out)
+        }
+    }
+
+    public let drives: [Drive]
+    let restore: PBSRestore
+    let options: PBSRestore.Options
+    let group: EncoderGroup
+    public let cache: PBSChunkCache
+
+    /// Opens every archive and creates every image (under temporary names) before any chunk is
+    /// restored, so readers can start at once.
+    public init(_ restore: PBSRestore, jobs: [(archive: String, destination: String)], encoder: EncoderOptions,
+                options: PBSRestore.Options = .init()) throws(QcowPressError) {
+        self.restore = restore
+        let indexes = try jobs.map { j throws(QcowPressError) in try restore.openArchive(j.archive) }
+        let (o, e) = try PBSRestore.fit(options, encoder, chunkSize: indexes.map(\.chunkSize).max() ?? 4 << 20)
+        self.options = o
+        // The cache serves the restore and the readers (its size comes out of the memory limit, but
+        // holds at least two chunks: a reader's chunk must survive until it is copied out).
+        let chunk = indexes.map(\.chunkSize).max() ?? 4 << 20
+        cache = PBSChunkCache(reader: restore.reader, capacity: max(o.cacheBytes, 2 * chunk), indexes: indexes)
+        group = try EncoderGroup(threads: e.threads, memoryLimit: e.memoryLimit, clusterSize: e.clusterSize,
+                                 compression: e.compression, images: jobs.count)
+        var drives: [Drive] = []
+        do throws(QcowPressError) {
+            for (j, job) in jobs.enumerated() {
+                var eo = e
+                eo.group = group
+                eo.virtualSize = (indexes[j].size + 511) & ~511
+                let enc = try Qcow2Encoder(destination: job.destination, options: eo)
+                var name = job.archive.split(separator: "/").last.map(String.init) ?? job.archive
+                for suffix in [".fidx", ".img"] where name.hasSuffix(suffix) { name = String(name.dropLast(suffix.count)) }
+                drives.append(Drive(archive: job.archive, view: PBSArchiveView(name: name, index: indexes[j], cache: cache),
+                                    destination: job.destination, encoder: enc, plan: restore.plan(indexes[j], options: o, encoder: eo)))
+            }
+        } catch {
+            for d in drives { d.encoder.cancel() }
+            group.shutdown()
+            throw error
+        }
+        self.drives = drives
+    }
+
+    /// Restores every drive (readers may read meanwhile); all-or-nothing: on failure every image of
+    /// this restore is removed.
+    public func run() throws(QcowPressError) -> [PBSRestore.Summary] {
+        defer { group.shutdown() }
+        var out: [PBSRestore.Summary] = []
+        do throws(QcowPressError) {
+            for d in drives {
+                let cs = UInt64(d.view.index.chunkSize)
+                let index = d.view.index
+                try forEachIndex(UInt64(d.plan.count), threads: options.loaders, name: "qp-live") {
+                    return { (i64) throws(QcowPressError) in
+                        let i = Int(i64)
+                        let at = UInt64(i) * cs
+                        let len = UInt64(index.chunkLength(i))
+                        switch d.plan[i] {
+                        case .zero:
+                            try d.encoder.writeZeroesBlocking(at: at, length: len)
+                            d.counters.add(zero: 1)
+                            d.ordered.complete(i)
+                        case .copy(let f):
+                            try d.encoder.writeCopy(at: at, from: UInt64(f) * cs, length: len)
+                            d.counters.add(shared: 1, saved: len)
+                            d.ordered.complete(i)
+                        case .load:
+                            // A reader may have claimed it already: then it is written (or being).
+                            if d.claim(i) { try d.loadAndWrite(i) }
+                        }
+                    }
+                }
+            }
+            for d in drives {
+                let s = try d.encoder.finishBlocking()
+                let name = d.archive.hasSuffix(".fidx") ? d.archive : d.archive + ".fidx"
+                out.append(d.counters.summary(archive: name, image: s, chunks: d.plan.count))
+            }
+        } catch {
+            for d in drives { d.encoder.cancel() }
+            for d in drives where out.contains(where: { $0.image.destination == d.destination }) {
+                unlink(d.destination)
+            }
+            throw error
+        }
+        return out
+    }
+}
+

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages QcowPress needs, only when something is missing.
 # C libraries: liburing, libzstd, zlib, ISA-L (fast deflate); qemu-utils is the test oracle and
-# libnbd-bin (nbdinfo, nbdcopy) the NBD peer of the serve tests.
+# libnbd-bin (nbdinfo, nbdcopy) and qemu-system-common (qemu-storage-daemon) the NBD and QMP peers
+# of the serve and live-restore tests.
 set -euo pipefail
 need=()
-for pkg in liburing-dev libzstd-dev zlib1g-dev libisal-dev qemu-utils pkg-config libnbd-bin; do
+for pkg in liburing-dev libzstd-dev zlib1g-dev libisal-dev qemu-utils pkg-config libnbd-bin qemu-system-common; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -32,6 +32,10 @@ struct RestorePBS: ParsableCommand {
     var chunkCache: String?
     @Option(help: ArgumentHelp("Serve every drive over NBD on this unix socket while it is restored (live restore).", valueName: "path"))
     var live: String?
+    @Option(help: ArgumentHelp("With --live: QEMU's QMP socket, to switch its block nodes onto the restored images.", valueName: "path"))
+    var qmp: String?
+    @Option(help: ArgumentHelp("With --qmp: the QEMU node (an overlay backed by the live export) to switch when EXPORT is restored.", valueName: "export=node"))
+    var node: [String] = []
     @OptionGroup var encoder: EncoderArguments
     @Argument(help: "vm/100/2026-11-20T10:00:00Z")
     var snapshot: String

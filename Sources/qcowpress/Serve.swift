@@ -216,7 +216,18 @@ extension RestorePBS {
     /// every drive is complete, serving goes on until the last client disconnects.
     func runLive(_ restore: PBSRestore, jobs: [(archive: String, destination: String)], encoder eo: EncoderOptions,
                  options: PBSRestore.Options, socket: String) throws {
+        let node = self.node
+        var nodes: [String: String] = [:]
+        for n in node {
+            guard let eq = n.firstIndex(of: "="), eq != n.startIndex else { throw QcowPressError.invalidArgument("--node \(n): expected EXPORT=NODE") }
+            nodes[String(n[..<eq])] = String(n[n.index(after: eq)...])
+        }
+        if qmp != nil && nodes.isEmpty { throw QcowPressError.invalidArgument("--qmp needs at least one --node EXPORT=NODE") }
+        if qmp == nil && !nodes.isEmpty { throw QcowPressError.invalidArgument("--node needs --qmp") }
         let live = try PBSLiveRestore(restore, jobs: jobs, encoder: eo, options: options)
+        for e in nodes.keys where !live.drives.contains(where: { $0.name == e }) {
+            throw QcowPressError.invalidArgument("--node \(e)=…: no export named '\(e)' (exports: \(live.drives.map(\.name).joined(separator: ", ")))")
+        }
         for d in live.drives { watch(d.encoderForSignals) }
         let exports: [any NBDExport] = live.drives.map { LiveExport(drive: $0) }
         let server = NBDServer(exports: exports)
@@ -236,7 +247,17 @@ extension RestorePBS {
             unlink(socket)
             throw error
         }
-        // Complete: serve until every client is gone.
+        // Complete: switch QEMU onto the images (it then leaves the export), or serve until every
+        // client is gone.
+        if let qmp {
+            do {
+                try switchQEMU(qmp: qmp, drives: live.drives)
+            } catch {
+                server.shutdown()
+                unlink(socket)
+                throw error
+            }
+        }
         while server.counts.open > 0 { usleep(100_000) }
         server.shutdown()
         unlink(socket)
@@ -271,5 +292,35 @@ final class LiveExport: NBDExport, @unchecked Sendable {
     }
     func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)] {
         try pbs.blockStatus(at: offset, length: length)
+    }
+}
+
+extension RestorePBS {
+    /// For every --node EXPORT=NODE: waits for QEMU's QMP socket and the node (QEMU may start
+    /// after qcowpress; up to 10 minutes), then switches the node onto the restored image.
+    func switchQEMU(qmp: String, drives: [PBSLiveRestore.Drive]) throws {
+        var nodes: [String: String] = [:]
+        for n in node {
+            if let eq = n.firstIndex(of: "=") { nodes[String(n[..<eq])] = String(n[n.index(after: eq)...]) }
+        }
+        let deadline = Date().addingTimeInterval(600)
+        var client: QMPClient?
+        while client == nil {
+            client = try? QMPClient(path: qmp)
+            if client == nil {
+                guard Date() < deadline else { throw QcowPressError.invalidArgument("\(qmp): no QMP server answered within 10 minutes") }
+                usleep(200_000)
+            }
+        }
+        for d in drives {
+            guard let target = nodes[d.name] else { continue }
+            while try !client!.hasNode(target) {
+                guard Date() < deadline else { throw QcowPressError.invalidArgument("QMP: node '\(target)' did not appear within 10 minutes") }
+                usleep(200_000)
+            }
+            let path = d.destination.hasPrefix("/") ? d.destination : FileManager.default.currentDirectoryPath + "/" + d.destination
+            try client!.switchBacking(node: target, to: path, newNode: "qcowpress-\(d.name)")
+            writeStderr("qcowpress: \(target) now reads \(path)\n")
+        }
     }
 }

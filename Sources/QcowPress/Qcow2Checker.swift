@@ -72,7 +72,9 @@ public struct Qcow2Checker: Sendable {
     public func run() throws(QcowPressError) -> Result {
         let file: InputFile
         do { file = try InputFile(path: path, direct: false) } catch { throw .from(error) }
-        let h = try readQcow2Header(file, path: path)
+        guard let h = try readQcow2Header(file, path: path, requireMagic: true, tablesInsideFile: false) else {
+            throw .inputDamaged(path: path, location: "magic at offset 0 is not QFI\\xfb (not a qcow2 image)")
+        }
         var state = CheckState(file: file, header: h, path: path)
         try state.check()
         return state.res
@@ -155,6 +157,9 @@ struct CheckState {
         res = Result(filename: path)
     }
 
+    /// False once enough messages are kept: callers skip formatting the rest.
+    var loud: Bool { res.messages.count <= Qcow2Checker.maxMessages }
+
     mutating func say(_ m: String) {
         if res.messages.count < Qcow2Checker.maxMessages {
             res.messages.append(m)
@@ -176,20 +181,30 @@ struct CheckState {
         return out
     }
     func be64(_ a: [UInt8], _ i: Int) -> UInt64 { a.withUnsafeBytes { loadBE64($0, i) } }
+    /// `n` bytes at `off` as big-endian 64-bit words (zeros past the end of the file).
+    func words(_ off: UInt64, _ n: Int) throws(QcowPressError) -> [UInt64] {
+        let bytes = try read(off, n)
+        return bytes.withUnsafeBytes { p in
+            [UInt64](unsafeUninitializedCapacity: n / 8) { w, count in
+                for i in 0..<(n / 8) { w[i] = UInt64(bigEndian: p.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)) }
+                count = n / 8
+            }
+        }
+    }
 
     /// Counts one reference to every cluster of [off, off+len) (qcow2_inc_refcounts_imrt).
     mutating func ref(_ off: UInt64, _ len: UInt64) {
         guard len > 0, off <= UInt64(Int64.max), len <= UInt64(Int64.max) - off else {
             if len > 0 {
                 res.corruptions += 1
-                say("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x\(String(off, radix: 16)) size 0x\(String(len, radix: 16))")
+                if loud { say("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x\(String(off, radix: 16)) size 0x\(String(len, radix: 16))") }
             }
             return
         }
         // The last cluster may be partly allocated: less than a cluster past the end is fine.
         if off + len >= fileSize && off + len - fileSize >= cs {
             res.corruptions += 1
-            say("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x\(String(off, radix: 16)) size 0x\(String(len, radix: 16))")
+            if loud { say("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x\(String(off, radix: 16)) size 0x\(String(len, radix: 16))") }
             return
         }
         let maxRef = codec.maxRefcount
@@ -198,7 +213,7 @@ struct CheckState {
         while c <= last {
             if !refs.increment(c, max: maxRef) {
                 res.corruptions += 1
-                say("ERROR: overflow cluster offset=0x\(String(c << bits, radix: 16))")
+                if loud { say("ERROR: overflow cluster offset=0x\(String(c << bits, radix: 16))") }
             }
             c += 1
         }
@@ -211,7 +226,8 @@ struct CheckState {
         guard i < UInt64(reftable.count) else { return 0 }
         let b = reftable[Int(i)] & ~UInt64(0x1FF)
         if b == 0 { return 0 }
-        if b % cs != 0 { return nil }
+        // Unaligned, or beyond what a block request can address: QEMU cannot read the block.
+        if b % cs != 0 || b > UInt64(Int64.max) - (1 << 31) { return nil }
         if cachedBlock?.0 != b { cachedBlock = (b, try read(b, Int(cs))) }
         let k = Int(c % perBlock)
         return cachedBlock!.1.withUnsafeBytes { codec.get($0, k) }
@@ -226,32 +242,35 @@ struct CheckState {
     }
 
     mutating func checkL2(_ l2: UInt64, active: Bool) throws(QcowPressError) {
-        let table = try read(l2, Int(cs))
+        // A table past the end of the file reads as zeros: nothing in it to count or check.
+        guard l2 < fileSize else { return }
+        let table = try words(l2, Int(cs))
         let words = g.extendedL2 ? 2 : 1
         var nextContiguous: UInt64 = 0
         for j in 0..<g.l2Entries {
-            let e = be64(table, j * 8 * words)
-            let bitmap = g.extendedL2 ? be64(table, j * 16 + 8) : 0
+            let e = table[j * words]
+            let bitmap = g.extendedL2 ? table[j * 2 + 1] : 0
+            if e == 0 && bitmap == 0 { continue }
             let t = type(e)
             if t != .compressed && e & L2Entry.standardReservedMask != 0 {
                 res.corruptions += 1
-                say("ERROR found l2 entry with reserved bits set: \(String(e, radix: 16))")
+                if loud { say("ERROR found l2 entry with reserved bits set: \(String(e, radix: 16))") }
             }
             switch t {
             case .compressed:
                 if e & L2Entry.copiedFlag != 0 {
                     res.corruptions += 1
                     let d = L2Entry(rawValue: e).compressedDescriptor(clusterBits: g.clusterBits)
-                    say("ERROR: coffset=0x\(String(d.hostOffset, radix: 16)): copied flag must never be set for compressed clusters")
+                    if loud { say("ERROR: coffset=0x\(String(d.hostOffset, radix: 16)): copied flag must never be set for compressed clusters") }
                 }
                 if hasDataFile {
                     res.corruptions += 1
-                    say("ERROR compressed cluster \(j) with data file, entry=0x\(String(e, radix: 16))")
+                    if loud { say("ERROR compressed cluster \(j) with data file, entry=0x\(String(e, radix: 16))") }
                     continue
                 }
                 if bitmap != 0 {
                     res.corruptions += 1
-                    say("ERROR compressed cluster \(j) with non-zero subcluster allocation bitmap, entry=0x\(String(e, radix: 16))")
+                    if loud { say("ERROR compressed cluster \(j) with non-zero subcluster allocation bitmap, entry=0x\(String(e, radix: 16))") }
                     continue
                 }
                 let d = L2Entry(rawValue: e).compressedDescriptor(clusterBits: g.clusterBits)
@@ -265,12 +284,12 @@ struct CheckState {
                 let off = e & L2Entry.offsetMask
                 if (bitmap >> 32) & bitmap != 0 {
                     res.corruptions += 1
-                    say("ERROR offset=\(String(off, radix: 16)): Allocated cluster has corrupted subcluster allocation bitmap")
+                    if loud { say("ERROR offset=\(String(off, radix: 16)): Allocated cluster has corrupted subcluster allocation bitmap") }
                 }
                 if off % cs != 0 {
                     res.corruptions += 1
                     let data = g.extendedL2 ? bitmap & 0xFFFF_FFFF != 0 : e & L2Entry.zeroFlag == 0
-                    say("ERROR offset=\(String(off, radix: 16)): \(data ? "Data" : "Preallocated") cluster is not properly aligned; L2 entry corrupted.")
+                    if loud { say("ERROR offset=\(String(off, radix: 16)): \(data ? "Data" : "Preallocated") cluster is not properly aligned; L2 entry corrupted.") }
                 }
                 if active {
                     res.allocatedClusters += 1
@@ -283,7 +302,7 @@ struct CheckState {
             case .unallocated:
                 if bitmap & 0xFFFF_FFFF != 0 {
                     res.corruptions += 1
-                    say("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+                    if loud { say("ERROR: Unallocated cluster has non-zero subcluster allocation map") }
                 }
             }
         }
@@ -292,19 +311,19 @@ struct CheckState {
     mutating func checkL1(_ l1Offset: UInt64, _ l1Size: Int, active: Bool) throws(QcowPressError) {
         guard l1Size > 0 else { return }
         ref(l1Offset, UInt64(l1Size) * 8)
-        let l1 = try read(l1Offset, l1Size * 8)
+        let l1 = try words(l1Offset, l1Size * 8)
         for i in 0..<l1Size {
-            let e = be64(l1, i * 8)
+            let e = l1[i]
             if e & L1Entry.reservedMask != 0 {
                 res.corruptions += 1
-                say("ERROR found L1 entry with reserved bits set: \(String(e, radix: 16))")
+                if loud { say("ERROR found L1 entry with reserved bits set: \(String(e, radix: 16))") }
             }
             let l2 = e & L1Entry.offsetMask
             guard l2 != 0 else { continue }
             ref(l2, cs)
             if l2 % cs != 0 {
                 res.corruptions += 1
-                say("ERROR l2_offset=\(String(l2, radix: 16)): Table is not cluster aligned; L1 entry corrupted")
+                if loud { say("ERROR l2_offset=\(String(l2, radix: 16)): Table is not cluster aligned; L1 entry corrupted") }
             }
             try checkL2(l2, active: active)
         }
@@ -315,7 +334,7 @@ struct CheckState {
         let nClusters = (fileSize + cs - 1) / cs
         if nClusters > UInt64(Int32.max) {
             res.checkErrors += 1
-            say("ERROR: the image file has \(nClusters) clusters, more than qemu-img checks (\(Int32.max))")
+            if loud { say("ERROR: the image file has \(nClusters) clusters, more than qemu-img checks (\(Int32.max))") }
             return
         }
         let rt = try read(h.refcountTableOffset, Int(UInt64(h.refcountTableClusters) * cs))
@@ -327,7 +346,7 @@ struct CheckState {
         // Internal snapshots: each snapshot's L1 and everything it reaches, then the table.
         if hasDataFile && h.nbSnapshots > 0 {
             res.corruptions += 1
-            say("ERROR \(h.nbSnapshots) snapshots in image with data file")
+            if loud { say("ERROR \(h.nbSnapshots) snapshots in image with data file") }
         }
         if h.nbSnapshots > 0 {
             var at = h.snapshotsOffset
@@ -335,17 +354,26 @@ struct CheckState {
             for s in 0..<Int(h.nbSnapshots) {
                 guard fits(at, 40, within: fileSize) else {
                     res.corruptions += 1
-                    say("ERROR snapshot \(s) header at \(at) is past the end of the file")
+                    if loud { say("ERROR snapshot \(s) header at \(at) is past the end of the file") }
                     break
                 }
+                at = (at + 7) & ~7
                 let sh = try read(at, 40)
                 let l1Off = be64(sh, 0)
                 let l1Size = sh.withUnsafeBytes { Int(loadBE32($0, 8)) }
                 let idLen = sh.withUnsafeBytes { Int(loadBE16($0, 12)) }
                 let nameLen = sh.withUnsafeBytes { Int(loadBE16($0, 14)) }
                 let extra = sh.withUnsafeBytes { Int(loadBE32($0, 36)) }
-                try checkL1(l1Off, min(l1Size, Int(Qcow2Header.maxL1Size)), active: false)
-                at += UInt64((40 + extra + idLen + nameLen + 7) & ~7)
+                if l1Off % cs != 0 {
+                    res.corruptions += 1
+                    if loud { say("ERROR snapshot \(s) l1_offset=0x\(String(l1Off, radix: 16)): L1 table is not cluster aligned; snapshot table entry corrupted") }
+                } else if l1Size > Int(Qcow2Header.maxL1Size) {
+                    res.corruptions += 1
+                    if loud { say("ERROR snapshot \(s) l1_size=\(l1Size): L1 table is too large; snapshot table entry corrupted") }
+                } else {
+                    try checkL1(l1Off, l1Size, active: false)
+                }
+                at += UInt64(40 + extra + idLen + nameLen)
             }
             ref(start, at - start)
         }
@@ -359,7 +387,7 @@ struct CheckState {
             let dirOff = d.withUnsafeBytes { loadBE64($0, 16) }
             guard dirSize < 64 << 20, fits(dirOff, dirSize, within: fileSize) else {
                 res.corruptions += 1
-                say("ERROR bitmap directory at \(dirOff) is past the end of the file")
+                if loud { say("ERROR bitmap directory at \(dirOff) is past the end of the file") }
                 continue
             }
             ref(dirOff, dirSize)
@@ -388,17 +416,17 @@ struct CheckState {
             let off = raw & ~UInt64(0x1FF)
             if raw & 0x1FF != 0 {
                 res.corruptions += 1
-                say("ERROR refcount table entry \(i) has reserved bits set")
+                if loud { say("ERROR refcount table entry \(i) has reserved bits set") }
                 continue
             }
             if off % cs != 0 {
                 res.corruptions += 1
-                say("ERROR refcount block \(i) is not cluster aligned; refcount table entry corrupted")
+                if loud { say("ERROR refcount block \(i) is not cluster aligned; refcount table entry corrupted") }
                 continue
             }
             if off >> bits >= arrayClusters {
                 res.corruptions += 1
-                say("ERROR refcount block \(i) is outside image")
+                if loud { say("ERROR refcount block \(i) is outside image") }
                 continue
             }
             guard off != 0 else { continue }
@@ -407,7 +435,7 @@ struct CheckState {
             let n = refs.get(off >> bits)
             if n != 1 {
                 res.corruptions += 1
-                say("ERROR refcount block \(i) refcount=\(n)")
+                if loud { say("ERROR refcount block \(i) refcount=\(n)") }
             }
         }
 
@@ -421,12 +449,12 @@ struct CheckState {
             let bi = c / perBlock
             let blockEnd = min(arrayClusters, (bi + 1) * perBlock)
             let entry = bi < UInt64(reftable.count) ? reftable[Int(bi)] & ~UInt64(0x1FF) : 0
-            if entry != 0 && entry % cs != 0 {
+            if entry != 0 && (entry % cs != 0 || entry > UInt64(Int64.max) - (1 << 31)) {
                 // Unreadable refcounts: one internal error per cluster, as qemu-img counts them.
                 res.checkErrors += Int(blockEnd - c)
                 var k = c
                 while k < blockEnd && res.messages.count <= Qcow2Checker.maxMessages {
-                    say("Can't get refcount for cluster \(k): Input/output error")
+                    if loud { say("Can't get refcount for cluster \(k): Input/output error") }
                     k += 1
                 }
                 c = blockEnd
@@ -444,10 +472,10 @@ struct CheckState {
             if s > 0 || r > 0 { highest = c }
             if s < r {
                 res.corruptions += 1
-                say("ERROR cluster \(c) refcount=\(s) reference=\(r)")
+                if loud { say("ERROR cluster \(c) refcount=\(s) reference=\(r)") }
             } else if s > r {
                 res.leaks += 1
-                say("Leaked cluster \(c) refcount=\(s) reference=\(r)")
+                if loud { say("Leaked cluster \(c) refcount=\(s) reference=\(r)") }
             }
             c += 1
         }
@@ -462,20 +490,22 @@ struct CheckState {
     mutating func checkCopiedFlags() throws(QcowPressError) {
         let l1Size = Int(h.l1Size)
         guard l1Size > 0 else { return }
-        let l1 = try read(h.l1TableOffset, l1Size * 8)
+        let l1 = try self.words(h.l1TableOffset, l1Size * 8)
         let words = g.extendedL2 ? 2 : 1
         for i in 0..<l1Size {
-            let e = be64(l1, i * 8)
+            let e = l1[i]
             let l2 = e & L1Entry.offsetMask
             guard l2 != 0 else { continue }
             guard let n = try stored(l2 >> bits) else { continue }
             if (n == 1) != (e & L1Entry.copiedFlag != 0) {
                 res.corruptions += 1
-                say("ERROR OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(String(e, radix: 16)) refcount=\(n)")
+                if loud { say("ERROR OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(String(e, radix: 16)) refcount=\(n)") }
             }
-            let table = try read(l2, Int(cs))
+            guard l2 < fileSize else { continue }
+            let table = try self.words(l2, Int(cs))
             for j in 0..<g.l2Entries {
-                let le = be64(table, j * 8 * words)
+                let le = table[j * words]
+                if le == 0 { continue }
                 let t = type(le)
                 guard t == .normal || t == .zeroAlloc else { continue }
                 let rc: UInt64
@@ -485,7 +515,7 @@ struct CheckState {
                 }
                 if (rc == 1) != (le & L2Entry.copiedFlag != 0) {
                     res.corruptions += 1
-                    say("ERROR OFLAG_COPIED data cluster: l2_entry=\(String(le, radix: 16)) refcount=\(rc)")
+                    if loud { say("ERROR OFLAG_COPIED data cluster: l2_entry=\(String(le, radix: 16)) refcount=\(rc)") }
                 }
             }
         }

@@ -44,7 +44,8 @@ public final class Qcow2Image: @unchecked Sendable {
         header = try readQcow2Header(file, path: path)
         geometry = header.geometry
         cs = header.clusterSize
-        virtualSize = header.size
+        // QEMU counts qcow2 sizes in 512-byte sectors, rounding an odd size down.
+        virtualSize = header.size & ~511
         if header.cryptMethod != 0 {
             throw .unsupported(path: path, what: "encrypted qcow2 (crypt_method \(header.cryptMethod))")
         }
@@ -176,14 +177,16 @@ func overlaps(_ a: Range<UInt64>, _ b: Range<UInt64>) -> Bool {
 /// The qcow2 header at the start of `file`, parsed against the file's size. Reads the first cluster
 /// at most (2 MiB). Returns nil when the magic is not qcow2's, unless `requireMagic` (then that is
 /// the error); a damaged header is ``QcowPressError/inputDamaged(path:location:)`` naming the field.
-func readQcow2Header(_ file: InputFile, path: String, requireMagic: Bool) throws(QcowPressError) -> Qcow2Header? {
+/// With `tablesInsideFile` false the L1 and refcount tables may lie past the end of the file (they
+/// read as zeros there, as in QEMU, which `check` reports rather than refuses).
+func readQcow2Header(_ file: InputFile, path: String, requireMagic: Bool, tablesInsideFile: Bool = true) throws(QcowPressError) -> Qcow2Header? {
     let n = Int(min(file.size, 2 << 20))
     let head = AlignedBuffer(capacity: max(n, 4096))
     let got: Int
     do { got = try file.read(into: head.pointer, length: n, offset: 0) } catch { throw .from(error) }
     let bytes = UnsafeRawBufferPointer(start: head.pointer, count: got)
     if !requireMagic && (got < 4 || loadBE32(bytes, 0) != Qcow2Header.magic) { return nil }
-    do { return try Qcow2Header(parsing: bytes, fileSize: file.size) } catch {
+    do { return try Qcow2Header(parsing: bytes, fileSize: tablesInsideFile ? file.size : nil) } catch {
         throw .inputDamaged(path: path, location: error.description)
     }
 }

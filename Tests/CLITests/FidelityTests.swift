@@ -372,3 +372,27 @@ struct SplitMix {
         return z ^ (z >> 31)
     }
 }
+
+/// `check` memory is bounded by what the image references, not by its file size (issue 14).
+@Suite(.enabled(if: Harness.haveQemuImg && FileManager.default.isExecutableFile(atPath: "/usr/bin/time"), "qemu-img and /usr/bin/time"))
+struct CheckMemoryTests {
+    /// Maximum resident set size in KiB of one run, from /usr/bin/time.
+    static func maxRSS(_ exe: String, _ args: [String]) throws -> (status: Int32, kib: Int) {
+        let r = try Harness.run("/usr/bin/time", ["-f", "RSS=%M", exe] + args)
+        let line = r.stderr.split(separator: "\n").last { $0.hasPrefix("RSS=") }
+        return (r.status, Int(line?.dropFirst(4) ?? "") ?? Int.max)
+    }
+
+    @Test func truncatedToFourTiBCostsLessThanQemuImg() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let p = dir.appendingPathComponent("big.qcow2").path
+        #expect(try Harness.qemuImg(["create", "-q", "-f", "qcow2", p, "1M"]).status == 0)
+        #expect(truncate(p, 4 << 40) == 0)
+        let theirs = try Self.maxRSS("/usr/bin/qemu-img", ["check", p])
+        let ours = try Self.maxRSS(Harness.binary, ["check", p])
+        #expect(theirs.status == 0 && ours.status == 0)
+        #expect(ours.kib <= theirs.kib, "qcowpress check \(ours.kib) KiB, qemu-img check \(theirs.kib) KiB")
+        #expect(ours.kib < 100 * 1024, "qcowpress check used \(ours.kib) KiB")
+    }
+}

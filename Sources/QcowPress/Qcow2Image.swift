@@ -140,12 +140,10 @@ public final class Qcow2Image: @unchecked Sendable {
         return name
     }
     static func isRegularFile(_ p: String) -> Bool {
-        var st = stat()
-        return stat(p, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG
+        (try? FileStatus.of(path: p))?.kind == .regular
     }
     static func identity(_ p: String) -> String {
-        var st = stat()
-        return stat(p, &st) == 0 ? "\(st.st_dev):\(st.st_ino)" : p
+        (try? FileStatus.of(path: p))?.identity ?? p
     }
 
     /// The L2 table of region `r` (entries host-endian; 2 words per cluster with extended L2).

@@ -1,3 +1,4 @@
+import DirectIO
 import Foundation
 
 /// A snapshot in a local PBS datastore directory: `<ds>/[ns/<a>/ns/<b>/]<type>/<id>/<time>/`.
@@ -14,11 +15,11 @@ public struct PBSSnapshot: Sendable {
     ///   - namespace: `a/b` (each component becomes `ns/<component>`), or nil.
     public init(datastore: String, namespace: String?, snapshot: String) throws(SourceError) {
         self.datastore = datastore
-        var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: datastore, isDirectory: &isDir), isDir.boolValue else {
+        func kind(_ p: String) -> FileStatus.Kind? { (try? FileStatus.of(path: p))?.kind }
+        guard kind(datastore) == .directory else {
             throw SourceError(.missing, path: datastore, "datastore directory does not exist")
         }
-        guard FileManager.default.fileExists(atPath: datastore + "/.chunks") else {
+        guard kind(datastore + "/.chunks") == .directory else {
             throw SourceError(.damaged, path: datastore, "not a datastore (no .chunks directory)")
         }
         var dir = datastore
@@ -37,7 +38,7 @@ public struct PBSSnapshot: Sendable {
         try Self.checkComponent(parts[1], what: "backup id")
         try Self.checkComponent(parts[2], what: "backup time")
         dir += "/" + parts.joined(separator: "/")
-        guard FileManager.default.fileExists(atPath: dir) else {
+        guard kind(dir) != nil else {
             throw SourceError(.missing, path: dir, "snapshot does not exist")
         }
         directory = dir

@@ -59,7 +59,7 @@ public struct ImageInfo: Sendable, Codable, Equatable {
             return
         }
         format = "qcow2"
-        virtualSize = h.size
+        virtualSize = h.size & ~511  // QEMU counts qcow2 sizes in whole sectors
         clusterSize = h.clusterSize
         dirtyFlag = h.incompatibleFeatures.contains(.dirty)
         backingFilename = h.backingFile

@@ -331,7 +331,7 @@ struct CheckState {
     }
 
     mutating func check() throws(QcowPressError) {
-        res.totalClusters = g.guestClusters(forVirtualSize: h.size)
+        res.totalClusters = g.guestClusters(forVirtualSize: h.size & ~511)
         let nClusters = (fileSize + cs - 1) / cs
         if nClusters > UInt64(Int32.max) {
             res.checkErrors += 1

@@ -174,7 +174,31 @@ struct FidelityTests {
             let (theirs, ours, run) = try Self.checkBoth(p, in: dir)
             #expect(theirs?.status == c.expected, "\(c.name): qemu-img \(String(describing: theirs))")
             #expect(ours != nil && ours == theirs, "\(c.name): ours \(String(describing: ours)) vs qemu-img \(String(describing: theirs)); \(run.stderr)")
+            if let problem = try Self.compareReads(p, qemuCheck: theirs, in: dir) { Issue.record("\(c.name): \(problem)") }
         }
+    }
+
+    /// `convert -O raw` by both tools: nil when they agree (same bytes, or qcowpress refuses in one
+    /// line where qemu-img reports corruption or cannot read either); otherwise what differs.
+    static func compareReads(_ p: String, qemuCheck: Verdict?, in dir: URL) throws -> String? {
+        let t = dir.appendingPathComponent("theirs.raw").path
+        let o = dir.appendingPathComponent("ours.raw").path
+        try? FileManager.default.removeItem(atPath: t)
+        try? FileManager.default.removeItem(atPath: o)
+        let tc = try run("/usr/bin/qemu-img", ["convert", "-O", "raw", p, t], in: dir)
+        let oc = try run(Harness.binary, ["convert", "-O", "raw", p, o], in: dir)
+        if oc.signaled || oc.timedOut { return "convert trapped or hung" }
+        if oc.status == 0 {
+            if tc.status == 0 {
+                if try Data(contentsOf: URL(fileURLWithPath: t)) != Data(contentsOf: URL(fileURLWithPath: o)) { return "bytes differ from qemu-img's" }
+            } else if qemuCheck?.status == 0 {
+                return "we read an image qemu-img refuses: \(tc.stderr)"
+            }
+            return nil
+        }
+        if oc.stderr.split(separator: "\n").count != 1 { return "refusal is not one line: \(oc.stderr)" }
+        if tc.status == 0 && qemuCheck?.status == 0 { return "we refuse a clean image: \(oc.stderr)" }
+        return nil
     }
 
     // MARK: - Item 2: external data file by incompatible bit 2
@@ -332,26 +356,7 @@ struct FidelityTests {
 
             let (theirs, ours, oursRun) = try Self.checkBoth(p, in: dir)
             if oursRun.signaled || oursRun.timedOut { failures.append("\(label): check trapped or hung"); continue }
-            let t = dir.appendingPathComponent("theirs.raw").path
-            let o = dir.appendingPathComponent("ours.raw").path
-            try? FileManager.default.removeItem(atPath: t)
-            try? FileManager.default.removeItem(atPath: o)
-            let tc = try Self.run("/usr/bin/qemu-img", ["convert", "-O", "raw", p, t], in: dir)
-            let oc = try Self.run(Harness.binary, ["convert", "-O", "raw", p, o], in: dir)
-            if oc.signaled || oc.timedOut { failures.append("\(label): convert trapped or hung"); continue }
-            let qemuUnhappy = tc.status != 0 || (theirs?.status ?? 1) != 0
-            if oc.status == 0 {
-                if tc.status == 0 {
-                    if try Data(contentsOf: URL(fileURLWithPath: t)) != Data(contentsOf: URL(fileURLWithPath: o)) {
-                        failures.append("\(label): bytes differ from qemu-img's")
-                    }
-                } else if theirs?.status == 0 {
-                    failures.append("\(label): we read an image qemu-img refuses: \(tc.stderr)")
-                }
-            } else {
-                if oc.stderr.split(separator: "\n").count != 1 { failures.append("\(label): refusal is not one line: \(oc.stderr)") }
-                if !qemuUnhappy { failures.append("\(label): we refuse a clean image: \(oc.stderr)") }
-            }
+            if let problem = try Self.compareReads(p, qemuCheck: theirs, in: dir) { failures.append("\(label): \(problem)") }
             if let theirs, theirs != ours, !(theirs.status == 1 && ours?.status == 1) {
                 failures.append("\(label): check \(String(describing: ours)) vs qemu-img \(theirs)")
             }

@@ -37,7 +37,8 @@ public final class Qcow2Image: @unchecked Sendable {
     /// Opens an image. With `openBacking` false (qemu-img `-U`-style `--no-backing`) unallocated
     /// clusters read as zeros, as if there were no backing file. `seen` holds the identities of the
     /// images above this one in the chain (to refuse loops).
-    public init(path: String, openBacking: Bool = true, seen: [String] = []) throws(QcowPressError) {
+    /// `depthLimit` lowers the chain bound (tests).
+    public init(path: String, openBacking: Bool = true, seen: [String] = [], depthLimit: Int = Qcow2Image.maxChainDepth) throws(QcowPressError) {
         self.path = path
         do { file = try InputFile(path: path, direct: false) } catch { throw .from(error) }
         fileSize = file.size
@@ -119,13 +120,13 @@ public final class Qcow2Image: @unchecked Sendable {
                 throw .inputDamaged(path: path, location: "backing file '\(name)' loops back to an image already in the chain")
             }
             // `seen` holds the images above this one: this image is number seen.count + 1.
-            if seen.count + 2 > Self.maxChainDepth {
-                throw .inputDamaged(path: path, location: "backing chain is deeper than \(Self.maxChainDepth) images; it stops here, at backing file '\(name)'")
+            if seen.count + 2 > depthLimit {
+                throw .inputDamaged(path: path, location: "backing chain is deeper than \(depthLimit) images; it stops here, at backing file '\(name)'")
             }
             let fmt: String
             if let f = header.backingFormat { fmt = f } else { fmt = try RawImageReader.detectFormat(path: p) }
             switch fmt {
-            case "qcow2": backing = try Qcow2Image(path: p, openBacking: true, seen: seen + [mine])
+            case "qcow2": backing = try Qcow2Image(path: p, openBacking: true, seen: seen + [mine], depthLimit: depthLimit)
             case "raw": backing = try RawGuestImage(path: p)
             default: throw .unsupported(path: path, what: "backing format '\(fmt)'")
             }

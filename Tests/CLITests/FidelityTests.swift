@@ -1,4 +1,5 @@
 import Foundation
+import QcowPress
 import Testing
 
 /// Reader and check fidelity (issue 14): images made by qemu-img, damaged by a byte patch, must get
@@ -276,6 +277,17 @@ struct FidelityTests {
             #expect(r.status == 0, "\(r.stderr)")
         }
         try expectSameBytes(dir.appendingPathComponent("c24.qcow2").path, in: dir)
+
+        // The depth bound names the image where the chain stops (c24 is image 1, c15 image 10).
+        let top = dir.appendingPathComponent("c24.qcow2").path
+        #expect(throws: Never.self) { _ = try Qcow2Image(path: top, depthLimit: 25) }
+        do {
+            _ = try Qcow2Image(path: top, depthLimit: 10)
+            Issue.record("a 25-image chain opened with a limit of 10")
+        } catch {
+            #expect(error.message.hasPrefix(dir.appendingPathComponent("c15.qcow2").path + ": backing chain is deeper than 10 images"), "\(error.message)")
+            #expect(error.message.contains("'c14.qcow2'"), "\(error.message)")
+        }
 
         // A loop deep in the chain is refused, naming the image whose backing file closes it.
         _ = try Harness.qemuImg(["create", "-q", "-f", "qcow2", "-u", "-b", "c24.qcow2", "-F", "qcow2", dir.appendingPathComponent("c0.qcow2").path, "1M"])

@@ -37,34 +37,21 @@ public struct PBSChunkReader: Sendable {
     public func load(digest: ArraySlice<UInt8>, length: Int, into out: UnsafeMutableRawBufferPointer,
                      scratch: Scratch, what: String) throws(SourceError) {
         let path = snapshot.chunkPath(digest)
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            let e = errno
-            throw SourceError(e == ENOENT ? .missing : .io, path: path, "\(what): cannot open chunk: \(String(cString: strerror(e)))", errno: e)
-        }
-        defer { close(fd) }
-        var st = stat()
-        fstat(fd, &st)
-        let size = Int(st.st_size)
-        guard size <= PBSBlob.maxBlobSize else {
-            throw SourceError(.damaged, path: path, "\(what): chunk file is \(size) bytes (limit 128 MiB)")
-        }
-        if scratch.raw.count < size { scratch.raw = [UInt8](repeating: 0, count: size) }
-        let got: Int = scratch.raw.withUnsafeMutableBytes { p in
-            var done = 0
-            while done < size {
-                let r = Glibc.read(fd, p.baseAddress! + done, size - done)
-                if r < 0 && errno == EINTR { continue }
-                if r <= 0 { break }
-                done += r
+        let size: Int
+        do {
+            size = try WholeFile.read(path: path, limit: PBSBlob.maxBlobSize, into: &scratch.raw)
+        } catch {
+            switch error {
+            case .io(let e) where e.operation == "open":
+                throw SourceError(e.errno == ENOENT ? .missing : .io, path: path, "\(what): cannot open chunk: \(e.errnoName)", errno: e.errno)
+            case .io(let e):
+                throw SourceError(.io, path: path, "\(what): \(e.reason ?? "\(e.operation) failed: \(e.errnoName)")", errno: e.errno)
+            case .notRegular(let kind):
+                throw SourceError(.damaged, path: path, "\(what): chunk is \(kind.rawValue), not a regular file")
+            case .tooLarge(let n):
+                throw SourceError(.damaged, path: path, "\(what): chunk file is \(n) bytes (limit 128 MiB)")
             }
-            return done
         }
-        guard got == size else {
-            throw SourceError(.io, path: path, "\(what): short read (\(got) of \(size) bytes)")
-        }
-        // Read once, then let the page cache forget it: a restore host's cache belongs to its VMs.
-        _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
         let k = key?.key
         let zstd = scratch.zstd
         let decoded: Result<Int, SourceError> = scratch.raw.withUnsafeBytes { p in

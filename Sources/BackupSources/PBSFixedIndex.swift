@@ -27,14 +27,12 @@ public struct PBSFixedIndex: Sendable {
 
     public init(path: String) throws(SourceError) {
         self.path = path
-        let data: Data
-        do { data = try Data(contentsOf: URL(fileURLWithPath: path), options: .uncached) } catch {
-            throw SourceError(.missing, path: path, "cannot read fixed index: \((error as NSError).localizedDescription)")
-        }
+        // 1 GiB of index is 32 Mi chunks: 128 TiB of disk at 4 MiB per chunk.
+        let data = try readSourceFile(path, limit: 1 << 30, what: "fixed index", cannotRead: "cannot read fixed index")
         guard data.count >= Self.headerSize else {
             throw SourceError(.damaged, path: path, "fixed index is truncated (\(data.count) bytes, header needs 4096)")
         }
-        let bytes = [UInt8](data)
+        let bytes = data
         func le64(_ at: Int) -> UInt64 { bytes.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt64.self)) } }
         let magic = bytes.withUnsafeBytes { UInt64(bigEndian: $0.loadUnaligned(as: UInt64.self)) }
         guard magic == Self.magic else {

@@ -33,10 +33,7 @@ public struct PBSKey: Sendable {
     /// Loads a key file (JSON: kdf null | {"Scrypt":{n,r,p,salt}} | {"PBKDF2":{iter,salt}}, data =
     /// base64 raw key, or iv16 || tag16 || ciphertext32 under the password-derived key).
     public static func load(path: String, password: () throws(SourceError) -> String) throws(SourceError) -> PBSKey {
-        let data: Data
-        do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
-            throw SourceError(.missing, path: path, "cannot read key file")
-        }
+        let data = Data(try readSourceFile(path, limit: 1 << 20, what: "key file", cannotRead: "cannot read key file"))
         guard let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
             throw SourceError(.damaged, path: path, "key file is not JSON")
         }

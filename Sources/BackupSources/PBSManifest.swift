@@ -20,11 +20,7 @@ public struct PBSManifest: Sendable {
     let signedCanonical: String
 
     public init(path: String) throws(SourceError) {
-        let data: Data
-        do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
-            throw SourceError(.missing, path: path, "cannot read the snapshot manifest")
-        }
-        guard data.count <= PBSBlob.maxBlobSize else { throw SourceError(.damaged, path: path, "manifest is larger than 128 MiB") }
+        let data = try readSourceFile(path, limit: PBSBlob.maxBlobSize, what: "manifest", cannotRead: "cannot read the snapshot manifest")
         var out = [UInt8](repeating: 0, count: 16 << 20)
         let r: Result<Int, SourceError> = data.withUnsafeBytes { p in
             out.withUnsafeMutableBytes { o in

@@ -1,3 +1,5 @@
+import DirectIO
+import Glibc
 import Foundation
 
 /// A snapshot in a local PBS datastore directory: `<ds>/[ns/<a>/ns/<b>/]<type>/<id>/<time>/`.
@@ -14,11 +16,17 @@ public struct PBSSnapshot: Sendable {
     ///   - namespace: `a/b` (each component becomes `ns/<component>`), or nil.
     public init(datastore: String, namespace: String?, snapshot: String) throws(SourceError) {
         self.datastore = datastore
-        var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: datastore, isDirectory: &isDir), isDir.boolValue else {
+        // nil when the path does not exist; any other failure is reported as it is.
+        func kind(_ p: String) throws(SourceError) -> FileStatus.Kind? {
+            do { return try FileStatus.of(path: p).kind } catch {
+                if error.errno == ENOENT || error.errno == ENOTDIR { return nil }
+                throw SourceError(.io, path: p, "stat failed: \(error.errnoName)", errno: error.errno)
+            }
+        }
+        guard try kind(datastore) == .directory else {
             throw SourceError(.missing, path: datastore, "datastore directory does not exist")
         }
-        guard FileManager.default.fileExists(atPath: datastore + "/.chunks") else {
+        guard try kind(datastore + "/.chunks") == .directory else {
             throw SourceError(.damaged, path: datastore, "not a datastore (no .chunks directory)")
         }
         var dir = datastore
@@ -37,7 +45,7 @@ public struct PBSSnapshot: Sendable {
         try Self.checkComponent(parts[1], what: "backup id")
         try Self.checkComponent(parts[2], what: "backup time")
         dir += "/" + parts.joined(separator: "/")
-        guard FileManager.default.fileExists(atPath: dir) else {
+        guard try kind(dir) != nil else {
             throw SourceError(.missing, path: dir, "snapshot does not exist")
         }
         directory = dir

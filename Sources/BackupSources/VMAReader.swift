@@ -28,8 +28,9 @@ public final class VMAReader {
     public private(set) var devices: [Device] = []
     public private(set) var configs: [Config] = []
     var deviceByID = [Int?](repeating: nil, count: 256)
-    /// Clusters seen per device (a bitmap, 1 bit per 64 KiB: 2 KiB per 1 GiB of disk).
-    var seen: [[UInt64]] = []
+    /// Clusters seen per device: sparse pages of a bitmap (1 bit per 64 KiB), made when a cluster
+    /// in them arrives, so a device's declared size costs nothing until the archive backs it.
+    var seen: [ClusterSet] = []
     private let extentBuffer: UnsafeMutableRawPointer
     var path: String { stream.file.path }
 
@@ -111,8 +112,21 @@ public final class VMAReader {
             deviceByID[id] = devices.count
             devices.append(Device(id: id, name: dname, size: size))
         }
-        seen = devices.map { [UInt64](repeating: 0, count: ($0.clusterCount + 63) / 64) }
+        seen = devices.map { _ in ClusterSet() }
+        // Every cluster of every device must appear in some extent (59 clusters at most, each
+        // extent with a 512-byte header): an uncompressed archive shorter than that cannot hold them.
+        if compressionKnownNone, let length = stream.file.size {
+            let clusters = devices.reduce(UInt64(0)) { $0 + UInt64($1.clusterCount) }
+            let extents = (clusters + UInt64(Self.slotsPerExtent) - 1) / UInt64(Self.slotsPerExtent)
+            let needed = UInt64(headerSize) + extents * UInt64(Self.extentHeaderSize)
+            if needed > length {
+                let d = devices.max { $0.size < $1.size }!
+                throw damaged(UInt64(4096 + 32 * d.id + 8), "device sizes (largest: '\(d.name)', \(d.size) bytes) need at least \(needed) bytes of archive, but the archive has \(length)")
+            }
+        }
     }
+
+    var compressionKnownNone: Bool { stream.compression == .none }
 
     /// One cluster of one device from an extent: `mask` bit i set = block i stored in `data`
     /// (contiguous, in bit order); clear = zero block.
@@ -163,9 +177,7 @@ public final class VMAReader {
             if mask != 0xFFFF && blocksInDevice < 16 && mask >> blocksInDevice != 0 {
                 throw damaged(slotAt, "cluster \(cluster) of device '\(d.name)' has blocks beyond the device end")
             }
-            let w = cluster / 64, b = UInt64(1) << UInt64(cluster % 64)
-            guard seen[dev][w] & b == 0 else { throw damaged(slotAt, "cluster \(cluster) of device '\(d.name)' appears twice") }
-            seen[dev][w] |= b
+            guard seen[dev].insert(cluster) else { throw damaged(slotAt, "cluster \(cluster) of device '\(d.name)' appears twice") }
             expected += mask.nonzeroBitCount
             slots.append((dev, cluster, mask, slotAt))
         }
@@ -187,10 +199,47 @@ public final class VMAReader {
 
     /// After the last extent: every cluster of every device must have appeared.
     public func checkComplete() throws(SourceError) {
-        for (i, d) in devices.enumerated() {
-            for c in 0..<d.clusterCount where seen[i][c / 64] & (UInt64(1) << UInt64(c % 64)) == 0 {
-                throw SourceError(.damaged, path: path, "archive offset \(stream.offset): cluster \(c) of device '\(d.name)' is missing")
-            }
+        for (i, d) in devices.enumerated() where seen[i].count < d.clusterCount {
+            let c = seen[i].firstMissing()
+            throw SourceError(.damaged, path: path, "archive offset \(stream.offset): cluster \(c) of device '\(d.name)' is missing")
         }
+    }
+}
+
+/// A set of cluster numbers as a bitmap in 4 KiB pages (32768 clusters = 2 GiB of disk each),
+/// allocated on first use.
+struct ClusterSet {
+    static let pageShift = 15
+    final class Page { var words = [UInt64](repeating: 0, count: 1 << (ClusterSet.pageShift - 6)) }
+    private var pages: [Int: Page] = [:]
+    private(set) var count = 0
+
+    /// Adds `c`; false when it was already there.
+    mutating func insert(_ c: Int) -> Bool {
+        let k = c >> Self.pageShift
+        let page: Page
+        if let p = pages[k] { page = p } else { page = Page(); pages[k] = page }
+        let i = c & ((1 << Self.pageShift) - 1)
+        let b = UInt64(1) << UInt64(i & 63)
+        if page.words[i >> 6] & b != 0 { return false }
+        page.words[i >> 6] |= b
+        count += 1
+        return true
+    }
+    func contains(_ c: Int) -> Bool {
+        guard let p = pages[c >> Self.pageShift] else { return false }
+        let i = c & ((1 << Self.pageShift) - 1)
+        return p.words[i >> 6] & (UInt64(1) << UInt64(i & 63)) != 0
+    }
+    /// The smallest cluster number not in the set (cost bounded by the pages present).
+    func firstMissing() -> Int {
+        var k = 0
+        while let p = pages[k] {
+            if let w = p.words.firstIndex(where: { $0 != UInt64.max }) {
+                return k << Self.pageShift | w << 6 | (~p.words[w]).trailingZeroBitCount
+            }
+            k += 1
+        }
+        return k << Self.pageShift
     }
 }

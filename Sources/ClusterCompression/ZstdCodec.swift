@@ -19,8 +19,10 @@ public final class ZstdClusterCompressor: ClusterCompressor {
     }
 }
 
-/// Decodes one zstd frame into one cluster, streaming so that trailing bytes after the frame are
-/// ignored (a qcow2 reader fetches whole sectors).
+/// Decodes one cluster as QEMU does: streaming decompression until the cluster is full, across as
+/// many frames as it takes (skippable frames included); bytes after that are ignored (a qcow2
+/// reader fetches whole sectors). A step that makes no progress, or a frame still unfinished when
+/// the cluster is full, is an error.
 public final class ZstdClusterDecompressor: ClusterDecompressor {
     private let dctx: OpaquePointer?
     public init() { dctx = ZSTD_createDCtx() }
@@ -31,17 +33,19 @@ public final class ZstdClusterDecompressor: ClusterDecompressor {
         ZSTD_DCtx_reset(dctx, ZSTD_reset_session_only)
         var input = ZSTD_inBuffer(src: source.baseAddress, size: source.count, pos: 0)
         var output = ZSTD_outBuffer(dst: destination.baseAddress, size: destination.count, pos: 0)
+        var last = 0
         while output.pos < output.size {
             let before = (input.pos, output.pos)
-            let ret = ZSTD_decompressStream(dctx, &output, &input)
-            if ZSTD_isError(ret) != 0 {
-                throw DecompressionError(codec: "zstd", reason: String(cString: ZSTD_getErrorName(ret)))
+            last = ZSTD_decompressStream(dctx, &output, &input)
+            if ZSTD_isError(last) != 0 {
+                throw DecompressionError(codec: "zstd", reason: String(cString: ZSTD_getErrorName(last)))
             }
-            if ret == 0 { break }  // frame complete
-            if before == (input.pos, output.pos) { break }  // no progress: input exhausted
+            if input.pos <= before.0 && output.pos <= before.1 {
+                throw DecompressionError(codec: "zstd", reason: "data ends after \(output.pos) of \(output.size) bytes")
+            }
         }
-        guard output.pos == output.size else {
-            throw DecompressionError(codec: "zstd", reason: "frame yields \(output.pos) of \(output.size) bytes")
+        if last > 0 {
+            throw DecompressionError(codec: "zstd", reason: "a frame continues past the end of the cluster (\(output.size) bytes)")
         }
     }
 }

@@ -14,19 +14,29 @@ public final class InputFile: @unchecked Sendable {
 
     public init(path: String, direct wantDirect: Bool = true) throws(IOError) {
         self.path = path
-        var st = stat()
-        if stat(path, &st) < 0 { throw IOError(errno: errno, operation: "open", path: path) }
-        let type = st.st_mode & S_IFMT
-        if type == S_IFDIR { throw IOError(errno: EISDIR, operation: "open", path: path) }
+        // Only files that can be read at any offset: a FIFO, socket or character device would
+        // block or read differently each time. O_NONBLOCK keeps open(2) itself from waiting on a
+        // FIFO swapped in after the check; the descriptor is checked again.
+        let before: FileStatus
+        do { before = try FileStatus.of(path: path) } catch { throw IOError(errno: error.errno, operation: "open", path: path) }
+        if before.kind == .directory { throw IOError(errno: EISDIR, operation: "open", path: path) }
+        guard before.kind == .regular || before.kind == .blockDevice else {
+            throw IOError(errno: EINVAL, operation: "open", path: path, reason: "is \(before.kind.rawValue), not a regular file or block device")
+        }
         var fd: Int32 = -1
         var direct = false
-        if wantDirect && (type == S_IFREG || type == S_IFBLK) {
-            fd = open(path, O_RDONLY | O_CLOEXEC | CURING_O_DIRECT)
+        if wantDirect {
+            fd = Sys.open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | CURING_O_DIRECT)
             direct = fd >= 0
         }
         if fd < 0 {
-            fd = open(path, O_RDONLY | O_CLOEXEC)
-            if fd < 0 { throw IOError(errno: errno, operation: "open", path: path) }
+            fd = Sys.open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+            if fd < 0 { throw IOError(errno: -fd, operation: "open", path: path) }
+        }
+        let kind = (try? FileStatus.of(fd: fd, path: path))?.kind
+        guard kind == .regular || kind == .blockDevice else {
+            close(fd)
+            throw IOError(errno: EINVAL, operation: "open", path: path, reason: "is \(kind?.rawValue ?? "not a file"), not a regular file or block device")
         }
         let end = lseek(fd, 0, SEEK_END)
         if end < 0 {
@@ -38,7 +48,7 @@ public final class InputFile: @unchecked Sendable {
         self.size = UInt64(end)
         self.direct = direct
         self.dropBehind = true
-        if !direct { _ = posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL) }
+        if !direct { Sys.fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL) }
     }
     deinit { close(fd) }
 
@@ -61,7 +71,7 @@ public final class InputFile: @unchecked Sendable {
             done += r
         }
         if !direct && dropBehind && done > 0 {
-            _ = posix_fadvise(fd, off_t(offset), off_t(done), POSIX_FADV_DONTNEED)
+            Sys.fadvise(fd, offset, UInt64(done), POSIX_FADV_DONTNEED)
         }
         return done
     }

@@ -22,19 +22,22 @@ public final class StreamFile: @unchecked Sendable {
             fd = 0
             ownsFD = false
         } else {
-            let f = open(path, O_RDONLY | O_CLOEXEC)
-            if f < 0 { throw IOError(errno: errno, operation: "open", path: path) }
+            let f = Sys.open(path, O_RDONLY | O_CLOEXEC)
+            if f < 0 { throw IOError(errno: -f, operation: "open", path: path) }
             fd = f
             ownsFD = true
         }
-        var st = stat()
-        fstat(fd, &st)
-        regular = (st.st_mode & S_IFMT) == S_IFREG
-        if (st.st_mode & S_IFMT) == S_IFDIR {
+        let st: FileStatus
+        do { st = try FileStatus.of(fd: fd, path: path) } catch {
+            if ownsFD { close(fd) }
+            throw error
+        }
+        regular = st.kind == .regular
+        if st.kind == .directory {
             if ownsFD { close(fd) }
             throw IOError(errno: EISDIR, operation: "open", path: path)
         }
-        size = regular ? UInt64(st.st_size) : nil
+        size = regular ? st.size : nil
         if regular { _ = posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL) }
     }
     deinit { if ownsFD { close(fd) } }

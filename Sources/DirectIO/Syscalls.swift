@@ -16,7 +16,7 @@ public enum FaultInjection {
         /// Succeed after sleeping this many milliseconds (a slow disk).
         case delay(Int)
     }
-    public enum Operation: String, Sendable { case write, read }
+    public enum Operation: String, Sendable { case write, read, open, stat }
     public struct Plan: Sendable, Equatable {
         public var operation: Operation
         /// 1-based index of the call that fails.
@@ -39,6 +39,8 @@ public enum FaultInjection {
         var plan: Plan?
         var writes = 0
         var reads = 0
+        var opens = 0
+        var stats = 0
         var envChecked = false
     }
     static let state = Mutex(State())
@@ -89,6 +91,8 @@ public enum FaultInjection {
             switch op {
             case .write: s.writes += 1; n = s.writes
             case .read: s.reads += 1; n = s.reads
+            case .open: s.opens += 1; n = s.opens
+            case .stat: s.stats += 1; n = s.stats
             }
             guard let p = s.plan, p.operation == op else { return nil }
             if n == p.index || (p.sticky && n > p.index) { return p.kind }
@@ -156,5 +160,115 @@ enum Sys {
 
     static func fsync(_ fd: Int32) -> Int32 {
         Glibc.fsync(fd) < 0 ? Glibc.errno : 0
+    }
+
+    /// open(2) after the seam (`open:N:EIO` faults the Nth open): the descriptor, or -errno.
+    static func open(_ path: String, _ flags: Int32) -> Int32 {
+        if case .fail(let e) = FaultInjection.check(.open, fd: -1) { return -e }
+        let fd = Glibc.open(path, flags)
+        return fd < 0 ? -Glibc.errno : fd
+    }
+
+    /// stat(2)/fstat(2) after the seam (`stat:N:EIO`): 0 or -errno.
+    static func stat(_ path: String, _ st: inout Glibc.stat) -> Int32 {
+        if case .fail(let e) = FaultInjection.check(.stat, fd: -1) { return -e }
+        return libcStat(path, &st) < 0 ? -Glibc.errno : 0
+    }
+    static func fstat(_ fd: Int32, _ st: inout Glibc.stat) -> Int32 {
+        if case .fail(let e) = FaultInjection.check(.stat, fd: fd) { return -e }
+        return Glibc.fstat(fd, &st) < 0 ? -Glibc.errno : 0
+    }
+
+    static func fadvise(_ fd: Int32, _ offset: UInt64, _ length: UInt64, _ advice: Int32) {
+        _ = posix_fadvise(fd, off_t(offset), off_t(length), advice)
+    }
+}
+
+/// stat(2) under a name that cannot be confused with `struct stat` or ``Sys/stat(_:_:)``.
+private func libcStat(_ path: String, _ st: inout stat) -> Int32 { stat(path, &st) }
+
+/// What kind of file a path or descriptor is, and its size (through the syscall seam).
+public struct FileStatus: Sendable, Equatable {
+    public enum Kind: String, Sendable {
+        case regular = "a regular file", directory = "a directory", fifo = "a FIFO", socket = "a socket"
+        case blockDevice = "a block device", characterDevice = "a character device", symlink = "a symbolic link", other = "not a file"
+    }
+    public var kind: Kind
+    public var size: UInt64
+    /// Bytes allocated on disk (st_blocks × 512).
+    public var allocated: UInt64
+    /// "device:inode", to tell whether two paths are the same file.
+    public var identity: String
+
+    init(_ st: Glibc.stat) {
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: kind = .regular
+        case S_IFDIR: kind = .directory
+        case S_IFIFO: kind = .fifo
+        case S_IFSOCK: kind = .socket
+        case S_IFBLK: kind = .blockDevice
+        case S_IFCHR: kind = .characterDevice
+        case S_IFLNK: kind = .symlink
+        default: kind = .other
+        }
+        size = UInt64(max(0, st.st_size))
+        allocated = UInt64(max(0, st.st_blocks)) * 512
+        identity = "\(st.st_dev):\(st.st_ino)"
+    }
+
+    /// The status of `path` (symbolic links followed).
+    public static func of(path: String) throws(IOError) -> FileStatus {
+        var st = Glibc.stat()
+        let r = Sys.stat(path, &st)
+        if r < 0 { throw IOError(errno: -r, operation: "stat", path: path) }
+        return FileStatus(st)
+    }
+    public static func of(fd: Int32, path: String) throws(IOError) -> FileStatus {
+        var st = Glibc.stat()
+        let r = Sys.fstat(fd, &st)
+        if r < 0 { throw IOError(errno: -r, operation: "fstat", path: path) }
+        return FileStatus(st)
+    }
+}
+
+/// Small regular files read whole (PBS chunks): opened without blocking (a FIFO cannot stall the
+/// reader), refused unless regular, read with pread through the seam, then dropped from the page
+/// cache (a restore host's cache belongs to its VMs).
+public enum WholeFile {
+    public enum Failure: Error, Sendable {
+        case io(IOError)
+        case notRegular(FileStatus.Kind)
+        case tooLarge(UInt64)
+    }
+
+    /// Reads `path` into `buffer` (grown when needed); returns its length.
+    public static func read(path: String, limit: Int, into buffer: inout [UInt8]) throws(Failure) -> Int {
+        let fd = Sys.open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+        if fd < 0 { throw .io(IOError(errno: -fd, operation: "open", path: path)) }
+        defer { close(fd) }
+        let st: FileStatus
+        do { st = try FileStatus.of(fd: fd, path: path) } catch { throw .io(error) }
+        guard st.kind == .regular else { throw .notRegular(st.kind) }
+        guard st.size <= UInt64(limit) else { throw .tooLarge(st.size) }
+        let size = Int(st.size)
+        if buffer.count < size { buffer = [UInt8](repeating: 0, count: size) }
+        let result: Swift.Result<Int, IOError> = buffer.withUnsafeMutableBytes { p in
+            var done = 0
+            while done < size {
+                let r = Sys.pread(fd, p.baseAddress! + done, size - done, UInt64(done))
+                if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
+                if r < 0 { return .failure(IOError(errno: Int32(-r), operation: "read", path: path, offset: UInt64(done))) }
+                if r == 0 { break }
+                done += r
+            }
+            return .success(done)
+        }
+        let got: Int
+        do { got = try result.get() } catch { throw .io(error) }
+        guard got == size else {
+            throw .io(IOError(errno: EIO, operation: "read", path: path, offset: UInt64(got), reason: "short read (\(got) of \(size) bytes)"))
+        }
+        Sys.fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
+        return size
     }
 }

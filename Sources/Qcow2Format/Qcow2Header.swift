@@ -202,9 +202,10 @@ extension Qcow2Header {
         }
         extensions = exts
 
-        if backingFileOffset != 0 {
-            guard backingFileSize > 0, backingFileSize <= Self.maxBackingFileSize else {
-                throw FormatError(field: "backing_file_size", offset: 16, value: UInt64(backingFileSize), reason: "must be 1…1023")
+        // An empty name (size 0) means no backing file, as in QEMU.
+        if backingFileOffset != 0 && backingFileSize != 0 {
+            guard backingFileSize <= Self.maxBackingFileSize else {
+                throw FormatError(field: "backing_file_size", offset: 16, value: UInt64(backingFileSize), reason: "must be 0…1023")
             }
             guard fits(backingFileOffset, UInt64(backingFileSize), within: cs) else {
                 throw FormatError(field: "backing_file_offset", offset: 8, value: backingFileOffset, reason: "backing file name lies outside the first cluster")

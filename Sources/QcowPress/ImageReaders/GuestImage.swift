@@ -159,6 +159,9 @@ extension Qcow2Image: GuestImage {
         let at = l1[r] + UInt64(i * 8 * words)
         let e = L2Entry(rawValue: raw)
         if e.isCompressed {
+            if dataFile !== file {
+                throw .inputDamaged(path: path, location: "L2 entry at offset \(at): compressed cluster in an image with an external data file")
+            }
             if geometry.extendedL2 && t[i * 2 + 1] != 0 {
                 throw .inputDamaged(path: path, location: "L2 entry at offset \(at): compressed cluster with a subcluster bitmap")
             }

@@ -50,10 +50,8 @@ public struct ImageInfo: Sendable, Codable, Equatable {
     public init(path: String) throws(QcowPressError) {
         let f: InputFile
         do { f = try InputFile(path: path, direct: false) } catch { throw .from(error) }
-        var st = stat()
-        _ = fstat(f.fd, &st)
         filename = path
-        actualSize = UInt64(st.st_blocks) * 512
+        actualSize = (try? FileStatus.of(fd: f.fd, path: path))?.allocated ?? 0
         guard let h = try readQcow2Header(f, path: path, requireMagic: false) else {
             format = "raw"
             virtualSize = f.size
@@ -61,7 +59,7 @@ public struct ImageInfo: Sendable, Codable, Equatable {
             return
         }
         format = "qcow2"
-        virtualSize = h.size
+        virtualSize = h.size & ~511  // QEMU counts qcow2 sizes in whole sectors
         clusterSize = h.clusterSize
         dirtyFlag = h.incompatibleFeatures.contains(.dirty)
         backingFilename = h.backingFile

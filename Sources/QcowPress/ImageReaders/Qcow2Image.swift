@@ -29,19 +29,24 @@ public final class Qcow2Image: @unchecked Sendable {
     let l2CacheLimit: Int
     let cs: Int
 
-    /// Most backing files followed before the chain is refused as a loop or an abuse.
-    public static let maxChainDepth = 16
+    /// Most images in a backing chain (the top image included). QEMU has no fixed limit (it reads
+    /// chains of hundreds; only the open-file limit stops it); this bound keeps the recursion and
+    /// the descriptors (one or two per image) well inside a default process.
+    public static let maxChainDepth = 1000
 
     /// Opens an image. With `openBacking` false (qemu-img `-U`-style `--no-backing`) unallocated
-    /// clusters read as zeros, as if there were no backing file.
-    public init(path: String, openBacking: Bool = true, seen: Set<String> = []) throws(QcowPressError) {
+    /// clusters read as zeros, as if there were no backing file. `seen` holds the identities of the
+    /// images above this one in the chain (to refuse loops).
+    /// `depthLimit` lowers the chain bound (tests).
+    public init(path: String, openBacking: Bool = true, seen: [String] = [], depthLimit: Int = Qcow2Image.maxChainDepth) throws(QcowPressError) {
         self.path = path
         do { file = try InputFile(path: path, direct: false) } catch { throw .from(error) }
         fileSize = file.size
         header = try readQcow2Header(file, path: path)
         geometry = header.geometry
         cs = header.clusterSize
-        virtualSize = header.size
+        // QEMU counts qcow2 sizes in 512-byte sectors, rounding an odd size down.
+        virtualSize = header.size & ~511
         if header.cryptMethod != 0 {
             throw .unsupported(path: path, what: "encrypted qcow2 (crypt_method \(header.cryptMethod))")
         }
@@ -87,13 +92,21 @@ public final class Qcow2Image: @unchecked Sendable {
             }
         }
         self.l1 = l1
-        if let ext = header.externalDataFile {
+        // QEMU decides by incompatible bit 2 alone: the extension names the file only when the bit
+        // is set; without the bit the data is in this file whatever the extension says.
+        if header.incompatibleFeatures.contains(.externalDataFile) {
+            guard let ext = header.externalDataFile else {
+                throw .inputDamaged(path: path, location: "incompatible_features at offset 72 has the external data file bit (2) set but no data-file extension names the file ('data-file' is required for this image)")
+            }
             let p = Self.resolve(ext, relativeTo: path)
             guard Self.isRegularFile(p) else {
                 throw .inputDamaged(path: path, location: "external data file '\(ext)' is not a regular file")
             }
             do { dataFile = try InputFile(path: p, direct: false) } catch { throw .from(error) }
         } else {
+            if header.autoclearFeatures.contains(.rawExternalData) {
+                throw .inputDamaged(path: path, location: "autoclear_features at offset 88 has raw external data (bit 1) set without an external data file (data-file-raw requires a data file)")
+            }
             dataFile = file
         }
         if openBacking, let name = header.backingFile {
@@ -101,14 +114,19 @@ public final class Qcow2Image: @unchecked Sendable {
             guard Self.isRegularFile(p) else {
                 throw .inputDamaged(path: path, location: "backing file '\(name)' (offset \(header.backingFileOffset)) does not resolve to a regular file")
             }
+            let mine = Self.identity(path)
             let id = Self.identity(p)
-            guard !seen.contains(id), seen.count < Self.maxChainDepth else {
-                throw .inputDamaged(path: path, location: "backing chain loops or is deeper than \(Self.maxChainDepth) at '\(name)'")
+            if id == mine || seen.contains(id) {
+                throw .inputDamaged(path: path, location: "backing file '\(name)' loops back to an image already in the chain")
+            }
+            // `seen` holds the images above this one: this image is number seen.count + 1.
+            if seen.count + 2 > depthLimit {
+                throw .inputDamaged(path: path, location: "backing chain is deeper than \(depthLimit) images; it stops here, at backing file '\(name)'")
             }
             let fmt: String
             if let f = header.backingFormat { fmt = f } else { fmt = try RawImageReader.detectFormat(path: p) }
             switch fmt {
-            case "qcow2": backing = try Qcow2Image(path: p, openBacking: true, seen: seen.union([Self.identity(path), id]))
+            case "qcow2": backing = try Qcow2Image(path: p, openBacking: true, seen: seen + [mine], depthLimit: depthLimit)
             case "raw": backing = try RawGuestImage(path: p)
             default: throw .unsupported(path: path, what: "backing format '\(fmt)'")
             }
@@ -123,12 +141,10 @@ public final class Qcow2Image: @unchecked Sendable {
         return name
     }
     static func isRegularFile(_ p: String) -> Bool {
-        var st = stat()
-        return stat(p, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG
+        (try? FileStatus.of(path: p))?.kind == .regular
     }
     static func identity(_ p: String) -> String {
-        var st = stat()
-        return stat(p, &st) == 0 ? "\(st.st_dev):\(st.st_ino)" : p
+        (try? FileStatus.of(path: p))?.identity ?? p
     }
 
     /// The L2 table of region `r` (entries host-endian; 2 words per cluster with extended L2).
@@ -160,14 +176,16 @@ func overlaps(_ a: Range<UInt64>, _ b: Range<UInt64>) -> Bool {
 /// The qcow2 header at the start of `file`, parsed against the file's size. Reads the first cluster
 /// at most (2 MiB). Returns nil when the magic is not qcow2's, unless `requireMagic` (then that is
 /// the error); a damaged header is ``QcowPressError/inputDamaged(path:location:)`` naming the field.
-func readQcow2Header(_ file: InputFile, path: String, requireMagic: Bool) throws(QcowPressError) -> Qcow2Header? {
+/// With `tablesInsideFile` false the L1 and refcount tables may lie past the end of the file (they
+/// read as zeros there, as in QEMU, which `check` reports rather than refuses).
+func readQcow2Header(_ file: InputFile, path: String, requireMagic: Bool, tablesInsideFile: Bool = true) throws(QcowPressError) -> Qcow2Header? {
     let n = Int(min(file.size, 2 << 20))
     let head = AlignedBuffer(capacity: max(n, 4096))
     let got: Int
     do { got = try file.read(into: head.pointer, length: n, offset: 0) } catch { throw .from(error) }
     let bytes = UnsafeRawBufferPointer(start: head.pointer, count: got)
     if !requireMagic && (got < 4 || loadBE32(bytes, 0) != Qcow2Header.magic) { return nil }
-    do { return try Qcow2Header(parsing: bytes, fileSize: file.size) } catch {
+    do { return try Qcow2Header(parsing: bytes, fileSize: tablesInsideFile ? file.size : nil) } catch {
         throw .inputDamaged(path: path, location: error.description)
     }
 }

@@ -3,7 +3,7 @@ import Foundation
 import QcowPress
 
 struct Check: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Check a qcow2 image's metadata as qemu-img check does (never repairs). Exit 0 clean, 2 corruption, 3 leaks.")
+    static let configuration = CommandConfiguration(abstract: "Check a qcow2 image's metadata as qemu-img check does (never repairs). Exit 0 clean, 1 check errors (unreadable metadata), 2 corruption, 3 leaks.")
 
     @Option(name: .customLong("output"), help: "human or json")
     var output: OutputFormat = .human

@@ -179,7 +179,9 @@ struct PBSServeTests {
         p.environment = ["QCOWPRESS_FAULT": "write:1:delay100:sticky"]
         let stdout = Pipe()
         p.standardOutput = stdout
-        p.standardError = FileHandle.nullDevice
+        let errPath = dir.appendingPathComponent("qp.err")
+        FileManager.default.createFile(atPath: errPath.path, contents: nil)
+        p.standardError = try FileHandle(forWritingTo: errPath)
         try p.run()
         var first = ""
         while !first.contains("\n") {
@@ -193,9 +195,13 @@ struct PBSServeTests {
         #expect(c.status == 0, "\(c.stderr)")
         #expect(FileManager.default.contentsEqual(atPath: copy, andPath: rawA), "the client read the source")
         p.waitUntilExit()
-        #expect(p.terminationStatus == 0)
+        #expect(p.terminationStatus == 0, "\((try? String(contentsOf: errPath, encoding: .utf8)) ?? "")")
         let text = first + String(decoding: stdout.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        let json = try JSONSerialization.jsonObject(with: Data(text[text.firstIndex(of: "{")!...].utf8)) as! [String: Any]
+        guard let brace = text.firstIndex(of: "{"),
+              let json = try JSONSerialization.jsonObject(with: Data(text[brace...].utf8)) as? [String: Any] else {
+            Issue.record("no JSON summary: \(text)")
+            return
+        }
         #expect((json["chunksServedAheadOfOrder"] as? Int ?? 0) >= 1, "\(json)")
         // The restore loaded each of the 24 distinct chunks once (whoever asked first).
         let drives = json["drives"] as? [[String: Any]] ?? []

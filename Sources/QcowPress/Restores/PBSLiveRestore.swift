@@ -54,14 +54,45 @@ public final class PBSLiveRestore: @unchecked Sendable {
         }
 
         /// Loads chunk `i` through the cache and writes it into the image (the caller claimed it).
+        /// A load that fails before anything was written gives the claim back, so the restore (or
+        /// another reader) tries again; it never leaves a chunk claimed and unwritten.
         func loadAndWrite(_ i: Int) throws(QcowPressError) {
             let cs = UInt64(view.index.chunkSize)
             let len = view.index.chunkLength(i)
-            try view.cache.withChunk(view.index.digest(i), length: len, what: "chunk \(i) of \(archive) (guest offset \(UInt64(i) * cs))") { (p) throws(QcowPressError) in
-                try encoder.writeBlocking(at: UInt64(i) * cs, p)
+            var wrote = false
+            do throws(QcowPressError) {
+                try view.cache.withChunk(view.index.digest(i), length: len, what: "chunk \(i) of \(archive) (guest offset \(UInt64(i) * cs))") { (p) throws(QcowPressError) in
+                    wrote = true
+                    try encoder.writeBlocking(at: UInt64(i) * cs, p)
+                }
+            } catch {
+                lock.withLock {
+                    if !wrote { claims[i] = 0 }
+                    lock.broadcast()
+                }
+                throw error
+            }
+            lock.withLock {
+                claims[i] = 2
+                lock.broadcast()
             }
             counters.add(read: 1)
             ordered.complete(i)
+        }
+
+        /// Waits until no reader is still loading or writing a chunk it claimed.
+        func waitForReaders() {
+            lock.withLock {
+                while (0..<plan.count).contains(where: { claims[$0] == 1 }) { lock.wait() }
+            }
+        }
+
+        /// The first chunk to load that was not written (after the restore's loop), if any.
+        func firstUnwritten() -> Int? {
+            lock.withLock {
+                for i in 0..<plan.count { if case .load = plan[i], claims[i] != 2 { return i } }
+                return nil
+            }
         }
 
         /// Reads guest bytes for a client: chunks of this range that the restore has not reached
@@ -156,7 +187,19 @@ public final class PBSLiveRestore: @unchecked Sendable {
                     }
                 }
             }
+            // Chunks a reader claimed and gave back (its load failed) are the restore's again.
             for d in drives {
+                d.waitForReaders()
+                for i in 0..<d.plan.count {
+                    if case .load = d.plan[i], d.claim(i) { try d.loadAndWrite(i) }
+                }
+            }
+            for d in drives {
+                // Every chunk written, by the restore or ahead of it by a reader (a reader's failed
+                // write fails the image here rather than leaving a hole in it).
+                if let i = d.firstUnwritten() {
+                    throw .inputDamaged(path: d.archive, location: "chunk \(i) was not restored (a reader's load of it failed)")
+                }
                 let s = try d.encoder.finishBlocking()
                 let name = d.archive.hasSuffix(".fidx") ? d.archive : d.archive + ".fidx"
                 out.append(d.counters.summary(archive: name, image: s, chunks: d.plan.count))

@@ -20,7 +20,8 @@ import Qcow2Format
 /// `resultLock` (result queue); none is taken while holding another.
 public final class Qcow2Encoder: @unchecked Sendable {
     public let destination: String
-    let tempPath: String
+    /// The file being written and how it becomes final (rename of a temporary file, or in place).
+    let output: PendingOutput
     let options: EncoderOptions
     let geometry: ClusterGeometry
     let plan: MemoryPlan
@@ -65,12 +66,7 @@ public final class Qcow2Encoder: @unchecked Sendable {
     /// Creates the image (under a temporary name) and starts the worker and writer threads.
     public init(destination: String, options: EncoderOptions) throws(QcowPressError) {
         try options.validate()
-        if FileNames.isDirectory(destination) {
-            throw .invalidArgument("\(destination): is a directory")
-        }
-        if FileNames.exists(destination) && !options.overwrite {
-            throw .destinationExists(path: destination)
-        }
+        let target = try OutputTarget(destination: destination, overwrite: options.overwrite, protecting: options.protectedInputs)
         self.destination = destination
         self.options = options
         geometry = ClusterGeometry(clusterSize: options.clusterSize)!
@@ -86,13 +82,8 @@ public final class Qcow2Encoder: @unchecked Sendable {
             group.ownedByOneEncoder = true
         }
         plan = group.plan
-        tempPath = TemporaryFiles.make(for: destination)
-        do {
-            file = try OutputFile(creating: tempPath, direct: options.ioMode != .buffered, displayName: destination)
-        } catch {
-            TemporaryFiles.discard(tempPath)
-            throw QcowPressError.from(error)
-        }
+        output = try target.open(direct: options.ioMode != .buffered, zeroFirstBytes: options.clusterSize)
+        file = output.file
         if options.ioMode != .buffered && !file.direct {
             notes.append("O_DIRECT refused by the file system; using buffered writes with the page cache dropped behind")
         }
@@ -104,13 +95,6 @@ public final class Qcow2Encoder: @unchecked Sendable {
         for n in notes { logger.info("\(n)") }
         group.join()
         startThread(name: "qp-writer") { sink.run() }
-    }
-
-    static func temporaryName(for destination: String) -> String {
-        let slash = destination.lastIndex(of: "/")
-        let dir = slash.map { String(destination[...$0]) } ?? ""
-        let name = slash.map { String(destination[destination.index(after: $0)...]) } ?? destination
-        return "\(dir).\(name).qcowpress-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
     }
 
     /// Guest bytes a cluster holds (the last one may be short).

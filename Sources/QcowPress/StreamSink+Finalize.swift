@@ -71,8 +71,7 @@ extension StreamSink {
             try enc.file.pwriteAll(hb.pointer, length: cs, offset: 0)
             try enc.file.truncate(to: fileEnd)
             try enc.file.sync()
-            try TemporaryFiles.commit(enc.tempPath, to: enc.destination)
-            FileNames.syncDirectory(of: enc.destination)
+            try enc.output.commit()
         } catch {
             throw QcowPressError.from(error)
         }
@@ -243,7 +242,7 @@ extension Qcow2Encoder {
             return r
         }
         for r in queued where r.slot >= 0 { pool.release(r.slot) }
-        TemporaryFiles.discard(tempPath)
+        output.discard()
         completion.resolve(.failure(e))
     }
 }

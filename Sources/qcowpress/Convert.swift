@@ -33,10 +33,17 @@ struct Convert: ParsableCommand {
         if sourceFormat == "qcow2" && detected != "qcow2" { throw notQcow2(source) }
         let format = sourceFormat ?? detected
         let backingName = backing ?? parsed.values["backing_file"]
+        // --force never replaces what this run reads: SRC, its backing chain, the -B base.
+        var protected = ProtectedInput.imageAndBackingChain(source, role: "the source")
+        if let backingName {
+            protected += ProtectedInput.imageAndBackingChain(resolveBesides(destination, backingName), role: "the backing file (-B)")
+        }
+        warnAboutLeftovers(besides: destination)
         if outputFormat == "raw" {
             guard backingName == nil else { throw QcowPressError.invalidArgument("-B needs -O qcow2") }
             let image = try openImage(source, format: format, openBacking: !noBacking)
-            let w = try RawImageWriter(destination: destination, size: image.virtualSize, overwrite: encoder.force)
+            let w = try RawImageWriter(destination: destination, size: image.virtualSize, overwrite: encoder.force,
+                                       protecting: protected)
             do {
                 try ImageCopier(source: image, clusterSize: 65536).feed(w)
                 try w.finish()
@@ -48,6 +55,7 @@ struct Convert: ParsableCommand {
         }
         let image = try openImage(source, format: format, openBacking: !noBacking)
         var options = try encoder.encoderOptions(virtualSize: image.virtualSize)
+        options.protectedInputs = protected
         var base: (any GuestImage)? = nil
         if let backingName {
             let resolved = resolveBesides(destination, backingName)
@@ -96,6 +104,20 @@ func runEncoder(destination: String, options: EncoderOptions, showProgress: Bool
         throw error
     }
     return try encoder.finishBlocking()
+}
+
+/// Names the temporary files a killed run left beside `destination` (never removes them).
+func warnAboutLeftovers(besides destination: String) {
+    for p in TemporaryFiles.leftovers(besides: destination) { warnAboutLeftover(p) }
+}
+
+/// Names the temporary files a killed run left in `directory`.
+func warnAboutLeftovers(in directory: String) {
+    for p in TemporaryFiles.leftovers(in: directory) { warnAboutLeftover(p) }
+}
+
+private func warnAboutLeftover(_ p: String) {
+    writeStderr("qcowpress: warning: \(p): temporary file left by a run that did not finish (its process is gone); remove it if nothing needs it\n")
 }
 
 /// Says the encoder's fallbacks (io_uring → pwrite, O_DIRECT → buffered) once on stderr.

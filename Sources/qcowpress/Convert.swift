@@ -11,6 +11,11 @@ struct Convert: ParsableCommand {
     var outputFormat: String = "qcow2"
     @Option(name: .customShort("B"), help: "Keep a backing file: DST names BASE and holds only what differs from it.")
     var backing: String?
+    @Option(name: .customShort("F"), help: "Backing format with -B: raw or qcow2 (detected by magic when absent), as qemu-img -F.")
+    var backingFormat: String?
+    @Flag(name: [.customShort("U"), .customLong("force-share")],
+          help: "Read an image in use, as qemu-img -U. QcowPress never locks images, so this is always so.")
+    var forceShare = false
     @Flag(name: .customLong("no-backing"), help: "Do not open the source's backing file (unallocated clusters read as zeros).")
     var noBacking = false
     @Option(help: "Source reader threads (default 2).")
@@ -33,6 +38,15 @@ struct Convert: ParsableCommand {
         if sourceFormat == "qcow2" && detected != "qcow2" { throw notQcow2(source) }
         let format = sourceFormat ?? detected
         let backingName = backing ?? parsed.values["backing_file"]
+        if outputFormat == "raw" && encoder.compress {
+            throw QcowPressError.invalidArgument("-c needs -O qcow2: raw images cannot be compressed (as qemu-img)")
+        }
+        if let f = backingFormat {
+            guard backingName != nil else { throw QcowPressError.invalidArgument("-F needs -B (it is the backing file's format)") }
+            guard f == "raw" || f == "qcow2" else {
+                throw QcowPressError.invalidArgument("backing format '\(f)' is not supported (raw, qcow2)")
+            }
+        }
         // --force never replaces what this run reads: SRC, its backing chain, the -B base.
         var protected = ProtectedInput.imageAndBackingChain(source, role: "the source")
         if let backingName {
@@ -59,7 +73,7 @@ struct Convert: ParsableCommand {
         var base: (any GuestImage)? = nil
         if let backingName {
             let resolved = resolveBesides(destination, backingName)
-            let fmt = try parsed.values["backing_fmt"] ?? RawImageReader.detectFormat(path: resolved)
+            let fmt = try backingFormat ?? parsed.values["backing_fmt"] ?? RawImageReader.detectFormat(path: resolved)
             base = try openImage(resolved, format: fmt, openBacking: true)
             options.backingFile = backingName
             options.backingFormat = fmt

@@ -20,6 +20,11 @@ struct QemuImgHabitsTests {
         let cmp = try Harness.qemuImg(["compare", "-f", "raw", "-F", "qcow2", src.path, dst])
         #expect(cmp.status == 0, "\(cmp.stdout) \(cmp.stderr)")
 
+        for cmd in ["info", "check"] {
+            let u = try Harness.qcowpress([cmd, "-U", dst])
+            #expect(u.status == 0, "\(cmd) -U: \(u.stderr)")
+        }
+
         let noB = try Harness.qcowpress(["convert", "-F", "raw", src.path, dir.appendingPathComponent("x.qcow2").path])
         #expect(noB.status == 1 && noB.stderr.contains("-F needs -B"), "\(noB.stderr)")
         let badF = try Harness.qcowpress(["convert", "-B", "base.raw", "-F", "vmdk", src.path, dir.appendingPathComponent("x.qcow2").path])

@@ -63,6 +63,18 @@ static inline int curing_errno(void) { return errno; }
 static inline int curing_sync_file_range(int fd, long long offset, long long nbytes, unsigned flags) {
     return (int)syscall(SYS_sync_file_range, fd, offset, nbytes, flags);
 }
+/// renameat2 and fallocate need _GNU_SOURCE too; called through syscall(2) so an old glibc
+/// without the wrapper still links. Return 0 or -1 with errno set.
+static inline int curing_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned flags) {
+    return (int)syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, flags);
+}
+static inline int curing_fallocate(int fd, int mode, long long offset, long long len) {
+    return (int)syscall(SYS_fallocate, fd, mode, offset, len);
+}
+static const unsigned CURING_RENAME_NOREPLACE = 1;      // linux/fs.h
+static const int CURING_FALLOC_FL_KEEP_SIZE = 0x01;     // linux/falloc.h
+static const int CURING_FALLOC_FL_ZERO_RANGE = 0x10;    // linux/falloc.h
+static const int CURING_AT_FDCWD = -100;                // fcntl.h
 static inline void curing_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
 static const unsigned CURING_SYNC_RANGE_ALL = 1 | 2 | 4; // WAIT_BEFORE | WRITE | WAIT_AFTER
 #endif

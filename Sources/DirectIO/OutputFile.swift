@@ -18,6 +18,9 @@ public final class OutputFile: @unchecked Sendable {
     public let fd: Int32
     /// True when opened with O_DIRECT.
     public let direct: Bool
+    /// Size of the block device written in place; nil for a regular file.
+    public let deviceSize: UInt64?
+    public var isBlockDevice: Bool { deviceSize != nil }
 
     /// Creates `path` exclusively (it must not exist). With `direct`, tries O_DIRECT and falls back to
     /// buffered I/O when the file system refuses it (tmpfs); `direct` then reads false.
@@ -40,6 +43,36 @@ public final class OutputFile: @unchecked Sendable {
         }
         self.fd = fd
         self.direct = direct
+        deviceSize = nil
+    }
+
+    /// Opens an existing block device for writing in place: O_DIRECT (falling back to buffered
+    /// only if the driver refuses it) and O_EXCL, which for a block device means an exclusive open:
+    /// EBUSY when it is mounted or held by another exclusive user (open(2)).
+    public init(blockDevice path: String, displayName: String? = nil) throws(IOError) {
+        self.path = displayName ?? path
+        let base = O_RDWR | O_EXCL | O_CLOEXEC
+        var fd = open(path, base | CURING_O_DIRECT)
+        var direct = fd >= 0
+        if fd < 0 && errno == EINVAL {
+            fd = open(path, base)
+            direct = false
+        }
+        if fd < 0 { throw IOError(errno: errno, operation: "open", path: self.path) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK else {
+            close(fd)
+            throw IOError(errno: ENOTBLK, operation: "open", path: self.path)
+        }
+        let end = lseek(fd, 0, SEEK_END)
+        if end < 0 {
+            let e = errno
+            close(fd)
+            throw IOError(errno: e, operation: "lseek", path: self.path)
+        }
+        self.fd = fd
+        self.direct = direct
+        deviceSize = UInt64(end)
     }
 
     deinit { close(fd) }
@@ -76,8 +109,26 @@ public final class OutputFile: @unchecked Sendable {
         if e != 0 { throw IOError(errno: e, operation: "fsync", path: path) }
     }
 
+    /// Sets a file's size. A block device keeps its size: an image on it ends where its data
+    /// ends (as qcow2 on LVM), so this does nothing there.
     public func truncate(to size: UInt64) throws(IOError) {
+        if isBlockDevice { return }
         if ftruncate(fd, off_t(size)) < 0 { throw IOError(errno: errno, operation: "ftruncate", path: path) }
+    }
+
+    /// Makes [offset, offset+length) read as zeros: FALLOC_FL_ZERO_RANGE (on a block device the
+    /// kernel turns it into a write-zeroes or discard-with-zeroing command), or written zeros where
+    /// that is refused. `scratch` is a zeroed, aligned buffer used for the fallback writes.
+    public func zeroRange(offset: UInt64, length: UInt64, scratch: UnsafeRawPointer, scratchSize: Int) throws(IOError) {
+        guard length > 0 else { return }
+        let mode = CURING_FALLOC_FL_ZERO_RANGE | CURING_FALLOC_FL_KEEP_SIZE
+        if Sys.fallocate(fd, mode: mode, offset: offset, length: length) == 0 { return }
+        var at = offset
+        while at < offset + length {
+            let n = Int(min(UInt64(scratchSize), offset + length - at))
+            try pwriteAll(scratch, length: n, offset: at)
+            at += UInt64(n)
+        }
     }
 
     /// Starts writeback of a written range and drops it from the page cache (buffered mode only).
@@ -86,37 +137,5 @@ public final class OutputFile: @unchecked Sendable {
         // WAIT_BEFORE|WRITE|WAIT_AFTER makes the pages clean so DONTNEED can drop them.
         _ = curing_sync_file_range(fd, Int64(offset), Int64(length), CURING_SYNC_RANGE_ALL)
         _ = posix_fadvise(fd, off_t(offset), off_t(length), POSIX_FADV_DONTNEED)
-    }
-}
-
-/// Filesystem operations on names (rename, unlink, fsync of a directory).
-public enum FileNames {
-    public static func exists(_ path: String) -> Bool {
-        var st = stat()
-        return lstat(path, &st) == 0
-    }
-    public static func isDirectory(_ path: String) -> Bool {
-        var st = stat()
-        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
-    }
-    public static func rename(_ from: String, _ to: String) throws(IOError) {
-        if Glibc.rename(from, to) < 0 { throw IOError(errno: errno, operation: "rename to \(to)", path: from) }
-    }
-    public static func unlink(_ path: String) {
-        _ = Glibc.unlink(path)
-    }
-    /// fsync of the directory holding `path`, so a rename is durable.
-    public static func syncDirectory(of path: String) {
-        let dir: String
-        if let slash = path.lastIndex(of: "/") {
-            dir = slash == path.startIndex ? "/" : String(path[..<slash])
-        } else {
-            dir = "."
-        }
-        let fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if fd >= 0 {
-            _ = Glibc.fsync(fd)
-            close(fd)
-        }
     }
 }

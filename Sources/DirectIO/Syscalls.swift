@@ -8,6 +8,8 @@ import Synchronization
 /// Faults come from ``FaultInjection/install(_:)`` (tests) or from the environment variable
 /// `QCOWPRESS_FAULT` (end-to-end tests of the binary), e.g. `write:3:ENOSPC`, `write:2:short`,
 /// `write:1:EINTR`, `read:5:EIO`. The index counts data writes (or reads) from 1 in the process.
+/// `rename:1:EINVAL` makes the first no-replace rename fail as on a file system without
+/// renameat2 (the link + unlink fallback then runs).
 public enum FaultInjection {
     public enum Kind: Sendable, Equatable {
         case fail(Int32)
@@ -16,7 +18,7 @@ public enum FaultInjection {
         /// Succeed after sleeping this many milliseconds (a slow disk).
         case delay(Int)
     }
-    public enum Operation: String, Sendable { case write, read, open, stat }
+    public enum Operation: String, Sendable { case write, read, open, stat, rename }
     public struct Plan: Sendable, Equatable {
         public var operation: Operation
         /// 1-based index of the call that fails.
@@ -41,6 +43,7 @@ public enum FaultInjection {
         var reads = 0
         var opens = 0
         var stats = 0
+        var renames = 0
         var envChecked = false
     }
     static let state = Mutex(State())
@@ -63,6 +66,8 @@ public enum FaultInjection {
         case "EIO": kind = .fail(EIO)
         case "EINTR": kind = .fail(EINTR)
         case "EDQUOT": kind = .fail(EDQUOT)
+        case "EINVAL": kind = .fail(EINVAL)
+        case "ENOSYS": kind = .fail(ENOSYS)
         case "short": kind = .short
         case let d where d.hasPrefix("delay"):
             guard let ms = Int(d.dropFirst(5)), ms >= 0 else { return nil }
@@ -93,6 +98,7 @@ public enum FaultInjection {
             case .read: s.reads += 1; n = s.reads
             case .open: s.opens += 1; n = s.opens
             case .stat: s.stats += 1; n = s.stats
+            case .rename: s.renames += 1; n = s.renames
             }
             guard let p = s.plan, p.operation == op else { return nil }
             if n == p.index || (p.sticky && n > p.index) { return p.kind }
@@ -156,6 +162,18 @@ enum Sys {
         if f.length == 0 && count > 0 { return -Int(EIO) }
         let r = Glibc.read(fd, buf, f.length)
         return r < 0 ? -Int(Glibc.errno) : r
+    }
+
+    /// renameat2(RENAME_NOREPLACE): 0 or an errno (EEXIST when `to` exists; EINVAL or ENOSYS
+    /// where the file system or kernel lacks it).
+    static func renameNoReplace(_ from: String, _ to: String) -> Int32 {
+        if case .fail(let e) = FaultInjection.check(.rename, fd: -1) { return e }
+        return curing_renameat2(CURING_AT_FDCWD, from, CURING_AT_FDCWD, to, CURING_RENAME_NOREPLACE) < 0 ? Glibc.errno : 0
+    }
+
+    /// fallocate(2): 0 or an errno.
+    static func fallocate(_ fd: Int32, mode: Int32, offset: UInt64, length: UInt64) -> Int32 {
+        curing_fallocate(fd, mode, Int64(offset), Int64(length)) < 0 ? Glibc.errno : 0
     }
 
     static func fsync(_ fd: Int32) -> Int32 {

@@ -7,6 +7,9 @@ struct Check: ParsableCommand {
 
     @Option(name: .customLong("output"), help: "human or json")
     var output: OutputFormat = .human
+    @Flag(name: [.customShort("U"), .customLong("force-share")],
+          help: "Read an image in use, as qemu-img -U. QcowPress never locks images, so this is always so.")
+    var forceShare = false
     @Argument(help: "The image.")
     var image: String
 

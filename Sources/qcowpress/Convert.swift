@@ -11,6 +11,11 @@ struct Convert: ParsableCommand {
     var outputFormat: String = "qcow2"
     @Option(name: .customShort("B"), help: "Keep a backing file: DST names BASE and holds only what differs from it.")
     var backing: String?
+    @Option(name: .customShort("F"), help: "Backing format with -B: raw or qcow2 (detected by magic when absent), as qemu-img -F.")
+    var backingFormat: String?
+    @Flag(name: [.customShort("U"), .customLong("force-share")],
+          help: "Read an image in use, as qemu-img -U. QcowPress never locks images, so this is always so.")
+    var forceShare = false
     @Flag(name: .customLong("no-backing"), help: "Do not open the source's backing file (unallocated clusters read as zeros).")
     var noBacking = false
     @Option(help: "Source reader threads (default 2).")
@@ -33,10 +38,26 @@ struct Convert: ParsableCommand {
         if sourceFormat == "qcow2" && detected != "qcow2" { throw notQcow2(source) }
         let format = sourceFormat ?? detected
         let backingName = backing ?? parsed.values["backing_file"]
+        if outputFormat == "raw" && encoder.compress {
+            throw QcowPressError.invalidArgument("-c needs -O qcow2: raw images cannot be compressed (as qemu-img)")
+        }
+        if let f = backingFormat {
+            guard backingName != nil else { throw QcowPressError.invalidArgument("-F needs -B (it is the backing file's format)") }
+            guard f == "raw" || f == "qcow2" else {
+                throw QcowPressError.invalidArgument("backing format '\(f)' is not supported (raw, qcow2)")
+            }
+        }
+        // --force never replaces what this run reads: SRC, its backing chain, the -B base.
+        var protected = ProtectedInput.imageAndBackingChain(source, role: "the source")
+        if let backingName {
+            protected += ProtectedInput.imageAndBackingChain(resolveBesides(destination, backingName), role: "the backing file (-B)")
+        }
+        warnAboutLeftovers(besides: destination)
         if outputFormat == "raw" {
             guard backingName == nil else { throw QcowPressError.invalidArgument("-B needs -O qcow2") }
             let image = try openImage(source, format: format, openBacking: !noBacking)
-            let w = try RawImageWriter(destination: destination, size: image.virtualSize, overwrite: encoder.force)
+            let w = try RawImageWriter(destination: destination, size: image.virtualSize, overwrite: encoder.force,
+                                       protecting: protected)
             do {
                 try ImageCopier(source: image, clusterSize: 65536).feed(w)
                 try w.finish()
@@ -48,10 +69,11 @@ struct Convert: ParsableCommand {
         }
         let image = try openImage(source, format: format, openBacking: !noBacking)
         var options = try encoder.encoderOptions(virtualSize: image.virtualSize)
+        options.protectedInputs = protected
         var base: (any GuestImage)? = nil
         if let backingName {
             let resolved = resolveBesides(destination, backingName)
-            let fmt = try parsed.values["backing_fmt"] ?? RawImageReader.detectFormat(path: resolved)
+            let fmt = try backingFormat ?? parsed.values["backing_fmt"] ?? RawImageReader.detectFormat(path: resolved)
             base = try openImage(resolved, format: fmt, openBacking: true)
             options.backingFile = backingName
             options.backingFormat = fmt
@@ -96,6 +118,20 @@ func runEncoder(destination: String, options: EncoderOptions, showProgress: Bool
         throw error
     }
     return try encoder.finishBlocking()
+}
+
+/// Names the temporary files a killed run left beside `destination` (never removes them).
+func warnAboutLeftovers(besides destination: String) {
+    for p in TemporaryFiles.leftovers(besides: destination) { warnAboutLeftover(p) }
+}
+
+/// Names the temporary files a killed run left in `directory`.
+func warnAboutLeftovers(in directory: String) {
+    for p in TemporaryFiles.leftovers(in: directory) { warnAboutLeftover(p) }
+}
+
+private func warnAboutLeftover(_ p: String) {
+    writeStderr("qcowpress: warning: \(p): temporary file left by a run that did not finish (its process is gone); remove it if nothing needs it\n")
 }
 
 /// Says the encoder's fallbacks (io_uring → pwrite, O_DIRECT → buffered) once on stderr.

@@ -67,44 +67,50 @@ struct RestorePBS: ParsableCommand {
             }
             return
         }
-        var jobs: [(archive: String, destination: String)] = []
-        if let all {
-            guard archive == nil, destination == nil else {
-                throw QcowPressError.invalidArgument("--all OUTDIR takes no ARCHIVE or DST")
-            }
-            try FileManager.default.createDirectory(atPath: all, withIntermediateDirectories: true)
-            for a in restore.archives {
-                // drive-scsi0.img.fidx -> OUTDIR/drive-scsi0.qcow2 (names were checked: no '/', no '..').
-                var base = a.name
-                if base.hasSuffix(".fidx") { base.removeLast(5) }
-                if base.hasSuffix(".img") { base.removeLast(4) }
-                jobs.append((a.name, all + "/" + base + ".qcow2"))
-            }
-            if !encoder.force {
-                for j in jobs where FileManager.default.fileExists(atPath: j.destination) {
-                    throw QcowPressError.destinationExists(path: j.destination)
-                }
-            }
-        } else {
-            guard let archive, let destination else {
-                throw QcowPressError.invalidArgument("restore pbs needs SNAPSHOT ARCHIVE DST (or --list, or --all OUTDIR)")
-            }
-            jobs = [(archive, destination)]
-        }
         let eo = try encoder.encoderOptions(virtualSize: 0)
         var ro = PBSRestore.Options()
         if let loaders { ro.loaders = loaders }
         ro.dedup = !noDedup
         if let c = chunkCache { ro.cacheBytes = try parseSize(c, what: "--chunk-cache") }
         if let live {
+            var jobs: [(archive: String, destination: String)] = []
+            if let all {
+                guard archive == nil, destination == nil else { throw QcowPressError.invalidArgument("--all OUTDIR takes no ARCHIVE or DST") }
+                try FileManager.default.createDirectory(atPath: all, withIntermediateDirectories: true)
+                for a in restore.archives {
+                    var base = a.name
+                    if base.hasSuffix(".fidx") { base.removeLast(5) }
+                    if base.hasSuffix(".img") { base.removeLast(4) }
+                    jobs.append((a.name, all + "/" + base + ".qcow2"))
+                }
+            } else {
+                guard let archive, let destination else {
+                    throw QcowPressError.invalidArgument("restore pbs --live needs SNAPSHOT ARCHIVE DST or --all OUTDIR")
+                }
+                jobs = [(archive, destination)]
+            }
             try runLive(restore, jobs: jobs, encoder: eo, options: ro, socket: live)
             return
         }
         var bar: ProgressBar? = nil
-        let summaries = try restore.restore(jobs, encoder: eo, options: ro) { enc, ordered in
+        let started = { (enc: Qcow2Encoder, ordered: OrderedProgress) in
             watch(enc)
             bar?.stop()
-            bar = encoder.progress ? ProgressBar(total: ordered.total, label: jobs.count > 1 ? (enc.destination as NSString).lastPathComponent : "") { ordered.bytesDone } : nil
+            bar = encoder.progress ? ProgressBar(total: ordered.total, label: all != nil ? (enc.destination as NSString).lastPathComponent : "") { ordered.bytesDone } : nil
+        }
+        let summaries: [PBSRestore.Summary]
+        if let all {
+            guard archive == nil, destination == nil else {
+                throw QcowPressError.invalidArgument("--all OUTDIR takes no ARCHIVE or DST")
+            }
+            warnAboutLeftovers(in: all)
+            summaries = try restore.restoreAll(into: all, overwrite: encoder.force, encoder: eo, options: ro, started: started).images
+        } else {
+            guard let archive, let destination else {
+                throw QcowPressError.invalidArgument("restore pbs needs SNAPSHOT ARCHIVE DST (or --list, or --all OUTDIR)")
+            }
+            warnAboutLeftovers(besides: destination)
+            summaries = try restore.restore([(archive, destination)], encoder: eo, options: ro, started: started)
         }
         bar?.stop()
         if encoder.output == .json {
@@ -149,6 +155,7 @@ struct RestoreVMA: ParsableCommand {
         var r = VMARestore(archive: archive, outdir: outdir)
         r.device = device
         r.overwrite = encoder.force
+        warnAboutLeftovers(in: outdir)
         let eo = try encoder.encoderOptions(virtualSize: 0)
         var bar: ProgressBar? = nil
         let show = encoder.progress

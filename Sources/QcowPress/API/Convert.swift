@@ -104,7 +104,8 @@ extension Qcow2Encoder {
 
 /// Converts an image to qcow2 in one call: opens the destination with `options` (its virtual size
 /// is taken from the source), pipes the source in, and finishes. On any failure or cancellation of
-/// the calling task the destination is not created.
+/// the calling task the destination is not created. The destination is never the source or a file
+/// of its backing chain, even with `options.overwrite`.
 ///
 /// ```swift
 /// let summary = try await convert(.detect(path: "disk.raw"), to: "disk.qcow2", options: options)
@@ -113,6 +114,13 @@ public func convert(_ source: ImageSource, to destination: String, options: Enco
                     progress: (@Sendable (ImageProgress) -> Void)? = nil) async throws(QcowPressError) -> EncoderSummary {
     var o = options
     o.virtualSize = try source.virtualSize()
+    switch source {
+    case .raw(let p), .qcow2(let p, _), .detect(let p):
+        o.protectedInputs += ProtectedInput.imageAndBackingChain(p, role: "the source")
+    case .vma(let a, _) where a != "-":
+        o.protectedInputs.append(ProtectedInput(path: a, role: "the archive being restored"))
+    case .pbs, .vma: break
+    }
     let encoder = try Qcow2Encoder(destination: destination, options: o)
     Logger(label: "qcowpress").debug("converting", metadata: ["source": "\(source.path)", "destination": "\(destination)"])
     let watcher = progress.map { p in

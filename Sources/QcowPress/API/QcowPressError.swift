@@ -1,4 +1,5 @@
 import DirectIO
+import Glibc
 import Qcow2Format
 
 /// Every failure QcowPress reports. Each case carries what a caller needs to react, and
@@ -36,6 +37,8 @@ public enum QcowPressError: Error, Sendable, CustomStringConvertible {
     public var description: String { message }
 
     static func from(_ e: IOError) -> QcowPressError {
-        e.isOutOfSpace ? .outOfSpace(e) : .io(e)
+        // A no-replace rename refused: the destination appeared while the output was written.
+        if e.errno == EEXIST && e.operation == "rename" { return .destinationExists(path: e.path) }
+        return e.isOutOfSpace ? .outOfSpace(e) : .io(e)
     }
 }

@@ -26,8 +26,10 @@ public struct EncoderOptions: Sendable {
     /// against the image's directory), and its format.
     public var backingFile: String? = nil
     public var backingFormat: String? = nil
-    /// Overwrite an existing destination.
+    /// Overwrite an existing destination (or write into a block device).
     public var overwrite: Bool = false
+    /// Files the job reads that the destination may never be, even with ``overwrite``.
+    public var protectedInputs: [ProtectedInput] = []
     /// Workers and memory shared with other encoders (nil: a private group). Its cluster size and
     /// compression must equal these options'; `threads` and `memoryLimit` are then the group's.
     public var group: EncoderGroup? = nil

@@ -91,7 +91,7 @@ extension Qcow2Encoder {
         group.leave()
         // Clusters queued for the writer go back to the (possibly shared) pool.
         for r in queue.stop() where r.slot >= 0 { pool.release(r.slot) }
-        TemporaryFiles.discard(tempPath)
+        output.discard()
         completion.resolve(.failure(e))
     }
 }

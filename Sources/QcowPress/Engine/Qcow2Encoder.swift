@@ -21,7 +21,8 @@ import Qcow2Format
 /// the group's job queue and slot pool; the host side (``StreamSink``) belongs to the writer thread.
 public final class Qcow2Encoder: @unchecked Sendable {
     public let destination: String
-    let tempPath: String
+    /// The file being written and how it becomes final (rename of a temporary file, or in place).
+    let output: PendingOutput
     let options: EncoderOptions
     let geometry: ClusterGeometry
     let plan: MemoryPlan
@@ -52,12 +53,7 @@ public final class Qcow2Encoder: @unchecked Sendable {
     /// Creates the image (under a temporary name) and starts the worker and writer threads.
     public init(destination: String, options: EncoderOptions) throws(QcowPressError) {
         try options.validate()
-        if FileNames.isDirectory(destination) {
-            throw .invalidArgument("\(destination): is a directory")
-        }
-        if FileNames.exists(destination) && !options.overwrite {
-            throw .destinationExists(path: destination)
-        }
+        let target = try OutputTarget(destination: destination, overwrite: options.overwrite, protecting: options.protectedInputs)
         self.destination = destination
         self.options = options
         geometry = ClusterGeometry(clusterSize: options.clusterSize)!
@@ -84,15 +80,14 @@ public final class Qcow2Encoder: @unchecked Sendable {
             if owner.ownedByOneEncoder { owner.shutdown() }
             throw error
         }
-        tempPath = TemporaryFiles.make(for: destination)
-        do {
-            file = try OutputFile(creating: tempPath, direct: options.ioMode != .buffered, displayName: destination)
+        do throws(QcowPressError) {
+            output = try target.open(direct: options.ioMode != .buffered, zeroFirstBytes: options.clusterSize)
         } catch {
-            TemporaryFiles.discard(tempPath)
             owner.releaseWriteBuffers(writeBuffers.count * writeBuffers.size)
             if owner.ownedByOneEncoder { owner.shutdown() }
-            throw QcowPressError.from(error)
+            throw error
         }
+        file = output.file
         if group.threads < options.threads {
             notes.append("\(group.threads) compression threads instead of \(options.threads): the memory limit holds no more")
         }
@@ -108,13 +103,6 @@ public final class Qcow2Encoder: @unchecked Sendable {
         for n in notes { logger.info("\(n)") }
         group.join()
         startThread(name: "qp-writer") { sink.run() }
-    }
-
-    static func temporaryName(for destination: String) -> String {
-        let slash = destination.lastIndex(of: "/")
-        let dir = slash.map { String(destination[...$0]) } ?? ""
-        let name = slash.map { String(destination[destination.index(after: $0)...]) } ?? destination
-        return "\(dir).\(name).qcowpress-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
     }
 
     /// Guest bytes a cluster holds (the last one may be short).

@@ -65,8 +65,7 @@ extension StreamSink {
             try enc.file.pwriteAll(hb.pointer, length: cs, offset: 0)
             try enc.file.truncate(to: fileEnd)
             try enc.file.sync()
-            try TemporaryFiles.commit(enc.tempPath, to: enc.destination)
-            FileNames.syncDirectory(of: enc.destination)
+            try enc.output.commit()
         } catch {
             throw QcowPressError.from(error)
         }

@@ -94,57 +94,86 @@ public struct ImageCopier: Sendable {
     }
 }
 
-/// A raw output file: written sparsely (zeros are never written), under a temporary name that is
-/// renamed after fsync.
+/// A raw output. A file is written sparsely (zeros are never written) under a temporary name that
+/// is renamed after fsync. A block device is written in place with O_DIRECT, zeros included (as
+/// write-zeroes where the device supports it), and must hold at least `size` bytes.
 public final class RawImageWriter: BlockingImageSink, @unchecked Sendable {
     public let destination: String
-    let tempPath: String
-    let file: OutputFile
+    let output: PendingOutput
+    var file: OutputFile { output.file }
     let size: UInt64
+    /// Zeros for writes the device cannot take as write-zeroes, and bounce space for an
+    /// unaligned tail under O_DIRECT.
+    let zeros = AlignedBuffer(capacity: 1 << 20)
 
-    public init(destination: String, size: UInt64, overwrite: Bool) throws(QcowPressError) {
-        if FileNames.isDirectory(destination) { throw .invalidArgument("\(destination): is a directory") }
-        if FileNames.exists(destination) && !overwrite { throw .destinationExists(path: destination) }
+    public init(destination: String, size: UInt64, overwrite: Bool, protecting inputs: [ProtectedInput] = []) throws(QcowPressError) {
+        let target = try OutputTarget(destination: destination, overwrite: overwrite, protecting: inputs)
         self.destination = destination
         self.size = size
-        tempPath = TemporaryFiles.make(for: destination)
-        do {
-            file = try OutputFile(creating: tempPath, direct: false, displayName: destination)
-            try file.truncate(to: size)
-        } catch {
-            TemporaryFiles.discard(tempPath)
+        output = try target.open(direct: target.isBlockDevice)
+        if let capacity = output.file.deviceSize, capacity < size {
+            throw .invalidArgument("\(destination): block device of \(capacity) bytes is smaller than the image (virtual size \(size))")
+        }
+        do { try output.file.truncate(to: size) } catch {
+            output.discard()
             throw .from(error)
         }
     }
 
     public func writeBlocking(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws(QcowPressError) {
-        // Skip zero runs cluster-wise so the output stays sparse.
+        // Zero runs, cluster-wise: skipped on a file (it stays sparse), zeroed on a device.
         let step = 65536
         var k = 0
         while k < bytes.count {
             let m = min(step, bytes.count - k)
-            if !isAllZero(bytes.baseAddress! + k, m) {
-                do { try file.pwriteAll(bytes.baseAddress! + k, length: m, offset: offset + UInt64(k)) } catch {
-                    throw .from(error)
-                }
-                file.dropBehind(offset: offset + UInt64(k), length: m)
+            let at = offset + UInt64(k)
+            if isAllZero(bytes.baseAddress! + k, m) {
+                if file.isBlockDevice { try writeZeroesBlocking(at: at, length: UInt64(m)) }
+            } else {
+                try write(bytes.baseAddress! + k, length: m, at: at)
             }
             k += m
         }
     }
 
-    public func writeZeroesBlocking(at offset: UInt64, length: UInt64) throws(QcowPressError) {}
-
-    public func finish() throws(QcowPressError) {
+    /// One write; under O_DIRECT a length that is not a multiple of 512 (the image's tail) goes
+    /// through the zeroed bounce buffer, padded to 512 (a device's size is a multiple of 512).
+    private func write(_ p: UnsafeRawPointer, length m: Int, at: UInt64) throws(QcowPressError) {
         do {
-            try file.sync()
-            try TemporaryFiles.commit(tempPath, to: destination)
-            FileNames.syncDirectory(of: destination)
+            if file.direct && m % 512 != 0 {
+                let padded = (m + 511) & ~511
+                let bounce = AlignedBuffer(capacity: padded)
+                bounce.pointer.copyMemory(from: p, byteCount: m)
+                try file.pwriteAll(bounce.pointer, length: padded, offset: at)
+            } else {
+                try file.pwriteAll(p, length: m, offset: at)
+            }
         } catch {
-            TemporaryFiles.discard(tempPath)
+            throw .from(error)
+        }
+        file.dropBehind(offset: at, length: m)
+    }
+
+    public func writeZeroesBlocking(at offset: UInt64, length: UInt64) throws(QcowPressError) {
+        guard file.isBlockDevice, length > 0 else { return }
+        do {
+            let aligned = length & ~511
+            try file.zeroRange(offset: offset, length: aligned, scratch: zeros.pointer, scratchSize: zeros.capacity)
+            if aligned < length { try file.pwriteAll(zeros.pointer, length: 512, offset: offset + aligned) }
+        } catch {
             throw .from(error)
         }
     }
 
-    public func cancel() { TemporaryFiles.discard(tempPath) }
+    public func finish() throws(QcowPressError) {
+        do {
+            try file.sync()
+            try output.commit()
+        } catch {
+            output.discard()
+            throw .from(error)
+        }
+    }
+
+    public func cancel() { output.discard() }
 }

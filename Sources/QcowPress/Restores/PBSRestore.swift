@@ -77,6 +77,67 @@ public struct PBSRestore: Sendable {
     public func restore(_ jobs: [(archive: String, destination: String)], encoder: EncoderOptions,
                         options: Options = Options(),
                         started: (Qcow2Encoder, OrderedProgress) -> Void = { _, _ in }) throws(QcowPressError) -> [Summary] {
+        try restore(jobs, encoder: encoder, options: options, outputs: nil, started: started)
+    }
+
+    /// What ``restoreAll(into:overwrite:encoder:options:started:)`` wrote.
+    public struct AllSummary: Sendable {
+        public var images: [Summary]
+        /// Config files written beside the images (`qemu-server.conf` from `qemu-server.conf.blob`).
+        public var configs: [String]
+    }
+
+    /// Restores every drive of the snapshot into `outdir` (`drive-scsi0.img.fidx` →
+    /// `drive-scsi0.qcow2`) and writes its config blobs decoded (`qemu-server.conf`). All or
+    /// nothing: names are checked and configs decoded before anything is written; the images and
+    /// configs appear together at the end; after a failure no output of the run is left, nor a
+    /// directory it created.
+    public func restoreAll(into outdir: String, overwrite: Bool, encoder: EncoderOptions, options: Options = Options(),
+                           started: (Qcow2Encoder, OrderedProgress) -> Void = { _, _ in }) throws(QcowPressError) -> AllSummary {
+        var jobs: [(archive: String, destination: String)] = []
+        var names: [(name: String, what: String)] = []
+        for a in archives {
+            // drive-scsi0.img.fidx -> drive-scsi0.qcow2 (names were checked: no '/', no '..').
+            var base = a.name
+            if base.hasSuffix(".fidx") { base.removeLast(5) }
+            if base.hasSuffix(".img") { base.removeLast(4) }
+            names.append((base + ".qcow2", "the image of \(a.name)"))
+            jobs.append((a.name, outdir + "/" + base + ".qcow2"))
+        }
+        var configs: [(path: String, bytes: [UInt8])] = []
+        do throws(SourceError) {
+            for b in snapshot.configBlobs {
+                let name = String(b.filename.dropLast(5))
+                names.append((name, "config '\(name)'"))
+                configs.append((outdir + "/" + name, try snapshot.readBlob(b.filename, key: reader.key)))
+            }
+        } catch {
+            throw QcowPressError(error)
+        }
+        try OutputSet.checkDistinct(names, in: outdir)
+        if FileNames.exists(outdir) && !FileNames.isDirectory(outdir) {
+            throw .invalidArgument("\(outdir): is not a directory")
+        }
+        for p in jobs.map(\.destination) + configs.map(\.path) {
+            _ = try OutputTarget(destination: p, overwrite: overwrite, protecting: [])
+        }
+        let outputs = OutputSet(overwrite: overwrite)
+        do throws(QcowPressError) {
+            try outputs.makeDirectory(outdir)
+            var eo = encoder
+            eo.overwrite = overwrite
+            let images = try restore(jobs, encoder: eo, options: options, outputs: outputs, started: started)
+            for c in configs { try outputs.stage(c.bytes, as: c.path) }
+            try outputs.commitAll()
+            return AllSummary(images: images, configs: configs.map(\.path))
+        } catch {
+            outputs.rollback()
+            throw error
+        }
+    }
+
+    func restore(_ jobs: [(archive: String, destination: String)], encoder: EncoderOptions, options: Options,
+                 outputs: OutputSet?, started: (Qcow2Encoder, OrderedProgress) -> Void) throws(QcowPressError) -> [Summary] {
         var indexes: [PBSFixedIndex] = []
         do throws(SourceError) {
             for j in jobs { indexes.append(try snapshot.openImage(j.archive).0) }
@@ -99,7 +160,7 @@ public struct PBSRestore: Sendable {
             // Rounded up to whole 512-byte sectors, as QEMU sizes every block device.
             eo.virtualSize = (indexes[j].size + 511) & ~511
             out.append(try restoreOne(index: indexes[j], archive: job.archive, destination: job.destination,
-                                      encoder: eo, options: options, cache: cache, started: started))
+                                      encoder: eo, options: options, cache: cache, outputs: outputs, started: started))
         }
         return out
     }
@@ -171,8 +232,10 @@ public struct PBSRestore: Sendable {
     }
 
     func restoreOne(index: PBSFixedIndex, archive: String, destination: String, encoder eo: EncoderOptions,
-                    options: Options, cache: ChunkCache, started: (Qcow2Encoder, OrderedProgress) -> Void) throws(QcowPressError) -> Summary {
+                    options: Options, cache: ChunkCache, outputs: OutputSet?,
+                    started: (Qcow2Encoder, OrderedProgress) -> Void) throws(QcowPressError) -> Summary {
         let enc = try Qcow2Encoder(destination: destination, options: eo)
+        outputs?.add(enc)
         let counters = RestoreCounters()
         counters.ordered = OrderedProgress(chunks: index.chunkCount, chunkSize: UInt64(index.chunkSize), total: eo.virtualSize)
         started(enc, counters.ordered!)

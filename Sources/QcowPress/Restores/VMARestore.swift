@@ -35,65 +35,52 @@ public struct VMARestore: Sendable {
         progress({ file.position }, file.size)
         var selected = Array(reader.devices.indices)
         if let device { selected = [try index(of: device, in: reader)] }
-        var isDir: ObjCBool = false
-        if FileManager.default.fileExists(atPath: outdir, isDirectory: &isDir) {
-            guard isDir.boolValue else { throw .invalidArgument("\(outdir): is not a directory") }
-        } else {
-            do { try FileManager.default.createDirectory(atPath: outdir, withIntermediateDirectories: true) } catch {
-                throw .io(IOError(errno: EACCES, operation: "mkdir", path: outdir))
-            }
+        let imageNames = reader.devices.map { $0.name + ".qcow2" }
+        let configNames = reader.configs.map(\.name)
+        // A config named like an image (drive-scsi0.qcow2) or like another config would replace
+        // it: refused before anything is written.
+        try OutputSet.checkDistinct(zip(imageNames, reader.devices).map { ($0, "the image of device \($1.name)") }
+                                    + configNames.map { ($0, "config '\($0)'") }, in: outdir)
+        let imagePaths = imageNames.map { outdir + "/" + $0 }
+        let configPaths = configNames.map { outdir + "/" + $0 }
+        if FileNames.exists(outdir) && !FileNames.isDirectory(outdir) {
+            throw .invalidArgument("\(outdir): is not a directory")
         }
-        let imagePaths = reader.devices.map { outdir + "/" + $0.name + ".qcow2" }
-        let configPaths = reader.configs.map { outdir + "/" + $0.name }
-        if !overwrite {
-            for i in selected where FileNames.exists(imagePaths[i]) { throw .destinationExists(path: imagePaths[i]) }
-            for p in configPaths where FileNames.exists(p) { throw .destinationExists(path: p) }
-        }
+        let protected = archive == "-" ? [] : [ProtectedInput(path: archive, role: "the archive being restored")]
+        for i in selected { _ = try OutputTarget(destination: imagePaths[i], overwrite: overwrite, protecting: protected) }
+        for p in configPaths { _ = try OutputTarget(destination: p, overwrite: overwrite, protecting: protected) }
+        let outputs = OutputSet(overwrite: overwrite)
         // One engine per device, all sharing one worker pool and one memory budget.
         let group = try EncoderGroup(threads: template.threads, memoryLimit: template.memoryLimit,
                                      clusterSize: template.clusterSize, compression: template.compression,
                                      images: selected.count)
         defer { group.shutdown() }
         var encoders = [Qcow2Encoder?](repeating: nil, count: reader.devices.count)
-        func cancelAll() { for e in encoders { e?.cancel() } }
+        var images: [EncoderSummary] = []
         do throws(QcowPressError) {
+            try outputs.makeDirectory(outdir)
             for i in selected {
                 var o = template
                 o.virtualSize = (reader.devices[i].size + 511) & ~511
                 o.group = group
                 o.overwrite = overwrite
+                o.protectedInputs += protected
                 let e = try Qcow2Encoder(destination: imagePaths[i], options: o)
+                outputs.add(e)
                 encoders[i] = e
                 started(e)
             }
             try stream(reader, into: encoders)
-        } catch {
-            cancelAll()
-            throw error
-        }
-        var images: [EncoderSummary] = []
-        do throws(QcowPressError) {
             for i in selected { images.append(try encoders[i]!.finishBlocking()) }
+            // Configs last, each under a temporary name, then everything renamed into place.
+            for (k, c) in reader.configs.enumerated() { try outputs.stage(Array(c.data), as: configPaths[k]) }
+            try outputs.commitAll()
         } catch {
-            cancelAll()
+            outputs.rollback()
             throw error
-        }
-        // Configs last, each under a temporary name and renamed, so none looks written early.
-        var written: [String] = []
-        for (k, c) in reader.configs.enumerated() {
-            let tmp = TemporaryFiles.make(for: configPaths[k])
-            guard FileManager.default.createFile(atPath: tmp, contents: Data(c.data)) else {
-                TemporaryFiles.discard(tmp)
-                throw .io(IOError(errno: EIO, operation: "write config", path: configPaths[k]))
-            }
-            do { try TemporaryFiles.commit(tmp, to: configPaths[k]) } catch {
-                TemporaryFiles.discard(tmp)
-                throw .from(error)
-            }
-            written.append(configPaths[k])
         }
         return Summary(archive: archive, compression: reader.stream.compression.rawValue, archiveBytes: file.position,
-                       images: images, configs: written)
+                       images: images, configs: configPaths)
     }
 
     /// Device names and sizes from an archive's header (reads only the header).

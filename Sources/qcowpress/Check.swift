@@ -7,7 +7,7 @@ struct Check: ParsableCommand {
 
     @Option(name: .customLong("output"), help: "human or json")
     var output: OutputFormat = .human
-    @Argument(help: "The image.")
+    @Argument(help: "The image.", completion: .file())
     var image: String
 
     func run() throws {

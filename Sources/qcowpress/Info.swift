@@ -8,7 +8,7 @@ struct Info: ParsableCommand {
     @Option(name: .customLong("output"), help: "human or json")
     var output: OutputFormat = .human
 
-    @Argument(help: "The image.")
+    @Argument(help: "The image.", completion: .file())
     var image: String
 
     func run() throws {

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages QcowPress needs, only when something is missing.
-# C libraries: liburing, libzstd, zlib, ISA-L (fast deflate); qemu-utils is the test oracle.
+# C libraries: liburing, libzstd, zlib, ISA-L (fast deflate); qemu-utils is the test oracle;
+# dpkg-dev gives scripts/package.sh dpkg-shlibdeps (the .deb's Depends).
 set -euo pipefail
 need=()
-for pkg in liburing-dev libzstd-dev zlib1g-dev libisal-dev qemu-utils pkg-config; do
+for pkg in liburing-dev libzstd-dev zlib1g-dev libisal-dev qemu-utils pkg-config dpkg-dev; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -19,6 +19,11 @@ scratch=${QCOWPRESS_PKG_SCRATCH:-.build-pkg}
 fail() { echo "package.sh: $*" >&2; exit 1; }
 
 bash scripts/bootstrap.sh
+# One run at a time per scratch path (two test processes may ask at once): the staging directory
+# and the .deb are rewritten below.
+mkdir -p "$scratch"
+exec 9>"$scratch/package.lock"
+flock 9
 for tool in dpkg-deb dpkg-shlibdeps strip gzip; do
     command -v "$tool" >/dev/null || fail "$tool not found (apt-get install dpkg-dev binutils gzip)"
 done

@@ -92,7 +92,10 @@ EOF
 deps=$(cd "$work" && dpkg-shlibdeps -O -e debian/qcowpress/usr/bin/qcowpress 2>/dev/null | sed -n 's/^shlibs:Depends=//p')
 [ -n "$deps" ] || fail "dpkg-shlibdeps found no dependencies for $root/usr/bin/qcowpress: run it by hand in $work to see why"
 
-size_kb=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
+# Installed-Size as dpkg-gencontrol counts it: each file's size in KiB rounded up, 1 per directory
+# (du would count filesystem blocks, which vary from run to run and defeat the reuse below).
+size_kb=$(cd "$root" && find usr \( -type f -printf '%s\n' \) -o \( -type d -printf '1024\n' \) \
+    | awk '{ kb += int(($1 + 1023) / 1024) } END { print kb }')
 cat > "$root/DEBIAN/control" <<EOF
 Package: qcowpress
 Version: $version

@@ -15,7 +15,7 @@
 # what changed. Prints the path of the .deb on stdout (everything else goes to stderr).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scratch=${QCOWPRESS_PKG_SCRATCH:-.build-pkg}
+scratch=$(realpath -m "${QCOWPRESS_PKG_SCRATCH:-.build-pkg}")
 fail() { echo "package.sh: $*" >&2; exit 1; }
 
 bash scripts/bootstrap.sh
@@ -29,8 +29,8 @@ for tool in dpkg-deb dpkg-shlibdeps strip gzip; do
 done
 arch=$(dpkg --print-architecture)
 
-# One set of build flags for the build, its bin path and the manual plugin (which builds the
-# package itself): any difference would make SwiftPM rebuild everything.
+# One set of flags for the build and for its bin path: any difference would make SwiftPM rebuild
+# everything (-static-stdlib is in every compile command, not only the link).
 flags=(-c release --static-swift-stdlib --scratch-path "$scratch")
 echo "package.sh: building qcowpress (${flags[*]})" >&2
 swift build "${flags[@]}" --product qcowpress >&2 || fail "swift build ${flags[*]} failed"
@@ -39,8 +39,9 @@ bin="$(swift build "${flags[@]}" --show-bin-path)/qcowpress"
 
 version=$("$bin" --version) || fail "$bin --version failed"
 [[ "$version" =~ ^[0-9][A-Za-z0-9.+~-]*$ ]] || fail "'$bin --version' printed '$version', not a Debian version"
-if ldd "$bin" | grep -q 'libswift\|libFoundation\|libdispatch'; then
-    fail "$bin links the Swift runtime dynamically: $(ldd "$bin" | grep -o 'lib\(swift\|Foundation\|dispatch\)[^ ]*' | tr '\n' ' ')"
+linked=$(ldd "$bin") || fail "ldd $bin failed"
+if grep -q 'libswift\|libFoundation\|libdispatch' <<<"$linked"; then
+    fail "$bin links the Swift runtime dynamically: $(grep -o 'lib\(swift\|Foundation\|dispatch\)[^ ]*' <<<"$linked" | tr '\n' ' ')"
 fi
 
 # Staged as dpkg-shlibdeps expects a package: debian/control and the tree in debian/qcowpress.
@@ -89,8 +90,11 @@ Source: qcowpress
 Package: qcowpress
 Architecture: any
 EOF
-deps=$(cd "$work" && dpkg-shlibdeps -O -e debian/qcowpress/usr/bin/qcowpress 2>/dev/null | sed -n 's/^shlibs:Depends=//p')
-[ -n "$deps" ] || fail "dpkg-shlibdeps found no dependencies for $root/usr/bin/qcowpress: run it by hand in $work to see why"
+shlog="$work/shlibdeps.log"
+shlibs=$(cd "$work" && dpkg-shlibdeps -O -e debian/qcowpress/usr/bin/qcowpress 2>"$shlog") \
+    || fail "dpkg-shlibdeps failed on $root/usr/bin/qcowpress: $(cat "$shlog")"
+deps=$(sed -n 's/^shlibs:Depends=//p' <<<"$shlibs")
+[ -n "$deps" ] || fail "dpkg-shlibdeps found no dependencies for $root/usr/bin/qcowpress: $shlibs $(cat "$shlog")"
 
 # Installed-Size as dpkg-gencontrol counts it: each file's size in KiB rounded up, 1 per directory
 # (du would count filesystem blocks, which vary from run to run and defeat the reuse below).

@@ -86,10 +86,12 @@ struct PackageTests {
 
         // The manual is swift-argument-parser's mdoc page and documents the subcommands.
         let man = try Harness.run("/bin/sh", ["-c", "gzip -dc '\(b.installRoot.path)/usr/share/man/man1/qcowpress.1.gz'"])
-        #expect(man.stdout.contains(".Dt QCOWPRESS 1"), "not an mdoc page for section 1:\n\(man.stdout.prefix(500))")
+        let isManual = man.stdout.contains(".Dt QCOWPRESS 1")
+        #expect(isManual, "not an mdoc page for section 1:\n\(man.stdout.prefix(500))")
         // mdoc spells --memory-limit as "Fl -memory-limit".
         for word in ["Em convert", "Em restore", "Em pbs", "Em vma", "Em export", "Em check", "Fl -memory-limit", "Fl -io"] {
-            #expect(man.stdout.contains(word), "the manual lacks '\(word)'")
+            let found = man.stdout.contains(word)
+            #expect(found, "the manual lacks '\(word)'")
         }
     }
 
@@ -140,7 +142,8 @@ struct PackageTests {
         let help = try Self.runClean(b.installed, ["--help"])
         #expect(help.status == 0, "\(help.stderr)")
         for word in ["USAGE: qcowpress", "convert", "restore", "export", "info", "check"] {
-            #expect(help.stdout.contains(word), "--help lacks \(word):\n\(help.stdout)")
+            let found = help.stdout.contains(word)
+            #expect(found, "--help lacks \(word):\n\(help.stdout)")
         }
 
         // A real conversion, judged by qemu-img.
@@ -200,18 +203,21 @@ struct PackageTests {
         let share = b.installRoot.appendingPathComponent("usr/share")
         let zsh = try String(contentsOf: share.appendingPathComponent("zsh/vendor-completions/_qcowpress"), encoding: .utf8)
         let fish = try String(contentsOf: share.appendingPathComponent("fish/vendor_completions.d/qcowpress.fish"), encoding: .utf8)
-        #expect(zsh.hasPrefix("#compdef qcowpress"), "\(zsh.prefix(200))")
+        let compdef = zsh.hasPrefix("#compdef qcowpress")
+        #expect(compdef, "not a zsh completion: \(zsh.prefix(200))")
         for script in [zsh, fish] {
             for value in ["uring pwrite buffered", "raw qcow2", "human json"] {
-                #expect(script.contains(value) || script.contains(value.replacingOccurrences(of: " ", with: "' '")),
-                        "a completion script lacks '\(value)'")
+                let found = script.contains(value) || script.contains(value.replacingOccurrences(of: " ", with: "' '"))
+                #expect(found, "a completion script lacks '\(value)'")
             }
         }
         for spec in ["':source:_files'", "':destination:_files'", ":B:_files'", ":datastore:_files -/'", "':outdir:_files -/'"] {
-            #expect(zsh.contains(spec), "zsh script lacks \(spec)")
+            let found = zsh.contains(spec)
+            #expect(found, "zsh script lacks \(spec)")
         }
         for command in ["convert", "info", "check", "export"] {
-            #expect(fish.contains("\"qcowpress \(command)\" -eq 1' -F"), "fish script does not complete files for \(command)'s first argument")
+            let found = fish.contains("\"qcowpress \(command)\" -eq 1' -F")
+            #expect(found, "fish script does not complete files for \(command)'s first argument")
         }
     }
 }

@@ -10,7 +10,7 @@ struct Check: ParsableCommand {
     @Flag(name: [.customShort("U"), .customLong("force-share")],
           help: "Read an image in use, as qemu-img -U. QcowPress never locks images, so this is always so.")
     var forceShare = false
-    @Argument(help: "The image.")
+    @Argument(help: "The image.", completion: .file())
     var image: String
 
     func run() throws {

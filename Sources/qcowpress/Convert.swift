@@ -5,11 +5,11 @@ import QcowPress
 struct Convert: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Convert a raw or qcow2 image to qcow2 (compressed with -c) or raw.")
 
-    @Option(name: .customShort("f"), help: "Source format: raw or qcow2 (detected by magic when absent).")
+    @Option(name: .customShort("f"), help: "Source format: raw or qcow2 (detected by magic when absent).", completion: .list(["raw", "qcow2"]))
     var sourceFormat: String?
-    @Option(name: .customShort("O"), help: "Output format: qcow2 (default) or raw.")
+    @Option(name: .customShort("O"), help: "Output format: qcow2 (default) or raw.", completion: .list(["qcow2", "raw"]))
     var outputFormat: String = "qcow2"
-    @Option(name: .customShort("B"), help: "Keep a backing file: DST names BASE and holds only what differs from it.")
+    @Option(name: .customShort("B"), help: "Keep a backing file: DST names BASE and holds only what differs from it.", completion: .file())
     var backing: String?
     @Option(name: .customShort("F"), help: "Backing format with -B: raw or qcow2 (detected by magic when absent), as qemu-img -F.")
     var backingFormat: String?
@@ -21,9 +21,9 @@ struct Convert: ParsableCommand {
     @Option(help: "Source reader threads (default 2).")
     var readers: Int?
     @OptionGroup var encoder: EncoderArguments
-    @Argument(help: "Source image.")
+    @Argument(help: "Source image.", completion: .file())
     var source: String
-    @Argument(help: "Destination image.")
+    @Argument(help: "Destination image.", completion: .file())
     var destination: String
 
     func run() throws {

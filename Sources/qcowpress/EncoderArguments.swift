@@ -17,7 +17,7 @@ struct EncoderArguments: ParsableArguments {
     var threads: Int?
     @Option(name: .customLong("memory-limit"), help: "The engine's memory budget (default 256M).")
     var memoryLimit: String?
-    @Option(help: "uring (default), pwrite or buffered.")
+    @Option(help: "uring (default), pwrite or buffered.", completion: .list(["uring", "pwrite", "buffered"]))
     var io: String?
     @Option(name: .customLong("output"), help: "human or json (a summary on stdout).")
     var output: OutputFormat = .human

@@ -5,14 +5,14 @@ import QcowPress
 struct Export: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Compressed backup export of a raw or qcow2 image; with -b, an incremental over BASE.")
 
-    @Option(name: .customShort("b"), help: "BASE.qcow2: DST names it as its backing file and holds only clusters that differ from what BASE reads.")
+    @Option(name: .customShort("b"), help: "BASE.qcow2: DST names it as its backing file and holds only clusters that differ from what BASE reads.", completion: .file())
     var base: String?
-    @Option(name: .customShort("f"), help: "Source format (detected by magic when absent).")
+    @Option(name: .customShort("f"), help: "Source format (detected by magic when absent).", completion: .list(["raw", "qcow2"]))
     var sourceFormat: String?
     @OptionGroup var encoder: EncoderArguments
-    @Argument(help: "Source image (raw or qcow2).")
+    @Argument(help: "Source image (raw or qcow2).", completion: .file())
     var source: String
-    @Argument(help: "Destination qcow2.")
+    @Argument(help: "Destination qcow2.", completion: .file())
     var destination: String
 
     func run() throws {

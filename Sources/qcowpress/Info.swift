@@ -11,7 +11,7 @@ struct Info: ParsableCommand {
           help: "Read an image in use, as qemu-img -U. QcowPress never locks images, so this is always so.")
     var forceShare = false
 
-    @Argument(help: "The image.")
+    @Argument(help: "The image.", completion: .file())
     var image: String
 
     func run() throws {

@@ -4,9 +4,12 @@ import QcowPress
 
 @main
 struct Qcowpress: ParsableCommand {
+    /// The one place the version lives (`--version`; scripts/package.sh names the .deb after it).
+    static let version = "0.1.0"
     static let configuration = CommandConfiguration(
         commandName: "qcowpress",
         abstract: "Write qcow2 images fast: convert, restore (PBS, VMA), export, inspect, check, serve over NBD.",
+        version: version,
         subcommands: [Convert.self, Restore.self, Export.self, Info.self, Check.self, Serve.self])
 
     /// Parses and runs; every failure is one line on stderr and exit status 1 (usage included),

@@ -10,19 +10,19 @@ struct Restore: ParsableCommand {
 struct RestorePBS: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "pbs", abstract: "Restore from a local Proxmox Backup Server datastore.")
 
-    @Option(help: "The datastore directory.")
+    @Option(help: "The datastore directory.", completion: .directory)
     var datastore: String
     @Option(help: "Namespace (a/b).")
     var ns: String?
-    @Option(help: "Key file of an encrypted backup.")
+    @Option(help: "Key file of an encrypted backup.", completion: .file())
     var keyfile: String?
-    @Option(name: .customLong("password-file"), help: "File holding the key file's passphrase.")
+    @Option(name: .customLong("password-file"), help: "File holding the key file's passphrase.", completion: .file())
     var passwordFile: String?
     @Flag(help: "List the snapshot's disk archives with their sizes.")
     var list = false
     @Flag(name: .customLong("verify-only"), help: "Read and verify every chunk of the archive (or of all archives); write nothing.")
     var verifyOnly = false
-    @Option(help: "Restore every drive into this directory, one qcow2 each.")
+    @Option(help: "Restore every drive into this directory, one qcow2 each.", completion: .directory)
     var all: String?
     @Option(help: "Chunk loader threads (default: 4 per core, at most 16).")
     var loaders: Int?
@@ -41,7 +41,7 @@ struct RestorePBS: ParsableCommand {
     var snapshot: String
     @Argument(help: "drive-scsi0.img.fidx (\".fidx\" optional)")
     var archive: String?
-    @Argument(help: "Destination qcow2.")
+    @Argument(help: "Destination qcow2.", completion: .file())
     var destination: String?
 
     func run() throws {
@@ -145,9 +145,9 @@ struct RestoreVMA: ParsableCommand {
     @Option(help: "Restore only this device.")
     var device: String?
     @OptionGroup var encoder: EncoderArguments
-    @Argument(help: "The archive, or - for standard input.")
+    @Argument(help: "The archive, or - for standard input.", completion: .file())
     var archive: String
-    @Argument(help: "Output directory.")
+    @Argument(help: "Output directory.", completion: .directory)
     var outdir: String
 
     func run() throws {

@@ -11,7 +11,7 @@ Writes results.md (Markdown table) and results.png (chart) into --out.
 import argparse, json, os, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QP = os.path.join(ROOT, ".build", "release", "qcowpress")
+QP = os.environ.get("QCOWPRESS_BIN") or os.path.join(ROOT, ".build", "release", "qcowpress")
 CORES = os.cpu_count() or 1
 
 

@@ -14,7 +14,7 @@ The bound checked is budget + 32 MiB (the runtime, libraries, reader buffers).
 import argparse, os, random, subprocess, sys, tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QP = os.path.join(ROOT, ".build", "release", "qcowpress")
+QP = os.environ.get("QCOWPRESS_BIN") or os.path.join(ROOT, ".build", "release", "qcowpress")
 MAKE_VMA = os.path.join(ROOT, "Tests", "Support", "make_vma.py")
 
 

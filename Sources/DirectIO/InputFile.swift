@@ -56,24 +56,7 @@ public final class InputFile: @unchecked Sendable {
     /// `offset` and `length` are 512-aligned, for O_DIRECT). Returns bytes read; stops early only at
     /// end of file. Retries EINTR and short reads.
     public func read(into buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64) throws(IOError) -> Int {
-        var done = 0
-        while done < length {
-            let want = length - done
-            let at = offset + UInt64(done)
-            let r = Sys.pread(fd, buffer + done, want, at)
-            if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
-            if r < 0 { throw IOError(errno: Int32(-r), operation: "read", path: path, offset: at) }
-            if r == 0 {
-                if at >= size { break }
-                // An injected or real zero-length read before EOF: not making progress.
-                throw IOError(errno: EIO, operation: "read (no progress)", path: path, offset: at)
-            }
-            done += r
-        }
-        if !direct && dropBehind && done > 0 {
-            Sys.fadvise(fd, offset, UInt64(done), POSIX_FADV_DONTNEED)
-        }
-        return done
+        try read(into: [UnsafeMutableRawBufferPointer(start: buffer, count: length)], offset: offset)
     }
 
     /// Reads consecutive bytes at `offset` into several buffers in one request (preadv), as

@@ -170,25 +170,11 @@ struct PBSServeTests {
         #expect(mk.status == 0, "\(mk.stderr)")
         let sock = dir.appendingPathComponent("l.sock").path
         let out = dir.appendingPathComponent("out.qcow2").path
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Harness.binary)
-        p.arguments = ["restore", "pbs", "--datastore", ds, "--live", sock, "--loaders", "1", "--memory-limit", "16M", "--output", "json",
-                       PBSRestoreTests.snapshot, "drive-scsi0.img", out]
         // A slow disk (every write 100 ms late) and a small budget: the restore takes seconds and
         // the client gets ahead of it.
-        p.environment = ["QCOWPRESS_FAULT": "write:1:delay100:sticky"]
-        let stdout = Pipe()
-        p.standardOutput = stdout
-        let errPath = dir.appendingPathComponent("qp.err")
-        FileManager.default.createFile(atPath: errPath.path, contents: nil)
-        p.standardError = try FileHandle(forWritingTo: errPath)
-        try p.run()
-        var first = ""
-        while !first.contains("\n") {
-            let d = stdout.fileHandleForReading.availableData
-            if d.isEmpty { break }
-            first += String(decoding: d, as: UTF8.self)
-        }
+        let (p, stdout, errPath, first) = try Self.launch(
+            ["restore", "pbs", "--datastore", ds, "--live", sock, "--loaders", "1", "--memory-limit", "16M", "--output", "json",
+             PBSRestoreTests.snapshot, "drive-scsi0.img", out], in: dir)
         #expect(first.hasPrefix("nbd+unix:///drive-scsi0?socket=\(sock)"), "\(first)")
         let copy = dir.appendingPathComponent("copy.raw").path
         let c = try Harness.run("/usr/bin/nbdcopy", ["--connections=4", "nbd+unix:///drive-scsi0?socket=\(sock)", copy])
@@ -211,6 +197,29 @@ struct PBSServeTests {
         #expect(!FileManager.default.fileExists(atPath: sock))
     }
 
+    /// Starts qcowpress on a slow disk (every write 100 ms late) with stdout on a pipe (its first
+    /// line, the first export's URL, is returned) and stderr in a file (a daemon started later
+    /// inherits pipes, so a stderr pipe would never reach end of file).
+    static func launch(_ args: [String], in dir: URL) throws -> (Process, Pipe, URL, String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Harness.binary)
+        p.arguments = args
+        p.environment = ["QCOWPRESS_FAULT": "write:1:delay100:sticky"]
+        let stdout = Pipe()
+        p.standardOutput = stdout
+        let errPath = dir.appendingPathComponent("qp.err")
+        FileManager.default.createFile(atPath: errPath.path, contents: nil)
+        p.standardError = try FileHandle(forWritingTo: errPath)
+        try p.run()
+        var first = ""
+        while !first.contains("\n") {
+            let d = stdout.fileHandleForReading.availableData
+            if d.isEmpty { break }
+            first += String(decoding: d, as: UTF8.self)
+        }
+        return (p, stdout, errPath, first)
+    }
+
     /// The whole live flow with a real QEMU block layer (qemu-storage-daemon): an overlay whose
     /// backing is the live export, a guest write through the daemon's own NBD export during the
     /// restore, then the QMP switch. Afterwards the overlay's header names the restored image, the
@@ -231,24 +240,9 @@ struct PBSServeTests {
         let guest = dir.appendingPathComponent("guest.sock").path
         let out = dir.appendingPathComponent("restored.qcow2").path
         let overlay = dir.appendingPathComponent("overlay.qcow2").path
-        let qp = Process()
-        qp.executableURL = URL(fileURLWithPath: Harness.binary)
-        qp.arguments = ["restore", "pbs", "--datastore", ds, "--live", live, "--qmp", qmp, "--node", "drive-scsi0=ovl",
-                        "--loaders", "1", "--memory-limit", "16M", PBSRestoreTests.snapshot, "drive-scsi0.img", out]
-        qp.environment = ["QCOWPRESS_FAULT": "write:1:delay100:sticky"]
-        let stdout = Pipe()
-        qp.standardOutput = stdout
-        // stderr to a file: the daemon started below inherits pipes, so a pipe would not reach EOF.
-        let errPath = dir.appendingPathComponent("qp.err")
-        FileManager.default.createFile(atPath: errPath.path, contents: nil)
-        qp.standardError = try FileHandle(forWritingTo: errPath)
-        try qp.run()
-        var first = ""
-        while !first.contains("\n") {
-            let d = stdout.fileHandleForReading.availableData
-            if d.isEmpty { break }
-            first += String(decoding: d, as: UTF8.self)
-        }
+        let (qp, _, errPath, first) = try Self.launch(
+            ["restore", "pbs", "--datastore", ds, "--live", live, "--qmp", qmp, "--node", "drive-scsi0=ovl",
+             "--loaders", "1", "--memory-limit", "16M", PBSRestoreTests.snapshot, "drive-scsi0.img", out], in: dir)
         let url = "nbd+unix:///drive-scsi0?socket=\(live)"
         #expect(first.hasPrefix(url))
         // QEMU starts after qcowpress: an overlay over the live export, exported to the "guest".

@@ -44,19 +44,20 @@ final class SlotPool: @unchecked Sendable {
         }
     }
 
-    /// Takes `n` slots at once (never holding some while waiting for the rest, so callers cannot
-    /// deadlock each other), blocking while fewer are free. Empty once the pool was failed.
-    func acquireBlocking(count n: Int) -> [Int32] {
-        precondition(n <= count)
-        return lock.withLock {
-            if free.count < n {
+    /// Takes between 1 and `n` slots: as many as are free now, waiting only while none is (so a
+    /// caller never holds slots while it waits, and callers cannot deadlock each other). Empty
+    /// once the pool was failed.
+    func acquireBlocking(upTo n: Int) -> [Int32] {
+        lock.withLock {
+            if free.isEmpty {
                 let t0 = monotonicNanoseconds()
-                while free.count < n && !failed { lock.wait() }
+                while free.isEmpty && !failed { lock.wait() }
                 stallNanoseconds += monotonicNanoseconds() - t0
             }
             if failed { return [] }
-            let taken = Array(free.suffix(n))
-            free.removeLast(n)
+            let k = min(n, free.count)
+            let taken = Array(free.suffix(k))
+            free.removeLast(k)
             return taken
         }
     }
@@ -83,8 +84,7 @@ final class SlotPool: @unchecked Sendable {
         let waiter: CheckedContinuation<Int32, Never>? = lock.withLock {
             if !asyncWaiters.isEmpty { return asyncWaiters.removeFirst() }
             free.append(slot)
-            // Broadcast: a waiter for several slots may be the one that can go now.
-            lock.broadcast()
+            lock.signal()
             return nil
         }
         waiter?.resume(returning: slot)

@@ -53,6 +53,31 @@ public struct PBSSnapshot: Sendable {
         manifest = try PBSManifest(path: manifestPath)
     }
 
+    /// The snapshots of a backup group (`vm/100`), oldest first: the time-named directories of the
+    /// group that hold a manifest, as `vm/100/2026-11-20T10:00:00Z`.
+    public static func snapshots(datastore: String, namespace: String?, group: String) throws(SourceError) -> [String] {
+        var dir = datastore
+        if let namespace, !namespace.isEmpty {
+            for p in namespace.split(separator: "/", omittingEmptySubsequences: false).map(String.init) {
+                try checkComponent(p, what: "namespace component")
+                dir += "/ns/" + p
+            }
+        }
+        let parts = group.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count == 2, ["vm", "ct", "host"].contains(parts[0]) else {
+            throw SourceError(.damaged, path: group, "group must be TYPE/ID with TYPE vm, ct or host")
+        }
+        try checkComponent(parts[1], what: "backup id")
+        dir += "/" + group
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else {
+            throw SourceError(.missing, path: dir, "backup group does not exist")
+        }
+        // RFC 3339 UTC times sort as text.
+        return names.filter { n in
+            (try? FileStatus.of(path: dir + "/" + n + "/index.json.blob"))?.kind == .regular
+        }.sorted().map { group + "/" + $0 }
+    }
+
     /// Refuses names that could escape the datastore.
     public static func checkComponent(_ s: String, what: String) throws(SourceError) {
         guard !s.isEmpty, s != ".", s != "..", !s.contains("/"), !s.contains("\0") else {

@@ -18,7 +18,7 @@ struct RestorePBS: ParsableCommand {
     var keyfile: String?
     @Option(name: .customLong("password-file"), help: "File holding the key file's passphrase.", completion: .file())
     var passwordFile: String?
-    @Flag(help: "List the snapshot's disk archives with their sizes.")
+    @Flag(help: "List the snapshot's disk archives with their sizes; with a group (vm/100) instead of a snapshot, its snapshots.")
     var list = false
     @Flag(name: .customLong("verify-only"), help: "Read and verify every chunk of the archive (or of all archives); write nothing.")
     var verifyOnly = false
@@ -37,7 +37,7 @@ struct RestorePBS: ParsableCommand {
     @Option(help: ArgumentHelp("With --qmp: the QEMU node (an overlay backed by the live export) to switch when EXPORT is restored.", valueName: "export=node"))
     var node: [String] = []
     @OptionGroup var encoder: EncoderArguments
-    @Argument(help: "vm/100/2026-11-20T10:00:00Z")
+    @Argument(help: ArgumentHelp("The snapshot, e.g. vm/100/2026-11-20T10:00:00Z (with --list, a group such as vm/100 lists its snapshots).", valueName: "snapshot"))
     var snapshot: String
     @Argument(help: "drive-scsi0.img.fidx (\".fidx\" optional)")
     var archive: String?
@@ -45,14 +45,23 @@ struct RestorePBS: ParsableCommand {
     var destination: String?
 
     func run() throws {
+        if list && snapshot.split(separator: "/").count == 2 {
+            // A group (vm/100): its snapshots.
+            let snaps = try PBSRestore.snapshots(datastore: datastore, namespace: ns, group: snapshot)
+            if encoder.output == .json { print(try encodeJSON(snaps)) } else { for s in snaps { print(s) } }
+            return
+        }
         let keyfile = self.keyfile
         let passwordFile = self.passwordFile
         let restore = try PBSRestore(datastore: datastore, namespace: ns, snapshot: snapshot, keyFile: keyfile) { () throws(QcowPressError) -> String in
             try readPassword(file: passwordFile, prompt: "Passphrase for \(keyfile ?? "key"): ")
         }
         if list {
-            for a in restore.archives {
-                print("\(a.name)\t\(a.size)")
+            if encoder.output == .json {
+                struct Archive: Encodable { var name: String; var size: UInt64 }
+                print(try encodeJSON(restore.archives.map { Archive(name: $0.name, size: $0.size) }))
+            } else {
+                for a in restore.archives { print("\(a.name)\t\(a.size)") }
             }
             return
         }

@@ -29,6 +29,26 @@ struct PBSRestoreTests {
         }
     }
 
+    /// `--list` of a group names its snapshots (oldest first); `--output json` for both listings.
+    @Test func listGroupAndJSON() throws {
+        let f = try PBSFixture(.init(name: "group list", chunk: 1 << 20))
+        defer { f.remove() }
+        // A second, later snapshot of the same group.
+        let later = "vm/100/2026-11-21T10:00:00Z"
+        let r0 = try Harness.run("/usr/bin/python3", [PBSFixture.script, "--datastore", f.datastore, "--snapshot", later,
+                                                      "--chunk-size", String(1 << 20), "--drive", "drive-scsi0.img=\(f.rawB)", "--seed", "6"])
+        #expect(r0.status == 0, "\(r0.stderr)")
+        let text = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + ["vm/100", "--list"])
+        #expect(text.status == 0 && text.stdout == "\(Self.snapshot)\n\(later)\n", "\(text.stdout)\(text.stderr)")
+        let json = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + ["vm/100", "--list", "--output", "json"])
+        #expect((try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String]) == [Self.snapshot, later])
+        let archives = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + [Self.snapshot, "--list", "--output", "json"])
+        let list = try JSONSerialization.jsonObject(with: Data(archives.stdout.utf8)) as? [[String: Any]]
+        #expect(list?.compactMap { $0["name"] as? String }.contains("drive-scsi0.img.fidx") == true, "\(archives.stdout)")
+        let missing = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + ["vm/999", "--list"])
+        #expect(missing.status == 1 && missing.stderr.contains("backup group does not exist"), "\(missing.stderr)")
+    }
+
     @Test func listAndAllDrives() throws {
         let f = try PBSFixture(.init(name: "two drives", chunk: 1 << 20))
         defer { f.remove() }

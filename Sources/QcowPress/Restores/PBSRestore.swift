@@ -63,6 +63,13 @@ public struct PBSRestore: Sendable {
         }
     }
 
+    /// The snapshots of a backup group (`vm/100`) in a local datastore, oldest first.
+    public static func snapshots(datastore: String, namespace: String?, group: String) throws(QcowPressError) -> [String] {
+        do throws(SourceError) { return try PBSSnapshot.snapshots(datastore: datastore, namespace: namespace, group: group) } catch {
+            throw QcowPressError(error)
+        }
+    }
+
     /// Opens one archive's index (name as in the manifest; ".fidx" optional).
     public func openArchive(_ name: String) throws(QcowPressError) -> PBSFixedIndex {
         do throws(SourceError) { return try snapshot.openImage(name).0 } catch { throw QcowPressError(error) }

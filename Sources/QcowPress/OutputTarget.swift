@@ -4,7 +4,7 @@ import Synchronization
 
 /// A file a job reads, which its output may never replace or write into, even with `overwrite`:
 /// the source, a file of the source's backing chain, a backing file or export base. Compared by
-/// device and inode (``FileIdentity``), so another name of the same file — a hard link, a
+/// device and inode (`FileIdentity`), so another name of the same file — a hard link, a
 /// symbolic link, a second device node — is caught too.
 public struct ProtectedInput: Sendable, Hashable {
     public var path: String

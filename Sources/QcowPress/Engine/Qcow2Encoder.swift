@@ -17,8 +17,8 @@ import Qcow2Format
 ///
 /// Threads: `threads` compression workers and one writer that alone owns the output stream, the
 /// ring and the refcounts. State has one owner each, with its own lock, and no lock is taken while
-/// holding another: ``GuestMap`` (guest side), ``ResultQueue`` (to the writer), ``Lifecycle``,
-/// the group's job queue and slot pool; the host side (``StreamSink``) belongs to the writer thread.
+/// holding another: `GuestMap` (guest side), `ResultQueue` (to the writer), `Lifecycle`, the
+/// group's job queue and slot pool; the host side (`StreamSink`) belongs to the writer thread.
 public final class Qcow2Encoder: @unchecked Sendable {
     public let destination: String
     /// The file being written and how it becomes final (rename of a temporary file, or in place).

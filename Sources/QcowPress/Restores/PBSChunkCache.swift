@@ -23,7 +23,10 @@ public final class PBSChunkCache: @unchecked Sendable {
     private(set) var hits = 0
     private(set) var loads = 0
 
-    /// - Parameter indexes: every index that will be read (their repeated digests are the hot set).
+    /// - Parameters:
+    ///   - reader: loads and verifies chunks of the snapshot.
+    ///   - capacity: bytes of decoded chunks kept.
+    ///   - indexes: every index that will be read (their repeated digests are the hot set).
     public init(reader: PBSChunkReader, capacity: Int, indexes: [PBSFixedIndex]) {
         self.reader = reader
         self.capacity = capacity
@@ -154,7 +157,7 @@ public final class PBSArchiveView: @unchecked Sendable {
                 memset(out.baseAddress! + done, 0, n)
             } else {
                 let dst = out.baseAddress! + done
-                try cache.withChunk(index.digest(i), length: len, what: "chunk \(i) of \(name) (guest offset \(UInt64(i) * cs))") { src in
+                _ = try cache.withChunk(index.digest(i), length: len, what: "chunk \(i) of \(name) (guest offset \(UInt64(i) * cs))") { src in
                     memcpy(dst, src.baseAddress! + within, n)
                 }
             }

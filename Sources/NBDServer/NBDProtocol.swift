@@ -91,3 +91,25 @@ public struct NBDError: Error, Sendable {
     }
     public static func io(_ message: String) -> NBDError { NBDError(NBD.EIO, message) }
 }
+
+extension NBD {
+    /// `base:allocation` extents of [offset, end), looked at in steps that end on multiples of
+    /// `granule`: a step where `isZero(from, to)` holds is a hole that reads as zero, any other is
+    /// data; neighbours of one kind are merged (each extent below 2 GiB, as its 32-bit length needs).
+    public static func extents<E: Error>(from offset: UInt64, to end: UInt64, granule: UInt64,
+                                         isZero: (UInt64, UInt64) throws(E) -> Bool) throws(E) -> [(length: UInt64, flags: UInt32)] {
+        var out: [(length: UInt64, flags: UInt32)] = []
+        var at = offset
+        while at < end {
+            let next = min(end, (at / granule + 1) * granule)
+            let flags = try isZero(at, next) ? stateHole | stateZero : 0
+            if let last = out.last, last.flags == flags, last.length + (next - at) < 1 << 31 {
+                out[out.count - 1].length += next - at
+            } else {
+                out.append((next - at, flags))
+            }
+            at = next
+        }
+        return out
+    }
+}

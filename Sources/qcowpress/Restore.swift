@@ -86,12 +86,7 @@ struct RestorePBS: ParsableCommand {
             if let all {
                 guard archive == nil, destination == nil else { throw QcowPressError.invalidArgument("--all OUTDIR takes no ARCHIVE or DST") }
                 try FileManager.default.createDirectory(atPath: all, withIntermediateDirectories: true)
-                for a in restore.archives {
-                    var base = a.name
-                    if base.hasSuffix(".fidx") { base.removeLast(5) }
-                    if base.hasSuffix(".img") { base.removeLast(4) }
-                    jobs.append((a.name, all + "/" + base + ".qcow2"))
-                }
+                jobs = restore.archives.map { ($0.name, all + "/" + PBSRestore.driveName($0.name) + ".qcow2") }
             } else {
                 guard let archive, let destination else {
                     throw QcowPressError.invalidArgument("restore pbs --live needs SNAPSHOT ARCHIVE DST or --all OUTDIR")

@@ -81,9 +81,7 @@ struct ServePBS: ParsableCommand {
         let indexes = try names.map { n throws(QcowPressError) in (n, try restore.openArchive(n)) }
         let cache = PBSChunkCache(reader: restore.reader, capacity: try parseSize(cacheSize, what: "--cache-size"), indexes: indexes.map(\.1))
         let exports: [any NBDExport] = indexes.map { n, idx in
-            var name = (n as NSString).lastPathComponent
-            for suffix in [".fidx", ".img"] where name.hasSuffix(suffix) { name = String(name.dropLast(suffix.count)) }
-            return PBSExport(view: PBSArchiveView(name: name, index: idx, cache: cache))
+            PBSExport(view: PBSArchiveView(name: PBSRestore.driveName(n), index: idx, cache: cache))
         }
         try serveForever(exports, socket: socket, listen: listen)
     }
@@ -93,9 +91,9 @@ func validateListen(_ socket: String?, _ listen: String?) throws {
     guard (socket == nil) != (listen == nil) else { throw ValidationError("give one of --socket PATH or --listen ADDR:PORT") }
 }
 
-/// Listens, prints one URL per export (on stdout, flushed at once), and serves until SIGINT or
-/// SIGTERM, which end the process with status 0 and remove the socket.
-func serveForever(_ exports: [any NBDExport], socket: String?, listen: String?) throws -> Never {
+/// Listens (a unix socket, removed at a signal, or TCP) and prints one URL per export on stdout,
+/// flushed at once.
+func startServer(_ exports: [any NBDExport], socket: String?, listen: String?) throws -> NBDServer {
     let server = NBDServer(exports: exports)
     var urls: [String] = []
     do {
@@ -118,6 +116,12 @@ func serveForever(_ exports: [any NBDExport], socket: String?, listen: String?) 
     }
     for u in urls { print(u) }
     fflush(nil)  // every stream: the URLs must reach a pipe at once
+    return server
+}
+
+/// Serves until SIGINT or SIGTERM, which end the process with status 0 and remove the socket.
+func serveForever(_ exports: [any NBDExport], socket: String?, listen: String?) throws -> Never {
+    _ = try startServer(exports, socket: socket, listen: listen)
     SignalWatcher.exitStatusOnSignal = 0
     while true { pause() }
 }
@@ -137,22 +141,10 @@ final class PBSExport: NBDExport, @unchecked Sendable {
 
     func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)] {
         let cs = UInt64(view.index.chunkSize)
-        let end = min(offset + length, size)
-        var out: [(length: UInt64, flags: UInt32)] = []
-        var at = offset
-        while at < end {
+        return NBD.extents(from: offset, to: min(offset + length, size), granule: cs) { at, _ in
             let i = Int(at / cs)
-            let next = min(end, (UInt64(i) + 1) * cs)
-            let zero = i >= view.index.chunkCount || view.isZeroChunk(i)
-            let flags = zero ? NBD.stateHole | NBD.stateZero : 0
-            if let last = out.last, last.flags == flags, last.length + (next - at) < 1 << 31 {
-                out[out.count - 1].length += next - at
-            } else {
-                out.append((next - at, flags))
-            }
-            at = next
+            return i >= view.index.chunkCount || view.isZeroChunk(i)
         }
-        return out
     }
 }
 
@@ -188,25 +180,13 @@ final class ImageExport: NBDExport, @unchecked Sendable {
     }
 
     func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)] {
-        var out: [(length: UInt64, flags: UInt32)] = []
-        let end = min(offset + min(length, Self.maxStatus), size)
-        var at = offset
         do throws(QcowPressError) {
-            while at < end {
-                let next = min(end, (at / Self.granule + 1) * Self.granule)
-                let zero = try image.isKnownZero(at: at, count: Int(next - at))
-                let flags = zero ? NBD.stateHole | NBD.stateZero : 0
-                if let last = out.last, last.flags == flags {
-                    out[out.count - 1].length += next - at
-                } else {
-                    out.append((next - at, flags))
-                }
-                at = next
+            return try NBD.extents(from: offset, to: min(offset + min(length, Self.maxStatus), size), granule: Self.granule) {
+                (at, next) throws(QcowPressError) in try image.isKnownZero(at: at, count: Int(next - at))
             }
         } catch {
             throw NBDError.io(error.message)
         }
-        return out
     }
 }
 
@@ -216,7 +196,6 @@ extension RestorePBS {
     /// every drive is complete, serving goes on until the last client disconnects.
     func runLive(_ restore: PBSRestore, jobs: [(archive: String, destination: String)], encoder eo: EncoderOptions,
                  options: PBSRestore.Options, socket: String) throws {
-        let node = self.node
         var nodes: [String: String] = [:]
         for n in node {
             guard let eq = n.firstIndex(of: "="), eq != n.startIndex else { throw QcowPressError.invalidArgument("--node \(n): expected EXPORT=NODE") }
@@ -229,16 +208,7 @@ extension RestorePBS {
             throw QcowPressError.invalidArgument("--node \(e)=…: no export named '\(e)' (exports: \(live.drives.map(\.name).joined(separator: ", ")))")
         }
         for d in live.drives { watch(d.encoderForSignals) }
-        let exports: [any NBDExport] = live.drives.map { LiveExport(drive: $0) }
-        let server = NBDServer(exports: exports)
-        do {
-            try server.listen(unixSocket: socket)
-        } catch {
-            throw QcowPressError.invalidArgument("cannot listen on \(socket): \(error)")
-        }
-        SignalWatcher.onExit { unlink(socket) }
-        for d in live.drives { print("nbd+unix:///\(d.name)?socket=\(socket)") }
-        fflush(nil)
+        let server = try startServer(live.drives.map { LiveExport(drive: $0) }, socket: socket, listen: nil)
         let summaries: [PBSRestore.Summary]
         do {
             summaries = try live.run()
@@ -251,7 +221,7 @@ extension RestorePBS {
         // client is gone.
         if let qmp {
             do {
-                try switchQEMU(qmp: qmp, drives: live.drives)
+                try switchQEMU(qmp: qmp, nodes: nodes, drives: live.drives)
             } catch {
                 server.shutdown()
                 unlink(socket)
@@ -298,11 +268,7 @@ final class LiveExport: NBDExport, @unchecked Sendable {
 extension RestorePBS {
     /// For every --node EXPORT=NODE: waits for QEMU's QMP socket and the node (QEMU may start
     /// after qcowpress; up to 10 minutes), then switches the node onto the restored image.
-    func switchQEMU(qmp: String, drives: [PBSLiveRestore.Drive]) throws {
-        var nodes: [String: String] = [:]
-        for n in node {
-            if let eq = n.firstIndex(of: "=") { nodes[String(n[..<eq])] = String(n[n.index(after: eq)...]) }
-        }
+    func switchQEMU(qmp: String, nodes: [String: String], drives: [PBSLiveRestore.Drive]) throws {
         let deadline = Date().addingTimeInterval(600)
         var client: QMPClient?
         while client == nil {

@@ -92,12 +92,7 @@ extension Qcow2Encoder {
                         zero += 1
                         continue
                     }
-                    do throws(QcowPressError) { try map.reserve(cluster) } catch {
-                        pool.release(s)
-                        throw error
-                    }
-                    if b.count < clusterSize { memset(b.baseAddress! + b.count, 0, clusterSize - b.count) }
-                    batch.append(WorkItem(cluster: cluster, slot: s, checkedNonZero: true))
+                    try queueFull(cluster, slot: s, filled: b.count, into: &batch)
                     if batch.count >= Self.batchSize { flush(&batch) }
                 }
             } catch {
@@ -109,6 +104,17 @@ extension Qcow2Encoder {
             c += UInt64(k)
         }
         queue.count(bytes: UInt64(count), zeroClusters: zero)
+    }
+
+    /// Queues whole cluster `c`, known not to be all zero, whose first `filled` guest bytes are in
+    /// `slot` (the rest of the slot is zeroed): claims its entry, giving the slot back if that fails.
+    func queueFull(_ c: UInt64, slot: Int32, filled: Int, into batch: inout [WorkItem]) throws(QcowPressError) {
+        do throws(QcowPressError) { try map.reserve(c) } catch {
+            pool.release(slot)
+            throw error
+        }
+        if filled < clusterSize { memset(pool.pointer(slot) + filled, 0, clusterSize - filled) }
+        batch.append(WorkItem(cluster: c, slot: slot, checkedNonZero: true))
     }
 
     /// Progress of one write call through its clusters.
@@ -136,16 +142,8 @@ extension Qcow2Encoder {
                     cursor.zeroClusters += 1
                 } else if full {
                     guard let slot = takeSlot(&cursor) else { return true }
-                    do throws(QcowPressError) {
-                        try map.reserve(c)
-                    } catch {
-                        pool.release(slot)
-                        throw error
-                    }
-                    let p = pool.pointer(slot)
-                    memcpy(p, src, b - a)
-                    if b - a < clusterSize { memset(p + (b - a), 0, clusterSize - (b - a)) }
-                    cursor.batch.append(WorkItem(cluster: c, slot: slot, checkedNonZero: true))
+                    memcpy(pool.pointer(slot), src, b - a)
+                    try queueFull(c, slot: slot, filled: b - a, into: &cursor.batch)
                 } else {
                     var slot: Int32
                     if let s = try map.claimPartial(c, range: a..<b) {

@@ -95,9 +95,6 @@ final class ResultQueue: @unchecked Sendable {
         }
     }
 
-    /// True once the input is closed and nothing announced is outstanding.
-    var isDrained: Bool { lock.withLock { closed && outstanding == 0 && items.isEmpty } }
-
     /// Regions announced and not yet taken (picked up once more after the last result).
     func takeRegions() -> [Int] {
         lock.withLock {
@@ -107,7 +104,6 @@ final class ResultQueue: @unchecked Sendable {
         }
     }
 
-    var isStopped: Bool { lock.withLock { stopped } }
     var codecNanoseconds: UInt64 { lock.withLock { codecNs } }
     var bytesIn: UInt64 { lock.withLock { guestBytes } }
     var zeroClustersMarked: UInt64 { lock.withLock { zeroMarked } }

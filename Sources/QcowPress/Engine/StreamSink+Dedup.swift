@@ -54,10 +54,8 @@ extension StreamSink {
                 // which QEMU's and our decoders ignore once the cluster is complete).
                 let n = min(d.readLength, cs - 1)
                 // Copied out first: placing may submit the buffer the bytes are in.
-                let copyBuf = AlignedBuffer(capacity: n)
-                memcpy(copyBuf.pointer, try placedBytes(at: d.hostOffset, count: n), n)
-                clustersDuplicated += 1
-                return .final(try placeCompressed(UnsafeRawPointer(copyBuf.pointer), n))
+                memcpy(copyScratch.pointer, try placedBytes(at: d.hostOffset, count: n), n)
+                return .final(try placeCompressed(UnsafeRawPointer(copyScratch.pointer), n))
             }
             for c in hosts { addRef(c << bits) }
             clustersShared += 1
@@ -65,11 +63,9 @@ extension StreamSink {
         }
         let host = l2.hostOffset
         guard canAddRef((host >> bits)...(host >> bits)) else {
-            let copyBuf = AlignedBuffer(capacity: cs)
-            memcpy(copyBuf.pointer, try placedBytes(at: host, count: cs), cs)
+            memcpy(copyScratch.pointer, try placedBytes(at: host, count: cs), cs)
             let (p, at) = try placeAligned(owner: .data(dst))
-            memcpy(p, copyBuf.pointer, cs)
-            clustersDuplicated += 1
+            memcpy(p, copyScratch.pointer, cs)
             return .final(L2Entry.standard(hostOffset: at, copied: true).rawValue)
         }
         addRef(host)

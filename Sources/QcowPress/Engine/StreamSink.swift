@@ -35,10 +35,10 @@ final class StreamSink: @unchecked Sendable {
     /// Entries in tables already on disk whose copied flag must be cleared at the end.
     var diskFlagClears: [UInt64] = []
     var clustersShared: UInt64 = 0
-    /// Copies that became separate data because a refcount was at its limit.
-    var clustersDuplicated: UInt64 = 0
-    /// One cluster for reading back data that is copied rather than shared.
+    /// One cluster for reading back data that is copied rather than shared (with room for the
+    /// 4 KiB alignment around it), and one to hold those bytes while they are placed.
     lazy var scratch = AlignedBuffer(capacity: cs + 8192)
+    lazy var copyScratch = AlignedBuffer(capacity: cs)
 
     init(encoder: Qcow2Encoder, writer: any BufferWriter) {
         enc = encoder

@@ -144,9 +144,7 @@ public final class PBSLiveRestore: @unchecked Sendable {
                 eo.group = group
                 eo.virtualSize = (indexes[j].size + 511) & ~511
                 let enc = try Qcow2Encoder(destination: job.destination, options: eo)
-                var name = job.archive.split(separator: "/").last.map(String.init) ?? job.archive
-                for suffix in [".fidx", ".img"] where name.hasSuffix(suffix) { name = String(name.dropLast(suffix.count)) }
-                drives.append(Drive(archive: job.archive, view: PBSArchiveView(name: name, index: indexes[j], cache: cache),
+                drives.append(Drive(archive: job.archive, view: PBSArchiveView(name: PBSRestore.driveName(job.archive), index: indexes[j], cache: cache),
                                     destination: job.destination, encoder: enc, plan: restore.plan(indexes[j], options: o, encoder: eo)))
             }
         } catch {

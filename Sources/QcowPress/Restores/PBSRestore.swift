@@ -70,6 +70,14 @@ public struct PBSRestore: Sendable {
         }
     }
 
+    /// A drive's name from its archive's: `drive-scsi0.img.fidx` → `drive-scsi0` (the image file's
+    /// base name in `--all`, the NBD export's name).
+    public static func driveName(_ archive: String) -> String {
+        var name = archive.split(separator: "/").last.map(String.init) ?? archive
+        for suffix in [".fidx", ".img"] where name.hasSuffix(suffix) { name = String(name.dropLast(suffix.count)) }
+        return name
+    }
+
     /// Opens one archive's index (name as in the manifest; ".fidx" optional).
     public func openArchive(_ name: String) throws(QcowPressError) -> PBSFixedIndex {
         do throws(SourceError) { return try snapshot.openImage(name).0 } catch { throw QcowPressError(error) }
@@ -105,9 +113,7 @@ public struct PBSRestore: Sendable {
         var names: [(name: String, what: String)] = []
         for a in archives {
             // drive-scsi0.img.fidx -> drive-scsi0.qcow2 (names were checked: no '/', no '..').
-            var base = a.name
-            if base.hasSuffix(".fidx") { base.removeLast(5) }
-            if base.hasSuffix(".img") { base.removeLast(4) }
+            let base = Self.driveName(a.name)
             names.append((base + ".qcow2", "the image of \(a.name)"))
             jobs.append((a.name, outdir + "/" + base + ".qcow2"))
         }

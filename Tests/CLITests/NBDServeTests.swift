@@ -164,10 +164,7 @@ struct PBSServeTests {
         let rawA = dir.appendingPathComponent("a.raw").path
         let noise = SourceImage.noise(24 << 20, seed: 8)
         try (noise + Data(count: 2 << 20) + noise.prefix(1 << 20)).write(to: URL(fileURLWithPath: rawA))
-        let ds = dir.appendingPathComponent("ds").path
-        let mk = try Harness.run("/usr/bin/python3", [PBSFixture.script, "--datastore", ds, "--snapshot", PBSRestoreTests.snapshot,
-                                                      "--chunk-size", String(1 << 20), "--drive", "drive-scsi0.img=\(rawA)", "--seed", "4"])
-        #expect(mk.status == 0, "\(mk.stderr)")
+        let ds = try Self.datastore(in: dir, drive: rawA)
         let sock = dir.appendingPathComponent("l.sock").path
         let out = dir.appendingPathComponent("out.qcow2").path
         // A slow disk (every write 100 ms late) and a small budget: the restore takes seconds and
@@ -195,6 +192,15 @@ struct PBSServeTests {
         #expect(drives.first?["chunksShared"] as? Int == 1 && drives.first?["chunksZero"] as? Int == 2, "\(json)")
         try Harness.expectGood(out, equals: rawA)
         #expect(!FileManager.default.fileExists(atPath: sock))
+    }
+
+    /// A datastore in `dir` holding one snapshot of one drive (`drive-scsi0.img`) in 1 MiB chunks.
+    static func datastore(in dir: URL, drive raw: String) throws -> String {
+        let ds = dir.appendingPathComponent("ds").path
+        let mk = try Harness.run("/usr/bin/python3", [PBSFixture.script, "--datastore", ds, "--snapshot", PBSRestoreTests.snapshot,
+                                                      "--chunk-size", String(1 << 20), "--drive", "drive-scsi0.img=\(raw)", "--seed", "4"])
+        guard mk.status == 0 else { throw FixtureError(message: mk.stdout + mk.stderr) }
+        return ds
     }
 
     /// Starts qcowpress on a slow disk (every write 100 ms late) with stdout on a pipe (its first
@@ -231,10 +237,7 @@ struct PBSServeTests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let rawA = dir.appendingPathComponent("a.raw").path
         try (SourceImage.noise(6 << 20, seed: 9) + Data(count: 2 << 20) + SourceImage.text(4 << 20, seed: 3)).write(to: URL(fileURLWithPath: rawA))
-        let ds = dir.appendingPathComponent("ds").path
-        let mk = try Harness.run("/usr/bin/python3", [PBSFixture.script, "--datastore", ds, "--snapshot", PBSRestoreTests.snapshot,
-                                                      "--chunk-size", String(1 << 20), "--drive", "drive-scsi0.img=\(rawA)", "--seed", "4"])
-        #expect(mk.status == 0, "\(mk.stderr)")
+        let ds = try Self.datastore(in: dir, drive: rawA)
         let live = dir.appendingPathComponent("live.sock").path
         let qmp = dir.appendingPathComponent("qmp.sock").path
         let guest = dir.appendingPathComponent("guest.sock").path

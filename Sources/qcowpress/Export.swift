@@ -31,9 +31,6 @@ struct Export: ParsableCommand {
             options.protectedInputs += ProtectedInput.imageAndBackingChain(base, role: "the base (-b)")
             let fmt = try RawImageReader.detectFormat(path: base)
             baseImage = try openImage(base, format: fmt, openBacking: true)
-            guard baseImage!.virtualSize <= image.virtualSize else {
-                throw QcowPressError.invalidArgument("\(base): base is larger than the source")
-            }
             options.backingFile = relativePath(from: destination, to: base)
             options.backingFormat = fmt
         }

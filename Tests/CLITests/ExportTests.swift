@@ -47,4 +47,30 @@ struct ExportTests {
         let info = try Harness.qemuImg(["info", "--output", "json", layers[0]]).stdout
         #expect(info.contains("\"compression-type\": \"zstd\""))
     }
+
+    /// A base of another size than the source is read as qemu reads an overlay over it: past the
+    /// base's end it reads zeros; past the source's end it does not matter. The base may end inside
+    /// a cluster (and inside one of the copier's chunks).
+    @Test(arguments: [(UInt64(4 << 20), "larger"), (UInt64(1 << 20), "smaller"), (UInt64(1_000_448), "smaller, ending mid-cluster")])
+    func baseOfAnotherSize(baseSize: UInt64, what: String) throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let src = dir.appendingPathComponent("src.raw")
+        // 3 MiB: noise, with a zero run over the base's end and at the base's content.
+        try SourceImage.mixed(at: src, blocks: 12, block: 256 << 10, tail: 0)
+        let h = try FileHandle(forWritingTo: src)
+        try h.seek(toOffset: 896 << 10)
+        try h.write(contentsOf: Data(count: 256 << 10))
+        try h.close()
+        let base = dir.appendingPathComponent("base.qcow2").path
+        #expect(try Harness.qemuImg(["create", "-q", "-f", "qcow2", base, String(baseSize)]).status == 0)
+        #expect(try Harness.run("/usr/bin/qemu-io", ["-c", "write -P 0xaa 0 \(baseSize)", base]).status == 0)
+        let dst = dir.appendingPathComponent("inc.qcow2").path
+        let r = try Harness.qcowpress(["export", "-b", base, "-f", "raw", src.path, dst])
+        #expect(r.status == 0, "\(what): \(r.stderr)")
+        #expect(try Harness.qemuImg(["check", dst]).status == 0, "\(what)")
+        #expect(try Harness.qemuImg(["compare", "-f", "raw", "-F", "qcow2", src.path, dst]).status == 0, "\(what)")
+        let info = try Harness.qemuImg(["info", "--output", "json", dst]).stdout
+        #expect(info.contains("\"virtual-size\": \(12 << 18)"), "\(what): the source's size, not the base's")
+    }
 }

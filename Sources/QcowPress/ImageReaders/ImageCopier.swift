@@ -65,14 +65,18 @@ public struct ImageCopier: Sendable {
                     }
                     return
                 }
-                var baseZero = at0 >= base.virtualSize
-                if !baseZero { baseZero = try base.isKnownZero(at: at0, count: n) }
+                // A base of another size compares as qemu reads an overlay over it: past the base's
+                // end it reads zeros, and what lies past the source's end does not matter.
+                let inBase = at0 < base.virtualSize ? Int(min(UInt64(n), base.virtualSize - at0)) : 0
+                var baseZero = inBase == 0
+                if !baseZero { baseZero = try base.isKnownZero(at: at0, count: inBase) }
                 if srcZero && baseZero { return }
                 if srcZero { memset(buf.pointer, 0, n) } else {
                     try source.read(at: at0, count: n, into: buf.pointer, context: ctx)
                 }
                 if baseZero { memset(other.pointer, 0, n) } else {
-                    try base.read(at: at0, count: n, into: other.pointer, context: ctx)
+                    try base.read(at: at0, count: inBase, into: other.pointer, context: ctx)
+                    if inBase < n { memset(other.pointer + inBase, 0, n - inBase) }
                 }
                 var k = 0
                 while k < n {

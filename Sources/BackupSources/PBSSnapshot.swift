@@ -69,8 +69,10 @@ public struct PBSSnapshot: Sendable {
         }
         try checkComponent(parts[1], what: "backup id")
         dir += "/" + group
-        guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else {
-            throw SourceError(.missing, path: dir, "backup group does not exist")
+        let names: [String]
+        do throws(IOError) { names = try FileNames.listing(dir) } catch {
+            if error.errno == ENOENT || error.errno == ENOTDIR { throw SourceError(.missing, path: dir, "backup group does not exist") }
+            throw SourceError(.io, path: dir, "cannot list the backup group: \(error.errnoName)", errno: error.errno)
         }
         // RFC 3339 UTC times sort as text.
         return names.filter { n in

@@ -96,12 +96,25 @@ public enum FileNames {
 
     /// Creates a directory (mode 0755); false if it could not (errno says why, EEXIST included).
     public static func makeDirectory(_ path: String) -> Bool {
-        mkdir(path, 0o755) == 0
+        if case .fail(let e) = FaultInjection.check(.mkdir, fd: -1) {
+            errno = e
+            return false
+        }
+        return mkdir(path, 0o755) == 0
     }
 
     /// The names in a directory (without `.` and `..`); empty when it cannot be read.
     public static func list(_ directory: String) -> [String] {
-        guard let d = opendir(directory) else { return [] }
+        (try? listing(directory)) ?? []
+    }
+
+    /// The names in a directory (without `.` and `..`); opening it goes through the fault seam
+    /// as an `open`.
+    public static func listing(_ directory: String) throws(IOError) -> [String] {
+        if case .fail(let e) = FaultInjection.check(.open, fd: -1) {
+            throw IOError(errno: e, operation: "opendir", path: directory)
+        }
+        guard let d = opendir(directory) else { throw IOError(errno: errno, operation: "opendir", path: directory) }
         defer { closedir(d) }
         var names: [String] = []
         while let e = readdir(d) {

@@ -18,7 +18,7 @@ public enum FaultInjection {
         /// Succeed after sleeping this many milliseconds (a slow disk).
         case delay(Int)
     }
-    public enum Operation: String, Sendable { case write, read, open, stat, rename }
+    public enum Operation: String, Sendable { case write, read, open, stat, rename, mkdir }
     public struct Plan: Sendable, Equatable {
         public var operation: Operation
         /// 1-based index of the call that fails.
@@ -44,6 +44,7 @@ public enum FaultInjection {
         var opens = 0
         var stats = 0
         var renames = 0
+        var mkdirs = 0
         var envChecked = false
     }
     static let state = Mutex(State())
@@ -99,6 +100,7 @@ public enum FaultInjection {
             case .open: s.opens += 1; n = s.opens
             case .stat: s.stats += 1; n = s.stats
             case .rename: s.renames += 1; n = s.renames
+            case .mkdir: s.mkdirs += 1; n = s.mkdirs
             }
             guard let p = s.plan, p.operation == op else { return nil }
             if n == p.index || (p.sticky && n > p.index) { return p.kind }

@@ -49,6 +49,21 @@ struct PBSRestoreTests {
         #expect(missing.status == 1 && missing.stderr.contains("backup group does not exist"), "\(missing.stderr)")
     }
 
+    /// Directory listing and creation go through the fault seam: an unreadable group and a
+    /// directory that cannot be made are one line each, exit 1, nothing left behind.
+    @Test func listingAndMkdirFaults() throws {
+        let f = try PBSFixture(.init(name: "seam", chunk: 1 << 20))
+        defer { f.remove() }
+        let list = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + ["vm/100", "--list"], env: ["QCOWPRESS_FAULT": "open:1:EIO"])
+        #expect(list.status == 1, "\(list.stdout)\(list.stderr)")
+        #expect(list.stderr.contains("cannot list the backup group") && list.stderr.contains("Input/output error"), "\(list.stderr)")
+        #expect(list.stderr.split(separator: "\n").count == 1 && list.stdout.isEmpty)
+        let out = f.dir.appendingPathComponent("new/deeper").path
+        let all = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + [Self.snapshot, "--all", out], env: ["QCOWPRESS_FAULT": "mkdir:2:EIO"])
+        #expect(all.status == 1 && all.stderr.contains("mkdir") && all.stderr.contains("Input/output error"), "\(all.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: f.dir.appendingPathComponent("new").path), "the directory it made is removed")
+    }
+
     @Test func listAndAllDrives() throws {
         let f = try PBSFixture(.init(name: "two drives", chunk: 1 << 20))
         defer { f.remove() }

@@ -138,9 +138,10 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     private func lookup(_ name: String) -> (any NBDExport)? {
-        if let e = core.exports[name] { return e }
+        if let e = core.export(named: name) { return e }
         // The empty name is the default export when there is only one.
-        if name.isEmpty && core.exportOrder.count == 1 { return core.exports[core.exportOrder[0]] }
+        let offered = core.offered
+        if name.isEmpty && offered.count == 1 { return core.export(named: offered[0]) }
         return nil
     }
 
@@ -171,7 +172,7 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
             close(context)
         case .list:
             guard data.readableBytes == 0 else { return replyError(context, opt, .errInvalid, "NBD_OPT_LIST takes no data") }
-            for name in core.exportOrder {
+            for name in core.offered {
                 reply(context, opt, .server) { b in
                     b.writeInteger(UInt32(name.utf8.count))
                     b.writeString(name)

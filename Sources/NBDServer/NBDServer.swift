@@ -22,6 +22,8 @@ final class NBDServerCore: Sendable {
     let exportOrder: [String]
     let pool: NIOThreadPool
     private let stats = Mutex((connections: 0, open: 0, requests: 0))
+    /// Exports no longer offered to new connections (connections already on them go on).
+    private let withdrawn = Mutex<Set<String>>([])
 
     init(exports: [any NBDExport], poolThreads: Int) {
         var map: [String: any NBDExport] = [:]
@@ -30,6 +32,16 @@ final class NBDServerCore: Sendable {
         exportOrder = exports.map(\.name)
         pool = NIOThreadPool(numberOfThreads: poolThreads)
         pool.start()
+    }
+
+    func withdraw(_ name: String) { _ = withdrawn.withLock { $0.insert(name) } }
+    /// The exports new connections may use, in the order given.
+    var offered: [String] {
+        let w = withdrawn.withLock { $0 }
+        return exportOrder.filter { !w.contains($0) }
+    }
+    func export(named name: String) -> (any NBDExport)? {
+        withdrawn.withLock { $0.contains(name) } ? nil : exports[name]
     }
 
     func connectionOpened() { stats.withLock { $0.connections += 1; $0.open += 1 } }
@@ -86,6 +98,10 @@ public final class NBDServer: Sendable {
 
     /// Connections so far, open now, and requests served.
     public var counts: (connections: Int, open: Int, requests: Int) { core.counts }
+
+    /// Stops offering an export to new connections (`NBD_OPT_LIST` leaves it out, `NBD_OPT_GO`
+    /// finds no such export); connections already on it go on until they disconnect.
+    public func withdraw(export name: String) { core.withdraw(name) }
 
     /// Stops listening and closes every connection.
     public func shutdown() {

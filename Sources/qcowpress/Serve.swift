@@ -209,25 +209,23 @@ extension RestorePBS {
         }
         for d in live.drives { watch(d.encoderForSignals) }
         let server = try startServer(live.drives.map { LiveExport(drive: $0) }, socket: socket, listen: nil)
+        let switcher = qmp.map { QMPSwitcher(qmp: $0, nodes: nodes, server: server) }
+        let bar = encoder.progress ? ProgressBar(total: live.totalBytes, label: "live") { live.bytesDone } : nil
         let summaries: [PBSRestore.Summary]
         do {
-            summaries = try live.run()
+            // Each drive is switched as soon as it is complete, while the next one is restored.
+            summaries = try live.run(driveDone: { d, _ in switcher?.enqueue(d) },
+                                     keep: { d in switcher?.stopAndReportSwitched().contains(d.name) ?? false })
+            bar?.stop()
+            try switcher?.finish()
         } catch {
+            bar?.stop()
+            _ = switcher?.stopAndReportSwitched()
             server.shutdown()
             unlink(socket)
             throw error
         }
-        // Complete: switch QEMU onto the images (it then leaves the export), or serve until every
-        // client is gone.
-        if let qmp {
-            do {
-                try switchQEMU(qmp: qmp, nodes: nodes, drives: live.drives)
-            } catch {
-                server.shutdown()
-                unlink(socket)
-                throw error
-            }
-        }
+        // Complete: serve until every client is gone (QEMU left the switched exports already).
         while server.counts.open > 0 { usleep(100_000) }
         server.shutdown()
         unlink(socket)
@@ -238,10 +236,12 @@ extension RestorePBS {
                 var nbdRequests: Int
                 var cacheHits: Int
                 var cacheLoads: Int
+                var switched: [String]?
             }
             let c = live.cache.stats
             print(try encodeJSON(Live(drives: summaries, chunksServedAheadOfOrder: live.drives.reduce(0) { $0 + $1.chunksAheadOfOrder },
-                                      nbdRequests: server.counts.requests, cacheHits: c.hits, cacheLoads: c.loads)))
+                                      nbdRequests: server.counts.requests, cacheHits: c.hits, cacheLoads: c.loads,
+                                      switched: switcher.map { s in live.drives.map(\.name).filter { s.switched.contains($0) } })))
         }
     }
 }
@@ -265,28 +265,122 @@ final class LiveExport: NBDExport, @unchecked Sendable {
     }
 }
 
-extension RestorePBS {
-    /// For every --node EXPORT=NODE: waits for QEMU's QMP socket and the node (QEMU may start
-    /// after qcowpress; up to 10 minutes), then switches the node onto the restored image.
-    func switchQEMU(qmp: String, nodes: [String: String], drives: [PBSLiveRestore.Drive]) throws {
-        let deadline = Date().addingTimeInterval(600)
-        var client: QMPClient?
-        while client == nil {
-            client = try? QMPClient(path: qmp)
-            if client == nil {
-                guard Date() < deadline else { throw QcowPressError.invalidArgument("\(qmp): no QMP server answered within 10 minutes") }
-                usleep(200_000)
-            }
-        }
-        for d in drives {
-            guard let target = nodes[d.name] else { continue }
-            while try !client!.hasNode(target) {
-                guard Date() < deadline else { throw QcowPressError.invalidArgument("QMP: node '\(target)' did not appear within 10 minutes") }
-                usleep(200_000)
-            }
-            let path = d.destination.hasPrefix("/") ? d.destination : FileManager.default.currentDirectoryPath + "/" + d.destination
-            try client!.switchBacking(node: target, to: path, newNode: "qcowpress-\(d.name)")
-            writeStderr("qcowpress: \(target) now reads \(path)\n")
+/// Switches QEMU's nodes onto restored images one drive at a time, on a thread of its own, so the
+/// next drive is restored while QEMU is waited for. For each drive with a `--node`: waits for
+/// QEMU's QMP socket and the node (QEMU may start after qcowpress; up to 10 minutes), switches the
+/// node onto the image, then stops offering the drive's export to new NBD clients. The first
+/// failure stops it (QEMU's block graph is then in a state it cannot reason about).
+final class QMPSwitcher: @unchecked Sendable {
+    let qmp: String
+    let nodes: [String: String]
+    let server: NBDServer
+    private let lock = Condition()
+    private var queue: [PBSLiveRestore.Drive] = []
+    private var busy = false
+    private var stopped = false
+    private var failure: (any Error)?
+    private var done: Set<String> = []
+    private var thread: Thread?
+
+    init(qmp: String, nodes: [String: String], server: NBDServer) {
+        self.qmp = qmp
+        self.nodes = nodes
+        self.server = server
+        let t = Thread { [unowned self] in self.loop() }
+        t.name = "qp-qmp"
+        thread = t
+        t.start()
+    }
+
+    /// Drives whose node reads the restored image now.
+    var switched: Set<String> { lock.withLock { done } }
+
+    func enqueue(_ d: PBSLiveRestore.Drive) {
+        guard nodes[d.name] != nil else { return }
+        lock.withLock {
+            queue.append(d)
+            lock.broadcast()
         }
     }
+
+    /// Waits for every queued switch; throws the first failure.
+    func finish() throws {
+        let f: (any Error)? = lock.withLock {
+            while (!queue.isEmpty || busy) && failure == nil { lock.wait() }
+            while busy { lock.wait() }
+            stopped = true
+            lock.broadcast()
+            return failure
+        }
+        if let f { throw f }
+    }
+
+    /// Drops what is queued, waits for a switch under way, and says which drives were switched.
+    func stopAndReportSwitched() -> Set<String> {
+        lock.withLock {
+            stopped = true
+            queue.removeAll()
+            lock.broadcast()
+            while busy { lock.wait() }
+            return done
+        }
+    }
+
+    private func loop() {
+        var client: QMPClient?
+        while true {
+            let d: PBSLiveRestore.Drive? = lock.withLock {
+                while queue.isEmpty && !stopped { lock.wait() }
+                if stopped || failure != nil { return nil }
+                busy = true
+                return queue.removeFirst()
+            }
+            guard let d else { return }
+            do {
+                let deadline = Date().addingTimeInterval(600)
+                while client == nil {
+                    client = try? QMPClient(path: qmp)
+                    if client == nil {
+                        guard Date() < deadline, !isStopped else { throw QcowPressError.invalidArgument("\(qmp): no QMP server answered within 10 minutes") }
+                        usleep(200_000)
+                    }
+                }
+                let target = nodes[d.name]!
+                while try !client!.hasNode(target) {
+                    guard Date() < deadline, !isStopped else { throw QcowPressError.invalidArgument("QMP: node '\(target)' did not appear within 10 minutes") }
+                    usleep(200_000)
+                }
+                let path = d.destination.hasPrefix("/") ? d.destination : FileManager.default.currentDirectoryPath + "/" + d.destination
+                try client!.switchBacking(node: target, to: path, newNode: "qcowpress-\(d.name)")
+                server.withdraw(export: d.name)
+                writeStderr("qcowpress: \(target) now reads \(path)\n")
+                lock.withLock {
+                    done.insert(d.name)
+                    busy = false
+                    lock.broadcast()
+                }
+            } catch {
+                lock.withLock {
+                    failure = error
+                    busy = false
+                    lock.broadcast()
+                }
+                return
+            }
+        }
+    }
+
+    private var isStopped: Bool { lock.withLock { stopped } }
+}
+
+/// NSCondition with a scoped lock (the CLI does not see DirectIO's `ConditionLock`).
+final class Condition: @unchecked Sendable {
+    private let c = NSCondition()
+    func withLock<T>(_ body: () throws -> T) rethrows -> T {
+        c.lock()
+        defer { c.unlock() }
+        return try body()
+    }
+    func wait() { c.wait() }
+    func broadcast() { c.broadcast() }
 }

@@ -206,11 +206,11 @@ struct PBSServeTests {
     /// Starts qcowpress on a slow disk (every write 100 ms late) with stdout on a pipe (its first
     /// line, the first export's URL, is returned) and stderr in a file (a daemon started later
     /// inherits pipes, so a stderr pipe would never reach end of file).
-    static func launch(_ args: [String], in dir: URL) throws -> (Process, Pipe, URL, String) {
+    static func launch(_ args: [String], in dir: URL, env: [String: String] = [:]) throws -> (Process, Pipe, URL, String) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Harness.binary)
         p.arguments = args
-        p.environment = ["QCOWPRESS_FAULT": "write:1:delay100:sticky"]
+        p.environment = ["QCOWPRESS_FAULT": "write:1:delay100:sticky"].merging(env) { $1 }
         let stdout = Pipe()
         p.standardOutput = stdout
         let errPath = dir.appendingPathComponent("qp.err")
@@ -281,6 +281,75 @@ struct PBSServeTests {
         var expected = try Data(contentsOf: URL(fileURLWithPath: rawA))
         expected.replaceSubrange((1 << 20)..<((1 << 20) + 65536), with: Data(repeating: 0x5A, count: 65536))
         #expect(try Data(contentsOf: URL(fileURLWithPath: view)) == expected, "guest view = source + write")
+    }
+
+    /// Two drives, each under a QEMU overlay: the first is switched as soon as it is complete,
+    /// while the second is still being restored, and its export is no longer offered; then the
+    /// second is switched, and the JSON summary names both.
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-storage-daemon")
+                   && FileManager.default.isExecutableFile(atPath: "/usr/bin/nbdinfo"), "needs qemu-system-common and libnbd-bin"))
+    func liveRestoreSwitchesEachDriveWhenComplete() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let rawA = dir.appendingPathComponent("a.raw").path
+        let rawB = dir.appendingPathComponent("b.raw").path
+        try (SourceImage.noise(3 << 20, seed: 5) + Data(count: 1 << 20)).write(to: URL(fileURLWithPath: rawA))
+        try SourceImage.noise(40 << 20, seed: 6).write(to: URL(fileURLWithPath: rawB))
+        let ds = dir.appendingPathComponent("ds").path
+        let mk = try Harness.run("/usr/bin/python3", [PBSFixture.script, "--datastore", ds, "--snapshot", PBSRestoreTests.snapshot,
+                                                      "--chunk-size", String(1 << 20), "--drive", "drive-scsi0.img=\(rawA)",
+                                                      "--drive", "drive-virtio1.img=\(rawB)", "--seed", "4"])
+        #expect(mk.status == 0, "\(mk.stderr)")
+        let live = dir.appendingPathComponent("live.sock").path
+        let qmp = dir.appendingPathComponent("qmp.sock").path
+        let outDir = dir.appendingPathComponent("out").path
+        let (qp, stdout, errPath, first) = try Self.launch(
+            ["restore", "pbs", "--datastore", ds, "--live", live, "--qmp", qmp, "--node", "drive-scsi0=ovlA", "--node", "drive-virtio1=ovlB",
+             "--loaders", "1", "--memory-limit", "16M", "--output", "json", "-p", PBSRestoreTests.snapshot, "--all", outDir], in: dir,
+            env: ["QCOWPRESS_PROGRESS_INTERVAL": "0.2"])
+        #expect(first.contains("drive-scsi0"), "\(first)")
+        var blockdevs: [String] = []
+        for (drive, node, size) in [("drive-scsi0", "ovlA", 4 << 20), ("drive-virtio1", "ovlB", 40 << 20)] {
+            let overlay = dir.appendingPathComponent("\(node).qcow2").path
+            let url = "nbd+unix:///\(drive)?socket=\(live)"
+            #expect(try Harness.qemuImg(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", url, "-u", overlay, String(size)]).status == 0)
+            blockdevs += ["--blockdev", "driver=nbd,node-name=nbd-\(node),server.type=unix,server.path=\(live),export=\(drive),read-only=on",
+                          "--blockdev", "driver=file,node-name=\(node)-file,filename=\(overlay)",
+                          "--blockdev", "driver=qcow2,node-name=\(node),file=\(node)-file,backing=nbd-\(node)"]
+        }
+        let qsd = Process()
+        qsd.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-storage-daemon")
+        qsd.arguments = ["--chardev", "socket,path=\(qmp),server=on,wait=off,id=qmp", "--monitor", "chardev=qmp"] + blockdevs
+        qsd.standardOutput = FileHandle.nullDevice
+        qsd.standardError = FileHandle.nullDevice
+        try qsd.run()
+        defer { kill(qsd.processIdentifier, SIGKILL); qsd.waitUntilExit() }
+        // The first drive's switch comes while the second is still restoring (40 writes of 100 ms).
+        var err = ""
+        for _ in 0..<600 where !err.contains("ovlA now reads") && qp.isRunning {
+            usleep(20_000)
+            err = (try? String(contentsOf: errPath, encoding: .utf8)) ?? ""
+        }
+        #expect(err.contains("ovlA now reads") && qp.isRunning, "switched while the next drive restores: \(err)")
+        #expect(!err.contains("ovlB now reads"))
+        if qp.isRunning {
+            let list = try Harness.run("/usr/bin/nbdinfo", ["--list", "--json", "nbd+unix://?socket=\(live)"])
+            #expect(!list.stdout.contains("\"drive-scsi0\"") && list.stdout.contains("\"drive-virtio1\""), "only the drive still restoring is offered: \(list.stdout)")
+        }
+        let json = String(decoding: stdout.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        qp.waitUntilExit()
+        err = (try? String(contentsOf: errPath, encoding: .utf8)) ?? ""
+        #expect(qp.terminationStatus == 0, "\(err)")
+        #expect(err.contains("ovlB now reads"), "\(err)")
+        // Progress over both drives (44 MiB), moving before the end, with a final line.
+        let progress = err.split(separator: "\n").filter { $0.hasPrefix("qcowpress: live: ") }
+        #expect(progress.contains { $0.contains("% (") && !$0.contains(" 100% ") } && progress.last?.contains("100% (44.0 MiB of 44.0 MiB)") == true, "\(err)")
+        #expect(json.contains("\"switched\" : [\n    \"drive-scsi0\",\n    \"drive-virtio1\"\n  ]"), "\(json)")
+        for (node, drive, raw) in [("ovlA", "drive-scsi0", rawA), ("ovlB", "drive-virtio1", rawB)] {
+            let info = try Harness.qemuImg(["info", "-U", dir.appendingPathComponent("\(node).qcow2").path])
+            #expect(info.stdout.contains("backing file: \(outDir)/\(drive).qcow2"), "\(info.stdout)")
+            try Harness.expectGood("\(outDir)/\(drive).qcow2", equals: raw)
+        }
     }
 
     /// Eight threads read the same chunks at once: each digest is loaded once (the others wait

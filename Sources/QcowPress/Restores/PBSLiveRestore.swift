@@ -155,61 +155,75 @@ public final class PBSLiveRestore: @unchecked Sendable {
         self.drives = drives
     }
 
-    /// Restores every drive (readers may read meanwhile); all-or-nothing: on failure every image of
-    /// this restore is removed.
-    public func run() throws(QcowPressError) -> [PBSRestore.Summary] {
+    /// Guest bytes restored so far, over every drive, counted in each drive's order.
+    public var bytesDone: UInt64 { drives.reduce(0) { $0 + $1.ordered.bytesDone } }
+    /// Guest bytes of every drive.
+    public var totalBytes: UInt64 { drives.reduce(0) { $0 + $1.ordered.total } }
+
+    /// Restores every drive, one after the other (readers may read any drive meanwhile). Each
+    /// drive is finished (header, fsync, renamed into place) as soon as its last chunk is written,
+    /// and `driveDone` is called with it at once, so a caller can move a reader onto it while the
+    /// next drive is restored.
+    ///
+    /// All-or-nothing: on failure every image of this restore is removed, except those `keep` says
+    /// are in use (a running VM switched onto them); `keep` is asked only about finished images.
+    public func run(driveDone: (Drive, PBSRestore.Summary) -> Void = { _, _ in },
+                    keep: (Drive) -> Bool = { _ in false }) throws(QcowPressError) -> [PBSRestore.Summary] {
         defer { group.shutdown() }
         var out: [PBSRestore.Summary] = []
+        var finished: [Drive] = []
         do throws(QcowPressError) {
             for d in drives {
-                let cs = UInt64(d.view.index.chunkSize)
-                let index = d.view.index
-                try forEachIndex(UInt64(d.plan.count), threads: options.loaders, name: "qp-live") {
-                    return { (i64) throws(QcowPressError) in
-                        let i = Int(i64)
-                        let at = UInt64(i) * cs
-                        let len = UInt64(index.chunkLength(i))
-                        switch d.plan[i] {
-                        case .zero:
-                            try d.encoder.writeZeroesBlocking(at: at, length: len)
-                            d.counters.add(zero: 1)
-                            d.ordered.complete(i)
-                        case .copy(let f):
-                            try d.encoder.writeCopy(at: at, from: UInt64(f) * cs, length: len)
-                            d.counters.add(shared: 1, saved: len)
-                            d.ordered.complete(i)
-                        case .load:
-                            // A reader may have claimed it already: then it is written (or being).
-                            if d.claim(i) { try d.loadAndWrite(i) }
-                        }
-                    }
-                }
-            }
-            // Chunks a reader claimed and gave back (its load failed) are the restore's again.
-            for d in drives {
+                try restoreChunks(of: d)
+                // Chunks a reader claimed and gave back (its load failed) are the restore's again.
                 d.waitForReaders()
                 for i in 0..<d.plan.count {
                     if case .load = d.plan[i], d.claim(i) { try d.loadAndWrite(i) }
                 }
-            }
-            for d in drives {
                 // Every chunk written, by the restore or ahead of it by a reader (a reader's failed
                 // write fails the image here rather than leaving a hole in it).
                 if let i = d.firstUnwritten() {
                     throw .inputDamaged(path: d.archive, location: "chunk \(i) was not restored (a reader's load of it failed)")
                 }
                 let s = try d.encoder.finishBlocking()
+                finished.append(d)
                 let name = d.archive.hasSuffix(".fidx") ? d.archive : d.archive + ".fidx"
-                out.append(d.counters.summary(archive: name, image: s, chunks: d.plan.count))
+                let summary = d.counters.summary(archive: name, image: s, chunks: d.plan.count)
+                out.append(summary)
+                driveDone(d, summary)
             }
         } catch {
-            for d in drives { d.encoder.cancel() }
-            for d in drives where out.contains(where: { $0.image.destination == d.destination }) {
-                unlink(d.destination)
-            }
+            for d in drives where !finished.contains(where: { $0 === d }) { d.encoder.cancel() }
+            for d in finished where !keep(d) { unlink(d.destination) }
             throw error
         }
         return out
+    }
+
+    /// The restore's pass over one drive's chunks, in index order with `options.loaders` threads.
+    private func restoreChunks(of d: Drive) throws(QcowPressError) {
+        let cs = UInt64(d.view.index.chunkSize)
+        let index = d.view.index
+        try forEachIndex(UInt64(d.plan.count), threads: options.loaders, name: "qp-live") {
+            return { (i64) throws(QcowPressError) in
+                let i = Int(i64)
+                let at = UInt64(i) * cs
+                let len = UInt64(index.chunkLength(i))
+                switch d.plan[i] {
+                case .zero:
+                    try d.encoder.writeZeroesBlocking(at: at, length: len)
+                    d.counters.add(zero: 1)
+                    d.ordered.complete(i)
+                case .copy(let f):
+                    try d.encoder.writeCopy(at: at, from: UInt64(f) * cs, length: len)
+                    d.counters.add(shared: 1, saved: len)
+                    d.ordered.complete(i)
+                case .load:
+                    // A reader may have claimed it already: then it is written (or being).
+                    if d.claim(i) { try d.loadAndWrite(i) }
+                }
+            }
+        }
     }
 }
 

@@ -21,6 +21,8 @@ struct ServeImage: ParsableCommand {
     var listen: String?
     @Option(name: .customShort("f"), help: ArgumentHelp("Format of every FILE: raw or qcow2 (detected by magic when absent).", valueName: "format"))
     var format: String?
+    @Option(name: .customLong("cache-size"), help: ArgumentHelp("Memory for decoded qcow2 clusters, shared by every export and client (default 256M; 0 for none).", valueName: "size"))
+    var cacheSize: String = "256M"
     @Argument(help: ArgumentHelp("Images to serve; each export is named after its file's base name.", valueName: "file"), completion: .file())
     var files: [String]
 
@@ -33,13 +35,16 @@ struct ServeImage: ParsableCommand {
     func run() throws {
         var exports: [any NBDExport] = []
         var names = Set<String>()
+        let bytes = try parseSize(cacheSize, what: "--cache-size")
+        let cache = bytes > 0 ? BlockCache(capacity: Int(bytes)) : nil
         for f in files {
             let detected = try RawImageReader.detectFormat(path: f)
             if format == "qcow2" && detected != "qcow2" { throw notQcow2(f) }
             let image = try openImage(f, format: format ?? detected, openBacking: true)
             let name = (f as NSString).lastPathComponent
             guard names.insert(name).inserted else { throw QcowPressError.invalidArgument("\(f): a second export named '\(name)'") }
-            exports.append(ImageExport(name: name, image: image))
+            // Raw files are cached by the kernel's page cache; qcow2 clusters are decoded here.
+            exports.append(ImageExport(name: name, image: image, cache: (image as? Qcow2Image).flatMap { q in cache.map { ($0, q.geometry.clusterSize) } }))
         }
         try serveForever(exports, socket: socket, listen: listen)
     }
@@ -164,16 +169,24 @@ final class ImageExport: NBDExport, @unchecked Sendable {
     static let granule: UInt64 = 64 << 10
     static let maxStatus: UInt64 = 1 << 30
 
-    init(name: String, image: any GuestImage) {
+    /// The shared cache of decoded clusters and this image's cluster size (qcow2 images).
+    let cache: (BlockCache, Int)?
+
+    init(name: String, image: any GuestImage, cache: (BlockCache, Int)? = nil) {
         self.name = name
         self.image = image
+        self.cache = cache
     }
 
     func read(at offset: UInt64, count: Int, into: UnsafeMutableRawBufferPointer) throws(NBDError) {
         let ctx = lock.withLock { contexts.popLast() } ?? ReadContext()
         defer { lock.withLock { contexts.append(ctx) } }
         do throws(QcowPressError) {
-            try image.read(at: offset, count: count, into: into.baseAddress!, context: ctx)
+            if let (c, cluster) = cache {
+                try c.read(image, blockSize: cluster, at: offset, count: count, into: into.baseAddress!, context: ctx)
+            } else {
+                try image.read(at: offset, count: count, into: into.baseAddress!, context: ctx)
+            }
         } catch {
             throw NBDError.io(error.message)
         }

@@ -48,6 +48,28 @@ struct NBDServeTests {
         return (raw.path, q)
     }
 
+    /// `--cache-size`: small requests (nbdcopy with 4 KiB and 64 KiB requests) through a cache of
+    /// decoded clusters smaller than the image read what the image holds; so does no cache; a bad
+    /// size is refused in one line.
+    @Test func clusterCacheServesWhatTheImageHolds() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let (raw, q) = try Self.images(in: dir)
+        for cache in ["1M", "0"] {
+            let sock = dir.appendingPathComponent("c\(cache).sock").path
+            let server = try Server(["--socket", sock, "--cache-size=\(cache)", q])
+            for req in ["4096", "65536"] {
+                let out = dir.appendingPathComponent("copy-\(cache)-\(req).raw").path
+                let copy = try Harness.run("/usr/bin/nbdcopy", ["--connections=2", "--request-size=\(req)", server.urls.first ?? "", out])
+                #expect(copy.status == 0, "\(copy.stderr)")
+                #expect(FileManager.default.contentsEqual(atPath: out, andPath: raw), "cache \(cache), requests of \(req)")
+            }
+            #expect(server.stop() == 0)
+        }
+        let bad = try Harness.qcowpress(["serve", "image", "--socket", dir.appendingPathComponent("b.sock").path, "--cache-size", "lots", q])
+        #expect(bad.status == 1 && bad.stderr.contains("--cache-size"), "\(bad.stderr)")
+    }
+
     @Test func realPeersReadWhatTheImagesHold() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }

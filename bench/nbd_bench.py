@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""NBD serving and live restore: QcowPress against qemu-nbd and against its own restore, same run.
+
+Usage: bench/nbd_bench.py RAW_IMAGE [--work DIR] [--random N]
+Builds (once, in --work) a PBS datastore of RAW_IMAGE (one drive) and one of three 1 GiB slices
+of it (three drives) with the test-data writer (Tests/Support/pbs_datastore.py), then measures:
+  compute:   restore pbs --verify-only (read + CRC + zstd decode + SHA-256 on every loader): the
+             rate at which chunks can be produced at all, the "restore compute limit".
+  serve:     nbdcopy --connections=4 of the served archive to null:, beside nbdcopy of the same
+             bytes as a raw file served by qemu-nbd (page cache dropped before each).
+             Target: serve >= 0.8 x compute.
+  random:    4 KiB reads at random offsets inside 64 MiB of the served archive, after one pass
+             that loads those chunks into the cache (one client, one request at a time):
+             p50 / p99 latency. Target: p99 <= 1 ms.
+  live:      restore pbs -c (zstd) alone, then restore pbs --live with nbdcopy reading the whole
+             drive through the live export at the same time. Target: <= 1.2 x the time;
+             chunk loads compared with the distinct chunks the index names.
+  rss:       serve pbs --cache-size 16M of the three-drive snapshot with nbdcopy reading all
+             three drives at once: the server's peak RSS. Target: <= 192 MiB.
+Writes a Markdown table to bench/results/nbd.md. QCOWPRESS_BIN overrides the binary.
+"""
+import argparse, json, os, random, shutil, socket, struct, subprocess, sys, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QP = os.environ.get("QCOWPRESS_BIN", os.path.join(ROOT, ".build", "release", "qcowpress"))
+SNAP = "vm/100/2026-11-20T10:00:00Z"
+
+
+def drop():
+    subprocess.run(["sync"])
+    try:
+        open("/proc/sys/vm/drop_caches", "w").write("3\n")
+    except OSError:
+        pass
+
+
+def run(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr}")
+    return p.stdout
+
+
+def wait_socket(path, proc, timeout=60):
+    t = time.monotonic()
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            sys.exit(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+        if time.monotonic() - t > timeout:
+            sys.exit(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def serve(args, sock):
+    if os.path.exists(sock):
+        os.unlink(sock)
+    p = subprocess.Popen([QP, "serve"] + args + ["--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_socket(sock, p)
+    return p
+
+
+def stop(p):
+    p.terminate()
+    try:
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def peak_rss_mib(pid):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def nbdcopy(url):
+    t = time.monotonic()
+    run(["nbdcopy", "--connections=4", url, "null:"])
+    return time.monotonic() - t
+
+
+class NBDClient:
+    """The least NBD client that measures a read: fixed newstyle, NBD_OPT_GO, simple replies."""
+
+    def __init__(self, path, name):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(path)
+        hello = self.recv(18)
+        assert hello[:8] == b"NBDMAGIC" and hello[8:16] == b"IHAVEOPT", hello
+        self.s.sendall(struct.pack(">I", 1 | 2))  # fixed newstyle, no zeroes
+        n = name.encode()
+        data = struct.pack(">I", len(n)) + n + struct.pack(">H", 0)
+        self.s.sendall(b"IHAVEOPT" + struct.pack(">II", 7, len(data)) + data)  # NBD_OPT_GO
+        while True:
+            _, _, rtype, length = struct.unpack(">QIII", self.recv(20))
+            body = self.recv(length)
+            if rtype == 1:  # ACK
+                break
+            if rtype == 3 and struct.unpack(">H", body[:2])[0] == 0:
+                self.size = struct.unpack(">Q", body[2:10])[0]
+            if rtype & 0x80000000:
+                raise RuntimeError(f"option error {rtype:#x}: {body!r}")
+        self.handle = 0
+
+    def recv(self, n):
+        b = bytearray()
+        while len(b) < n:
+            c = self.s.recv(n - len(b))
+            if not c:
+                raise EOFError
+            b += c
+        return bytes(b)
+
+    def read(self, offset, length):
+        self.handle += 1
+        self.s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, self.handle, offset, length))
+        magic, err, h = struct.unpack(">IIQ", self.recv(16))
+        assert magic == 0x67446698 and h == self.handle and err == 0, (magic, err, h)
+        return self.recv(length)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("raw")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--random", type=int, default=20000, help="random 4 KiB reads")
+    a = ap.parse_args()
+    raw = os.path.abspath(a.raw)
+    work = a.work or os.path.join(os.path.dirname(raw), "nbd-bench")
+    os.makedirs(work, exist_ok=True)
+    ds, ds3 = os.path.join(work, "pbs"), os.path.join(work, "pbs3")
+    gen = os.path.join(ROOT, "Tests/Support/pbs_datastore.py")
+    if not os.path.exists(ds):
+        subprocess.run([sys.executable, gen, "--datastore", ds, "--snapshot", SNAP, "--drive", f"drive-scsi0.img={raw}"],
+                       check=True, stdout=subprocess.DEVNULL)
+    if not os.path.exists(ds3):
+        drives = []
+        for i in range(3):
+            part = os.path.join(work, f"slice{i}.raw")
+            subprocess.run(["dd", f"if={raw}", f"of={part}", "bs=1M", f"skip={i * 1024}", "count=1024", "status=none"], check=True)
+            drives += ["--drive", f"drive-scsi{i}.img={part}"]
+        subprocess.run([sys.executable, gen, "--datastore", ds3, "--snapshot", SNAP] + drives, check=True, stdout=subprocess.DEVNULL)
+        for i in range(3):
+            os.unlink(os.path.join(work, f"slice{i}.raw"))
+    size = os.path.getsize(raw)
+    mb = size / 1e6
+    sock = os.path.join(work, "nbd.sock")
+    rows = []
+
+    # The restore compute limit.
+    drop()
+    t = time.monotonic()
+    run([QP, "restore", "pbs", "--datastore", ds, "--verify-only", SNAP, "drive-scsi0.img"])
+    compute = time.monotonic() - t
+    rows.append(("compute: verify-only (all loaders)", f"{compute:.2f} s", f"{mb / compute:.0f} MB/s", ""))
+
+    # Sequential read through the server, against qemu-nbd on the raw file.
+    drop()
+    p = serve(["pbs", "--datastore", ds, SNAP], sock)
+    served = nbdcopy(f"nbd+unix:///drive-scsi0?socket={sock}")
+    stop(p)
+    drop()
+    q = subprocess.Popen(["qemu-nbd", "-r", "-f", "raw", "-k", sock, "-x", "raw", "-e", "4", raw], stderr=subprocess.PIPE)
+    wait_socket(sock, q)
+    qn = nbdcopy(f"nbd+unix:///raw?socket={sock}")
+    stop(q)
+    rows.append(("serve pbs + nbdcopy -C 4", f"{served:.2f} s", f"{mb / served:.0f} MB/s", f"{compute / served:.2f} x compute (target >= 0.8)"))
+    rows.append(("qemu-nbd raw + nbdcopy -C 4", f"{qn:.2f} s", f"{mb / qn:.0f} MB/s", f"serve/qemu-nbd time {served / qn:.2f}"))
+
+    # Random 4 KiB reads of cached chunks.
+    p = serve(["pbs", "--datastore", ds, SNAP], sock)
+    c = NBDClient(sock, "drive-scsi0")
+    region = min(64 << 20, c.size)
+    for off in range(0, region, 4 << 20):
+        c.read(off, min(4 << 20, region - off))
+    rng = random.Random(7)
+    lat = []
+    for _ in range(a.random):
+        off = rng.randrange(0, region // 4096) * 4096
+        t = time.perf_counter()
+        c.read(off, 4096)
+        lat.append(time.perf_counter() - t)
+    stop(p)
+    lat.sort()
+    p50, p99 = lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
+    rows.append((f"random 4 KiB reads in 64 MiB (cached), n={a.random}", f"p50 {p50:.3f} ms", f"p99 {p99:.3f} ms", "target p99 <= 1 ms"))
+
+    # Live restore with a client reading everything, against the restore alone.
+    out = os.path.join(work, "out.qcow2")
+    for f in (out,):
+        if os.path.exists(f):
+            os.unlink(f)
+    drop()
+    t = time.monotonic()
+    alone_json = json.loads(run([QP, "restore", "pbs", "--datastore", ds, "-c", "-o", "compression_type=zstd", "--output", "json",
+                                 SNAP, "drive-scsi0.img", out]))
+    alone = time.monotonic() - t
+    os.unlink(out)
+    drop()
+    if os.path.exists(sock):
+        os.unlink(sock)
+    t = time.monotonic()
+    lp = subprocess.Popen([QP, "restore", "pbs", "--datastore", ds, "-c", "-o", "compression_type=zstd", "--output", "json",
+                           "--live", sock, SNAP, "drive-scsi0.img", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_socket(sock, lp)
+    client = nbdcopy(f"nbd+unix:///drive-scsi0?socket={sock}")
+    lout, lerr = lp.communicate()
+    live = time.monotonic() - t
+    if lp.returncode != 0:
+        sys.exit(f"live restore failed: {lerr}")
+    lj = json.loads(lout[lout.index("{"):])
+    os.unlink(out)
+    loaded = alone_json.get("chunksRead", 0)
+    rows.append(("restore pbs -c zstd alone", f"{alone:.2f} s", f"{mb / alone:.0f} MB/s", f"{loaded} chunks loaded"))
+    rows.append(("restore --live + nbdcopy of the whole drive", f"{live:.2f} s", f"client {client:.2f} s",
+                 f"{live / alone:.2f} x alone (target <= 1.2); cache loads {lj.get('cacheLoads')}, "
+                 f"ahead of order {lj.get('chunksServedAheadOfOrder')}"))
+
+    # Peak RSS serving three drives through a 16 MiB cache.
+    drop()
+    p = serve(["pbs", "--datastore", ds3, "--cache-size", "16M", SNAP], sock)
+    t = time.monotonic()
+    copies = [subprocess.Popen(["nbdcopy", "--connections=4", f"nbd+unix:///drive-scsi{i}?socket={sock}", "null:"]) for i in range(3)]
+    for cp in copies:
+        cp.wait()
+    three = time.monotonic() - t
+    rss = peak_rss_mib(p.pid)
+    stop(p)
+    rows.append(("serve pbs --cache-size 16M, 3 drives read at once", f"{three:.2f} s", f"peak RSS {rss:.0f} MiB", "target <= 192 MiB"))
+
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    lines = [f"# NBD bench ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, {size >> 20} MiB image)", "",
+             "| measurement | time | rate | ratio |", "|---|---|---|---|"]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    open(os.path.join(ROOT, "bench", "results", "nbd.md"), "w").write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

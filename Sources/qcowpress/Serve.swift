@@ -182,8 +182,8 @@ final class ImageExport: NBDExport, @unchecked Sendable {
         let ctx = lock.withLock { contexts.popLast() } ?? ReadContext()
         defer { lock.withLock { contexts.append(ctx) } }
         do throws(QcowPressError) {
-            if let (c, cluster) = cache {
-                try c.read(image, blockSize: cluster, at: offset, count: count, into: into.baseAddress!, context: ctx)
+            if let cache {
+                try cache.0.read(image, blockSize: cache.1, at: offset, count: count, into: into.baseAddress!, context: ctx)
             } else {
                 try image.read(at: offset, count: count, into: into.baseAddress!, context: ctx)
             }

@@ -99,7 +99,7 @@ func validateListen(_ socket: String?, _ listen: String?) throws {
 /// Listens (a unix socket, removed at a signal, or TCP) and prints one URL per export on stdout,
 /// flushed at once.
 func startServer(_ exports: [any NBDExport], socket: String?, listen: String?) throws -> NBDServer {
-    let server = NBDServer(exports: exports)
+    let server = NBDServer(exports: exports, ioThreads: 16)
     var urls: [String] = []
     do {
         if let socket {

@@ -374,6 +374,36 @@ struct PBSServeTests {
         }
     }
 
+    /// A sequential reader gets the next chunk loaded ahead of it (once); random reads do not
+    /// make loads of their own.
+    @Test func sequentialReadersLoadTheNextChunkAhead() throws {
+        let f = try PBSFixture(.init(name: "read-ahead", chunk: 1 << 20))
+        defer { f.remove() }
+        let restore = try PBSRestore(datastore: f.datastore, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
+        let index = try restore.openArchive("drive-scsi0.img.fidx")
+        let cache = PBSChunkCache(reader: restore.reader, capacity: 64 << 20, indexes: [index])
+        let view = PBSArchiveView(name: "drive-scsi0", index: index, cache: cache)
+        // Two neighbouring chunks with data.
+        guard let i = (0..<(index.chunkCount - 1)).first(where: { !view.isZeroChunk($0) && !view.isZeroChunk($0 + 1) }) else {
+            Issue.record("the fixture has no two neighbouring data chunks")
+            return
+        }
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 19, alignment: 4096)
+        defer { buf.deallocate() }
+        let at = UInt64(i) << 20
+        // A random read in the second half of chunk i: no read-ahead.
+        try view.read(at: at + (700 << 10), count: 4096, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<4096]))
+        usleep(300_000)
+        #expect(cache.stats.loads == 1)
+        // Two sequential reads, the second ending in the chunk's second half: chunk i + 1 loads ahead.
+        try view.read(at: at, count: 1 << 19, into: buf)
+        try view.read(at: at + (1 << 19), count: 1 << 19, into: buf)
+        for _ in 0..<100 where cache.stats.loads < 2 { usleep(20_000) }
+        #expect(cache.stats.loads == 2, "the next chunk was loaded ahead")
+        try view.read(at: at + (1 << 20), count: 1 << 19, into: buf)
+        #expect(cache.stats.loads == 2, "and the reader found it in the cache")
+    }
+
     /// Eight threads read the same chunks at once: each digest is loaded once (the others wait
     /// for that load), and hot chunks stay while single-use ones are evicted.
     @Test func concurrentReadersShareOneLoad() throws {

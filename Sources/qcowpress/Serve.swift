@@ -99,6 +99,10 @@ func validateListen(_ socket: String?, _ listen: String?) throws {
 /// Listens (a unix socket, removed at a signal, or TCP) and prints one URL per export on stdout,
 /// flushed at once.
 func startServer(_ exports: [any NBDExport], socket: String?, listen: String?) throws -> NBDServer {
+    // 16 pool threads, one connection's whole in-flight window (NBDServerCore.maxInFlight): the
+    // requests of one connection that wait on one chunk's load cannot hold every thread while
+    // another connection's chunk is cached. Not faster on 2 cores in bench/nbd_bench.py (serve
+    // pbs + nbdcopy within noise of 4 threads); threads that wait cost no CPU.
     let server = NBDServer(exports: exports, ioThreads: 16)
     var urls: [String] = []
     do {

@@ -9,7 +9,9 @@ import Synchronization
 /// written into the drive's qcow2, so the restore never fetches it again.
 ///
 /// The cache is the restore's chunk cache (``PBSRestore/Options/cacheBytes``, out of the memory
-/// limit); chunks used more than once stay longest.
+/// limit, of which it may take a third); chunks used more than once stay longest. A client
+/// reading what the restore has passed finds it there while the cache holds it, and loads it again
+/// from the datastore once it is evicted: the cache's size decides how often that happens.
 public final class PBSLiveRestore: @unchecked Sendable {
     /// One drive: readable at any offset from the start, written in the background.
     public final class Drive: @unchecked Sendable {
@@ -129,7 +131,7 @@ public final class PBSLiveRestore: @unchecked Sendable {
                 options: PBSRestore.Options = .init()) throws(QcowPressError) {
         self.restore = restore
         let indexes = try jobs.map { j throws(QcowPressError) in try restore.openArchive(j.archive) }
-        let (o, e) = try PBSRestore.fit(options, encoder, chunkSize: indexes.map(\.chunkSize).max() ?? 4 << 20)
+        let (o, e) = try PBSRestore.fit(options, encoder, chunkSize: indexes.map(\.chunkSize).max() ?? 4 << 20, cacheShare: 3)
         self.options = o
         // The cache serves the restore and the readers (its size comes out of the memory limit, but
         // holds at least two chunks: a reader's chunk must survive until it is copied out).

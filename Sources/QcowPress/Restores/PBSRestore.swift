@@ -181,12 +181,13 @@ public struct PBSRestore: Sendable {
     /// The loaders' chunk buffers and the chunk cache come out of the encoder's memory limit, like
     /// everything else: loaders (each a chunk buffer and a decode scratch, 2 chunks) take at most a
     /// quarter of it, the cache at most an eighth; the engine's plan gets the rest. At the default
-    /// 256M: 8 loaders (what was measured best here) and a 32 MiB cache.
-    static func fit(_ o: Options, _ e: EncoderOptions, chunkSize: Int) throws(QcowPressError) -> (Options, EncoderOptions) {
+    /// 256M: 8 loaders (what was measured best here) and a 32 MiB cache. A live restore lets the
+    /// cache take up to a third (`cacheShare` 3): its clients read what the restore loaded.
+    static func fit(_ o: Options, _ e: EncoderOptions, chunkSize: Int, cacheShare: Int = 8) throws(QcowPressError) -> (Options, EncoderOptions) {
         var o = o, e = e
         let perLoader = 2 * chunkSize
         o.loaders = max(1, min(o.loaders, e.memoryLimit / 4 / perLoader))
-        o.cacheBytes = min(o.cacheBytes, e.memoryLimit / 8)
+        o.cacheBytes = min(o.cacheBytes, e.memoryLimit / cacheShare)
         let rest = e.memoryLimit - o.loaders * perLoader - o.cacheBytes
         guard rest >= 4 << 20 else {
             throw .invalidArgument("memory limit \(e.memoryLimit >> 20)M cannot hold a chunk loader (\(perLoader >> 20)M for \(chunkSize >> 20) MiB chunks) and the engine: at least \((perLoader + o.cacheBytes + (4 << 20)) >> 20)M is needed")

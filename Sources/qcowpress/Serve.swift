@@ -249,6 +249,7 @@ extension RestorePBS {
         if encoder.output == .json {
             struct Live: Encodable {
                 var drives: [PBSRestore.Summary]
+                var chunksServed: Int
                 var chunksServedAheadOfOrder: Int
                 var nbdRequests: Int
                 var cacheHits: Int
@@ -256,7 +257,8 @@ extension RestorePBS {
                 var switched: [String]?
             }
             let c = live.cache.stats
-            print(try encodeJSON(Live(drives: summaries, chunksServedAheadOfOrder: live.drives.reduce(0) { $0 + $1.chunksAheadOfOrder },
+            print(try encodeJSON(Live(drives: summaries, chunksServed: live.drives.reduce(0) { $0 + $1.chunksServed },
+                                      chunksServedAheadOfOrder: live.drives.reduce(0) { $0 + $1.chunksAheadOfOrder },
                                       nbdRequests: server.counts.requests, cacheHits: c.hits, cacheLoads: c.loads,
                                       switched: switcher.map { s in live.drives.map(\.name).filter { s.switched.contains($0) } })))
         }

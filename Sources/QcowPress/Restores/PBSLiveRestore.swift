@@ -26,6 +26,9 @@ public final class PBSLiveRestore: @unchecked Sendable {
         let counters = RestoreCounters()
         let ordered: OrderedProgress
         private let aheadCount = Atomic<Int>(0)
+        /// Per chunk: 1 once a client has read from it (guarded by `lock`).
+        private let served: UnsafeMutablePointer<UInt8>
+        private var servedCount = 0
 
         init(archive: String, view: PBSArchiveView, destination: String, encoder: Qcow2Encoder, plan: [PBSRestore.Step]) {
             self.archive = archive
@@ -35,9 +38,14 @@ public final class PBSLiveRestore: @unchecked Sendable {
             self.plan = plan
             claims = .allocate(capacity: max(1, plan.count))
             claims.initialize(repeating: 0, count: max(1, plan.count))
+            served = .allocate(capacity: max(1, plan.count))
+            served.initialize(repeating: 0, count: max(1, plan.count))
             ordered = OrderedProgress(chunks: plan.count, chunkSize: UInt64(view.index.chunkSize), total: view.size)
         }
-        deinit { claims.deallocate() }
+        deinit {
+            claims.deallocate()
+            served.deallocate()
+        }
 
         public var name: String { view.name }
         /// The image's encoder (for a signal handler's cancel).
@@ -45,6 +53,8 @@ public final class PBSLiveRestore: @unchecked Sendable {
         public var size: UInt64 { view.size }
         /// Chunks a reader asked for before the restore reached them (loaded once, for both).
         public var chunksAheadOfOrder: Int { aheadCount.load(ordering: .relaxed) }
+        /// Distinct chunks clients have read from (zero chunks included).
+        public var chunksServed: Int { lock.withLock { servedCount } }
 
         /// Claims chunk `i` for loading and writing; false when someone already has.
         func claim(_ i: Int) -> Bool {
@@ -105,6 +115,12 @@ public final class PBSLiveRestore: @unchecked Sendable {
             let first = Int(offset / cs)
             let last = min(plan.count - 1, Int((offset + UInt64(count) - 1) / cs))
             if first <= last {
+                lock.withLock {
+                    for i in first...last where served[i] == 0 {
+                        served[i] = 1
+                        servedCount += 1
+                    }
+                }
                 for i in first...last {
                     // A repeated chunk reads its first occurrence's data: load that one ahead.
                     var source = i

@@ -21,9 +21,10 @@ struct NBDSinkTests {
         let stdout = Pipe()
         let errPath: URL
         let url: String
-        init(_ args: [String], in dir: URL) throws {
+        init(_ args: [String], in dir: URL, environment: [String: String] = [:]) throws {
             process.executableURL = URL(fileURLWithPath: Harness.binary)
             process.arguments = ["export"] + args
+            if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
             process.standardOutput = stdout
             errPath = dir.appendingPathComponent("sink-\(UUID().uuidString).err")
             _ = FileManager.default.createFile(atPath: errPath.path, contents: nil)
@@ -195,6 +196,28 @@ struct NBDSinkTests {
             #expect(r.status == 0, "\(cs): \(r.stderr)")
             try Harness.expectGood(out, equals: raw.path)
         }
+    }
+
+    /// Back-pressure: a client streams 256 MiB of incompressible data as fast as the socket takes
+    /// it into a sink whose disk is slow (every write 20 ms late) and whose budget is 32M; the
+    /// server stops reading while the engine is full, so the sink's peak RSS stays far below what
+    /// the client sent (it would hold most of it otherwise).
+    @Test func slowDiskStopsTheClientNotTheMemory() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let sockPath = dir.appendingPathComponent("s.sock").path
+        let out = dir.appendingPathComponent("out.qcow2").path
+        let sink = try Sink(["--nbd-sink", sockPath, "--size", "256M", "--memory-limit", "32M", "--output", "json", out], in: dir,
+                            environment: ["QCOWPRESS_FAULT": "write:1:delay20:sticky"])
+        let c = try Self.client(sockPath, ["stream:0:268435456:1048576", "disc"])
+        #expect(c.stdout.contains("ok 256"), "\(c.stdout)\(c.stderr)")
+        let r = sink.wait()
+        #expect(r.status == 0, "\(r.stderr)")
+        let image = sink.json(r.stdout)["image"] as? [String: Any] ?? [:]
+        let rss = image["peakRSSBytes"] as? Int ?? Int.max
+        #expect(rss < 160 << 20, "peak RSS \(rss >> 20) MiB for 256 MiB sent")
+        #expect((image["producerStallSeconds"] as? Double ?? 0) > 1, "the writes waited for the engine: \(image)")
+        #expect(try Harness.qemuImg(["check", out]).status == 0)
     }
 
     /// A client that vanishes without NBD_CMD_DISC leaves no image and no temporary file (exit 1,

@@ -13,8 +13,11 @@ flight). Prints one line per request: "ok" or "err N" (the NBD error number).
   disc                   NBD_CMD_DISC, then close
   drop                   close the socket without NBD_CMD_DISC
   hold                   wait until the server closes the connection
+  stream:OFFSET:TOTAL:SIZE  TOTAL bytes of random data in SIZE-byte writes, sent by one thread
+                         as fast as the socket takes them while another reads the replies;
+                         prints "ok N" (N replies, all successful) or "err ..."
 """
-import socket, struct, sys
+import os, socket, struct, sys, threading
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -89,6 +92,20 @@ def main():
             if parts[0] == "drop":
                 s.close()
                 return
+            if parts[0] == "stream":
+                off, total, size = (int(x, 0) for x in parts[1:4])
+                n = (total + size - 1) // size
+                def send():
+                    for k in range(n):
+                        ln = min(size, total - k * size)
+                        s.sendall(struct.pack(">IHHQQI", REQ, 0, 1, 1000 + k, off + k * size, ln) + os.urandom(ln))
+                t = threading.Thread(target=send)
+                t.start()
+                errors = sum(1 for _ in range(n) if reply(s)[0] != 0)
+                t.join()
+                print("ok %d" % n if errors == 0 else "err %d of %d" % (errors, n))
+                sys.stdout.flush()
+                break
             if parts[0] == "hold":
                 s.settimeout(None)
                 while s.recv(65536):

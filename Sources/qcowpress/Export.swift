@@ -25,23 +25,27 @@ struct Export: ParsableCommand {
     @Option(help: ArgumentHelp("Virtual size of DST with --nbd-sink and no -b (the size of the disk backed up, e.g. 32G).", valueName: "size"))
     var size: String?
     @OptionGroup var encoder: EncoderArguments
-    @Argument(help: ArgumentHelp("SRC DST.qcow2 (SRC raw or qcow2), or only DST.qcow2 with --nbd-sink.", valueName: "file"), completion: .file())
-    var files: [String] = []
+    // Two positionals (not an array) so shell completion offers files for each.
+    @Argument(help: ArgumentHelp("Source image (raw or qcow2); with --nbd-sink, the destination qcow2.", valueName: "src"), completion: .file())
+    var source: String
+    @Argument(help: ArgumentHelp("Destination qcow2 (absent with --nbd-sink).", valueName: "dst"), completion: .file())
+    var destination: String?
 
     func validate() throws {
         if nbdSink != nil {
-            guard files.count == 1 else { throw ValidationError("--nbd-sink takes one file: DST.qcow2") }
+            guard destination == nil else { throw ValidationError("--nbd-sink takes one file: DST.qcow2") }
             guard (size == nil) != (base == nil) else { throw ValidationError("--nbd-sink needs one of --size SIZE or -b BASE.qcow2") }
             guard sourceFormat == nil else { throw ValidationError("-f names a source's format; --nbd-sink has no source file") }
         } else {
-            guard files.count == 2 else { throw ValidationError("expected SRC DST.qcow2") }
+            guard destination != nil else { throw ValidationError("expected SRC DST.qcow2") }
             guard size == nil else { throw ValidationError("--size needs --nbd-sink") }
         }
     }
 
     func run() throws {
-        if let nbdSink { return try runSink(socket: nbdSink, destination: files[0]) }
-        let (source, destination) = (files[0], files[1])
+        // With --nbd-sink the one file given is DST.
+        if let nbdSink { return try runSink(socket: nbdSink, destination: source) }
+        let destination = self.destination!
         let parsed = try ImageOptionParser(encoder.formatOptions)
         let format = try sourceFormat ?? RawImageReader.detectFormat(path: source)
         let image = try openImage(source, format: format, openBacking: true)

@@ -178,6 +178,11 @@ extension Export {
             if refused > 0 {
                 throw QcowPressError.invalidArgument("\(destination) not written: \(refused) request\(refused == 1 ? " was" : "s were") refused (first: \(sink.firstRefusal ?? "?"))")
             }
+            // A full backup (QEMU's sync=full) writes every byte, holes as WRITE_ZEROES: less means
+            // the job stopped early (cancelled, failed) and the image would silently miss data.
+            if baseImage == nil && enc.bytesReceived < virtualSize {
+                throw QcowPressError.invalidArgument("\(destination) not written: the client wrote \(enc.bytesReceived) of \(virtualSize) bytes before NBD_CMD_DISC (a full backup writes every byte; was the job cancelled?)")
+            }
             // Bytes of partly written clusters that no client wrote read what BASE reads (without
             // a base they stay zero, as in any fresh export).
             if let baseImage {

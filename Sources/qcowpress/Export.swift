@@ -12,8 +12,9 @@ struct Export: ParsableCommand {
         discussion: """
             --nbd-sink serves one writable NBD export named "backup" on the unix socket PATH (for \
             blockdev-backup into an nbd node) and encodes what arrives into DST. DST is finished when \
-            the client sends NBD_CMD_DISC (exit 0); a client that disconnects without it, or a second \
-            write to a cluster already written, leaves no DST (exit 1).
+            the client sends NBD_CMD_DISC (exit 0); a client that disconnects without it, a second \
+            write to a cluster already written, or (with --size) a disconnect before every byte was \
+            written or zeroed leaves no DST (exit 1). With -b only what the client writes is stored.
             """)
 
     @Option(name: .customShort("b"), help: "BASE.qcow2: DST names it as its backing file and holds only clusters that differ from what BASE reads (with --nbd-sink: only what the client writes; DST's size is BASE's).", completion: .file())

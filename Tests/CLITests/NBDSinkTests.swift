@@ -176,6 +176,36 @@ struct NBDSinkTests {
         #expect(nbd2["bytesWritten"] as? Int == 2 * 65536 && nbd2["bytesZeroed"] as? Int == 512 << 10, "\(nbd2)")
     }
 
+    /// A full backup job cancelled half-way still ends with NBD_CMD_DISC (QEMU sends it at
+    /// blockdev-del): the sink sees that not every byte was written and leaves no image (exit 1).
+    @Test(.enabled(if: NBDSinkTests.haveQSD, "needs qemu-system-common and qemu-utils"))
+    func cancelledFullBackupLeavesNoImage() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let raw = dir.appendingPathComponent("disk.raw").path
+        try SourceImage.noise(16 << 20, seed: 12).write(to: URL(fileURLWithPath: raw))
+        let qsd = try Daemon(raw: raw, in: dir)
+        defer { qsd.stop() }
+        let sockPath = dir.appendingPathComponent("sink.sock").path
+        let out = dir.appendingPathComponent("full.qcow2").path
+        let sink = try Sink(["--nbd-sink", sockPath, "--size", String(16 << 20), out], in: dir)
+        // 1 MiB/s: the job is still running when it is cancelled.
+        let q = try qsd.qmp([
+            ["execute": "blockdev-add", "arguments": ["driver": "nbd", "node-name": "tgt", "export": "backup",
+                                                      "server": ["type": "unix", "path": sockPath]]],
+            ["execute": "blockdev-backup", "arguments": ["job-id": "j", "device": "src", "target": "tgt", "sync": "full", "speed": 1 << 20]],
+            ["execute": "block-job-cancel", "arguments": ["device": "j"]],
+            ["wait-cancelled": "j"],
+            ["execute": "blockdev-del", "arguments": ["node-name": "tgt"]],
+        ])
+        #expect(q.status == 0, "\(q.stdout)\(q.stderr)")
+        let r = sink.wait()
+        #expect(r.status == 1 && r.stderr.contains("was the job cancelled?") && r.stderr.split(separator: "\n").count == 1, "\(r.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: out))
+        let left = try Harness.strayFiles(in: dir, except: ["disk.raw"]).filter { !$0.hasSuffix(".err") && !$0.hasSuffix(".sock") }
+        #expect(left.isEmpty, "\(left)")
+    }
+
     /// nbdcopy (libnbd, 64 requests in flight) writes a disk with holes into the sink: data and
     /// WRITE_ZEROES in any order; the image equals the disk. `-o cluster_size=256k` makes its
     /// 64 KiB-aligned requests assemble clusters from several writes.

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """qmp_run.py QMP_SOCKET STEP... - drives a QEMU (qemu-storage-daemon) over QMP for the tests.
 
-Each STEP is a JSON object: a QMP command ({"execute": ..., "arguments": ...}), or
+Each STEP is a JSON object: a QMP command ({"execute": ..., "arguments": ...}),
 {"wait-job": ID}, which waits for the BLOCK_JOB_COMPLETED event of that job and fails if it
-carries an error. Prints one line per step (the command's return value, or the event). Exits 1 with
+carries an error, or {"wait-cancelled": ID}, which waits for its BLOCK_JOB_CANCELLED event. Prints one line per step (the command's return value, or the event). Exits 1 with
 a one-line message on the first error.
 """
 import json, socket, sys, time
@@ -44,6 +44,15 @@ class QMP:
                 raise RuntimeError("%s: %s" % (obj.get("execute"), m["error"].get("desc")))
             return m.get("return")
 
+    def wait_cancelled(self, job, timeout=600):
+        self.s.settimeout(timeout)
+        while True:
+            for i, e in enumerate(self.events):
+                if e["event"] == "BLOCK_JOB_CANCELLED" and e["data"].get("device") == job:
+                    del self.events[i]
+                    return e
+            self.events.append(self.read())
+
     def wait_job(self, job, timeout=600):
         deadline = time.time() + timeout
         self.s.settimeout(timeout)
@@ -64,6 +73,8 @@ def main():
         obj = json.loads(step)
         if "wait-job" in obj:
             print(json.dumps(q.wait_job(obj["wait-job"])))
+        elif "wait-cancelled" in obj:
+            print(json.dumps(q.wait_cancelled(obj["wait-cancelled"])))
         else:
             print(json.dumps(q.cmd(obj)))
         sys.stdout.flush()

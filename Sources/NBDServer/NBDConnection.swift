@@ -9,7 +9,12 @@ import NIOPosix
 /// limited to ``NBDServerCore/maxOptionLength`` (longer closes the connection), reads to the
 /// maximum block size (longer is an EINVAL reply), write payloads to the same (longer closes, as
 /// the payload cannot be trusted to be skipped), and at most ``NBDServerCore/maxInFlight``
-/// requests run at once (reading from the socket pauses until one completes).
+/// requests or ``NBDServerCore/maxInFlightBytes`` run at once (reading from the socket pauses
+/// until one completes). A write blocks its pool thread for as long as its export makes it wait
+/// (an encoder whose memory is used up), so a slow export stops the client: back-pressure.
+///
+/// An export is told when a client attaches (`NBD_OPT_GO`, `NBD_OPT_EXPORT_NAME`) and when that
+/// client is gone with every request it sent done, and whether it ended with `NBD_CMD_DISC`.
 final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -23,7 +28,12 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
     private var baseAllocation = false
     private var export: (any NBDExport)?
     private var inFlight = 0
+    private var inFlightBytes = 0
     private var context: ChannelHandlerContext?
+    /// The export this client attached to, until it was told the client is gone.
+    private var attached: (any NBDExport)?
+    private var sentDisc = false
+    private var inactive = false
 
     init(core: NBDServerCore) { self.core = core }
 
@@ -41,7 +51,22 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
     func channelInactive(context: ChannelHandlerContext) {
         phase = .closing
         self.context = nil
+        inactive = true
         core.connectionClosed()
+        detachIfDone()
+    }
+
+    /// Tells the export its client is gone once the connection is closed and no request of it
+    /// runs any more (a client may close right after `NBD_CMD_DISC`, before the replies).
+    private func detachIfDone() {
+        guard inactive, inFlight == 0, let e = attached else { return }
+        attached = nil
+        e.clientDetached(sentDisc: sentDisc)
+    }
+
+    /// Whether another request may start: always when none runs, else within both limits.
+    private var canStartRequest: Bool {
+        inFlight == 0 || (inFlight < NBDServerCore.maxInFlight && inFlightBytes < NBDServerCore.maxInFlightBytes)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -56,7 +81,7 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         context.flush()
-        if phase != .closing && inFlight < NBDServerCore.maxInFlight { context.read() }
+        if phase != .closing && canStartRequest { context.read() }
     }
 
     private func close(_ context: ChannelHandlerContext) {
@@ -74,7 +99,7 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
             case .clientFlags: progressed = clientFlags(context, &buf)
             case .options: progressed = option(context, &buf)
             case .transmission:
-                guard inFlight < NBDServerCore.maxInFlight else { return }
+                guard canStartRequest else { return }
                 progressed = request(context, &buf)
             case .closing: return
             }
@@ -146,7 +171,8 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     private func transmissionFlags(_ e: any NBDExport) -> UInt16 {
-        var f = NBD.hasFlags | NBD.canMultiConn
+        var f = NBD.hasFlags
+        if e.allowsMultipleConnections { f |= NBD.canMultiConn }
         if e.isReadOnly { f |= NBD.readOnly } else { f |= NBD.sendFlush | NBD.sendWriteZeroes | NBD.sendTrim }
         return f
     }
@@ -159,6 +185,11 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
                 close(context)
                 return
             }
+            do throws(NBDError) { try e.clientAttached() } catch {
+                close(context)
+                return
+            }
+            attached = e
             var b = context.channel.allocator.buffer(capacity: 134)
             b.writeInteger(e.size)
             b.writeInteger(transmissionFlags(e))
@@ -188,6 +219,13 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
                 return replyError(context, opt, .errInvalid, "malformed NBD_OPT_INFO/GO")
             }
             guard let e = lookup(name) else { return replyError(context, opt, .errUnknown, "no export named '\(name)'") }
+            let go = NBD.Option(rawValue: opt) == .go
+            if go {
+                do throws(NBDError) { try e.clientAttached() } catch {
+                    return replyError(context, opt, .errShutdown, error.message)
+                }
+                attached = e
+            }
             reply(context, opt, .info) { b in
                 b.writeInteger(NBD.infoExport)
                 b.writeInteger(e.size)
@@ -197,11 +235,11 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
             reply(context, opt, .info) { b in
                 b.writeInteger(NBD.infoBlockSize)
                 b.writeInteger(UInt32(1))
-                b.writeInteger(UInt32(NBDServerCore.preferredBlock))
+                b.writeInteger(UInt32(e.preferredBlockSize))
                 b.writeInteger(UInt32(NBDServerCore.maxRequest))
             }
             reply(context, opt, .ack)
-            if NBD.Option(rawValue: opt) == .go {
+            if go {
                 export = e
                 phase = .transmission
             }
@@ -274,6 +312,7 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
         let inRange = !overflow && end <= export.size
         switch command {
         case .disc:
+            sentDisc = true
             phase = .closing
             input = nil
             if inFlight == 0 { context.close(promise: nil) }
@@ -282,7 +321,7 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
             guard inRange else { return error(context, cookie, NBD.EINVAL, "read beyond the end of the export") }
             guard Int(length) <= NBDServerCore.maxRequest else { return error(context, cookie, NBD.EINVAL, "read longer than \(NBDServerCore.maxRequest) bytes") }
             let structured = self.structured
-            run(context, cookie) { () throws(NBDError) -> ByteBuffer in
+            run(context, cookie, bytes: Int(length)) { () throws(NBDError) -> ByteBuffer in
                 var b = ByteBufferAllocator().buffer(capacity: 32 + Int(length))
                 if structured {
                     b.writeInteger(NBD.structuredReplyMagic)
@@ -335,7 +374,7 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
             guard !export.isReadOnly else { return error(context, cookie, NBD.EPERM, "read-only export") }
             guard inRange else { return error(context, cookie, NBD.ENOSPC, "write beyond the end of the export") }
             let data = payload!
-            run(context, cookie) { () throws(NBDError) -> ByteBuffer in
+            run(context, cookie, bytes: Int(length)) { () throws(NBDError) -> ByteBuffer in
                 try data.withUnsafeReadableBytes { (p) throws(NBDError) in try export.write(at: offset, p) }
                 return Self.done(cookie, structured: self.structured)
             }
@@ -403,8 +442,11 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     /// Runs `work` on the thread pool and writes its reply (or its error) on the event loop.
-    private func run(_ context: ChannelHandlerContext, _ cookie: UInt64, _ work: @escaping @Sendable () throws(NBDError) -> ByteBuffer) {
+    /// `bytes`: what the request holds while it runs (its payload or its reply's data).
+    private func run(_ context: ChannelHandlerContext, _ cookie: UInt64, bytes: Int = 0,
+                     _ work: @escaping @Sendable () throws(NBDError) -> ByteBuffer) {
         inFlight += 1
+        inFlightBytes += bytes
         let loop = context.eventLoop
         let structured = self.structured
         core.pool.submit { state in
@@ -414,13 +456,17 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
             } else {
                 result = .failure(NBDError(NBD.ESHUTDOWN, "server shutting down"))
             }
-            loop.execute { self.complete(cookie, result, structured: structured) }
+            loop.execute { self.complete(cookie, bytes: bytes, result, structured: structured) }
         }
     }
 
-    private func complete(_ cookie: UInt64, _ result: Result<ByteBuffer, NBDError>, structured: Bool) {
+    private func complete(_ cookie: UInt64, bytes: Int, _ result: Result<ByteBuffer, NBDError>, structured: Bool) {
         inFlight -= 1
-        guard let context else { return }
+        inFlightBytes -= bytes
+        guard let context else {
+            detachIfDone()
+            return
+        }
         switch result {
         case .success(let b): context.write(wrapOutboundOut(b), promise: nil)
         case .failure(let e): context.write(wrapOutboundOut(Self.errorReply(cookie, e.code, e.message, structured: structured)), promise: nil)
@@ -432,6 +478,6 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
         }
         // Requests that waited for a free slot, then more from the socket.
         process(context)
-        if inFlight < NBDServerCore.maxInFlight { context.read() }
+        if phase != .closing && canStartRequest { context.read() }
     }
 }

@@ -17,7 +17,7 @@ public enum NBD {
     enum OptionReply: UInt32 {
         case ack = 1, server = 2, info = 3, metaContext = 4
         case errUnsupported = 0x8000_0001, errPolicy = 0x8000_0002, errInvalid = 0x8000_0003
-        case errTLSRequired = 0x8000_0005, errUnknown = 0x8000_0006, errTooBig = 0x8000_0009
+        case errTLSRequired = 0x8000_0005, errUnknown = 0x8000_0006, errShutdown = 0x8000_0007, errTooBig = 0x8000_0009
     }
     static let infoExport: UInt16 = 0
     static let infoBlockSize: UInt16 = 3
@@ -47,8 +47,8 @@ public enum NBD {
     static let replyError: UInt16 = 0x8001
 
     // Errors (the protocol's own numbers, equal to Linux errno values).
-    static let EPERM: UInt32 = 1, EIO: UInt32 = 5, ENOMEM: UInt32 = 12, EINVAL: UInt32 = 22
-    static let ENOSPC: UInt32 = 28, EOVERFLOW: UInt32 = 75, ENOTSUP: UInt32 = 95, ESHUTDOWN: UInt32 = 108
+    public static let EPERM: UInt32 = 1, EIO: UInt32 = 5, ENOMEM: UInt32 = 12, EINVAL: UInt32 = 22
+    public static let ENOSPC: UInt32 = 28, EOVERFLOW: UInt32 = 75, ENOTSUP: UInt32 = 95, ESHUTDOWN: UInt32 = 108
 
     /// block status flags of the base:allocation context.
     public static let stateHole: UInt32 = 1 << 0
@@ -69,16 +69,33 @@ public protocol NBDExport: AnyObject, Sendable {
     /// Extents from `offset` covering at most `length` bytes (at least one byte), each with
     /// ``NBD/stateHole``/``NBD/stateZero`` flags.
     func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)]
-    /// Writable exports: data, zeroes, flush. Read-only exports never see these.
+    /// Writable exports: data, zeroes (`NBD_CMD_TRIM` arrives here too), flush. Read-only exports
+    /// never see these.
     func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws(NBDError)
     func writeZeroes(at offset: UInt64, length: UInt64) throws(NBDError)
     func flush() throws(NBDError)
+    /// The block size advertised in `NBD_INFO_BLOCK_SIZE` as preferred (a power of two).
+    var preferredBlockSize: Int { get }
+    /// Whether `NBD_FLAG_CAN_MULTI_CONN` is advertised (several connections see one consistent
+    /// export).
+    var allowsMultipleConnections: Bool { get }
+    /// A client selects this export for transmission (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`); an
+    /// error refuses it (the option gets an error reply, or the connection closes).
+    func clientAttached() throws(NBDError)
+    /// A client that attached is gone and every request it sent is done. `sentDisc`: it ended
+    /// with `NBD_CMD_DISC` (otherwise the connection dropped).
+    func clientDetached(sentDisc: Bool)
 }
 
 extension NBDExport {
     public func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws(NBDError) { throw NBDError(NBD.EPERM, "read-only export") }
     public func writeZeroes(at offset: UInt64, length: UInt64) throws(NBDError) { throw NBDError(NBD.EPERM, "read-only export") }
     public func flush() throws(NBDError) {}
+    /// 64 KiB, the qcow2 cluster size most images use.
+    public var preferredBlockSize: Int { 64 << 10 }
+    public var allowsMultipleConnections: Bool { true }
+    public func clientAttached() throws(NBDError) {}
+    public func clientDetached(sentDisc: Bool) {}
 }
 
 /// An error for one request: an NBD error number and a message for the client (and the log).

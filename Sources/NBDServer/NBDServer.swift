@@ -11,12 +11,15 @@ final class NBDServerCore: Sendable {
     static let maxOptionLength: UInt32 = 64 << 10
     /// The largest read or write (NBD's customary 32 MiB maximum block size, advertised).
     static let maxRequest = 32 << 20
-    /// Advertised preferred block size: 64 KiB, the qcow2 cluster size most images use.
-    static let preferredBlock = 64 << 10
     /// Requests of one connection running at once; reading from its socket pauses at this many.
     /// 16 × 32 MiB bounds one connection's reply memory at 512 MiB in the worst case; clients read
     /// far smaller requests (nbdcopy 256 KiB, qemu-img 2 MiB).
     static let maxInFlight = 16
+    /// Request bytes (write payloads, read replies) of one connection in flight; no further request
+    /// is taken beyond this (one always is). QEMU's backup job writes ≤ 1 MiB per request, so its 16
+    /// requests hold ≤ 16 MiB; a client sending 32 MiB writes holds at most 64 MiB in flight plus
+    /// the one being received, instead of 16 × 32 MiB.
+    static let maxInFlightBytes = 64 << 20
 
     let exports: [String: any NBDExport]
     let exportOrder: [String]
@@ -103,11 +106,12 @@ public final class NBDServer: Sendable {
     /// finds no such export); connections already on it go on until they disconnect.
     public func withdraw(export name: String) { core.withdraw(name) }
 
-    /// Stops listening and closes every connection.
+    /// Stops listening and closes every connection. Requests still running finish first (their
+    /// replies go nowhere), so the event loop outlives every task that reports to it.
     public func shutdown() {
         for ch in channels.withLock({ $0 }) { try? ch.close().wait() }
-        try? group.syncShutdownGracefully()
         try? core.pool.syncShutdownGracefully()
+        try? group.syncShutdownGracefully()
     }
 }
 

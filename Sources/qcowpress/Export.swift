@@ -3,19 +3,50 @@ import Foundation
 import QcowPress
 
 struct Export: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Compressed backup export of a raw or qcow2 image; with -b, an incremental over BASE.")
+    static let configuration = CommandConfiguration(
+        abstract: "Compressed backup export of a raw or qcow2 image; with -b, an incremental over BASE. With --nbd-sink, of a running VM: QEMU's backup job writes into an NBD export.",
+        usage: """
+            qcowpress export [-b BASE.qcow2] [-f FMT] [-c] [-o ...] [-p] SRC DST.qcow2
+            qcowpress export --nbd-sink PATH (--size SIZE | -b BASE.qcow2) [-c] [-o ...] [-p] DST.qcow2
+            """,
+        discussion: """
+            --nbd-sink serves one writable NBD export named "backup" on the unix socket PATH (for \
+            blockdev-backup into an nbd node) and encodes what arrives into DST. DST is finished when \
+            the client sends NBD_CMD_DISC (exit 0); a client that disconnects without it, a second \
+            write to a cluster already written, or (with --size) a disconnect before every byte was \
+            written or zeroed leaves no DST (exit 1). With -b only what the client writes is stored.
+            """)
 
-    @Option(name: .customShort("b"), help: "BASE.qcow2: DST names it as its backing file and holds only clusters that differ from what BASE reads.", completion: .file())
+    @Option(name: .customShort("b"), help: "BASE.qcow2: DST names it as its backing file and holds only clusters that differ from what BASE reads (with --nbd-sink: only what the client writes; DST's size is BASE's).", completion: .file())
     var base: String?
     @Option(name: .customShort("f"), help: "Source format (detected by magic when absent).", completion: .list(["raw", "qcow2"]))
     var sourceFormat: String?
+    @Option(name: .customLong("nbd-sink"), help: ArgumentHelp("Serve a writable NBD export named \"backup\" on this unix socket and encode what a client (QEMU's backup job) writes into it.", valueName: "path"), completion: .file())
+    var nbdSink: String?
+    @Option(help: ArgumentHelp("Virtual size of DST with --nbd-sink and no -b (the size of the disk backed up, e.g. 32G).", valueName: "size"))
+    var size: String?
     @OptionGroup var encoder: EncoderArguments
-    @Argument(help: "Source image (raw or qcow2).", completion: .file())
+    // Two positionals (not an array) so shell completion offers files for each.
+    @Argument(help: ArgumentHelp("Source image (raw or qcow2); with --nbd-sink, the destination qcow2.", valueName: "src"), completion: .file())
     var source: String
-    @Argument(help: "Destination qcow2.", completion: .file())
-    var destination: String
+    @Argument(help: ArgumentHelp("Destination qcow2 (absent with --nbd-sink).", valueName: "dst"), completion: .file())
+    var destination: String?
+
+    func validate() throws {
+        if nbdSink != nil {
+            guard destination == nil else { throw ValidationError("--nbd-sink takes one file: DST.qcow2") }
+            guard (size == nil) != (base == nil) else { throw ValidationError("--nbd-sink needs one of --size SIZE or -b BASE.qcow2") }
+            guard sourceFormat == nil else { throw ValidationError("-f names a source's format; --nbd-sink has no source file") }
+        } else {
+            guard destination != nil else { throw ValidationError("expected SRC DST.qcow2") }
+            guard size == nil else { throw ValidationError("--size needs --nbd-sink") }
+        }
+    }
 
     func run() throws {
+        // With --nbd-sink the one file given is DST.
+        if let nbdSink { return try runSink(socket: nbdSink, destination: source) }
+        let destination = self.destination!
         let parsed = try ImageOptionParser(encoder.formatOptions)
         let format = try sourceFormat ?? RawImageReader.detectFormat(path: source)
         let image = try openImage(source, format: format, openBacking: true)

@@ -75,6 +75,63 @@ import Testing
         }
     }
 
+    /// The same with compressed clusters running on into the next buffer whenever the back region
+    /// is empty: placements never overlap, the carried tail starts the next buffer (which begins
+    /// right at the previous buffer's end), and such buffers end with no gap at all.
+    @Test(arguments: [9, 12, 16, 21])
+    func compressedClustersRunOnAcrossBuffers(bits: Int) {
+        let cs = 1 << bits
+        var rng = SystemRandomNumberGenerator()
+        for round in 0..<20 {
+            let bufferSize = cs * Int.random(in: 2...8, using: &rng)
+            var p = StreamPacker(clusterSize: cs, bufferSize: bufferSize, firstHostOffset: UInt64(cs))
+            var placed: [Placed] = []
+            var carriedOver = 0
+            let alignedShare = Double(round % 4) / 8
+            for _ in 0..<400 {
+                let aligned = Double.random(in: 0..<1, using: &rng) < alignedShare
+                let len = aligned ? cs : Int.random(in: 1..<cs, using: &rng)
+                while true {
+                    if let at = aligned ? p.placeAligned() : p.placeCompressed(length: len) {
+                        #expect(at + len <= bufferSize)
+                        placed.append(Placed(start: p.bufferStart + UInt64(at), length: len, aligned: aligned))
+                        break
+                    }
+                    let start = p.bufferStart
+                    let backEmpty = p.back == bufferSize
+                    if !aligned, let at = p.placeCompressedAcrossEnd(length: len) {
+                        #expect(backEmpty && at + len > bufferSize && p.front == bufferSize && p.carried == at + len - bufferSize)
+                        placed.append(Placed(start: start + UInt64(at), length: len, aligned: false))
+                        p.advance()
+                        carriedOver += 1
+                        #expect(p.bufferStart == start + UInt64(bufferSize) && p.front == at + len - bufferSize && p.carried == 0)
+                        break
+                    }
+                    #expect(aligned || !backEmpty || p.front == bufferSize, "a compressed cluster runs on whenever the back is empty")
+                    p.advance()
+                }
+            }
+            let sorted = placed.sorted { $0.start < $1.start }
+            for (a, b) in zip(sorted, sorted.dropFirst()) { #expect(a.start + UInt64(a.length) <= b.start) }
+            // Every host cluster below the last buffer is used by something.
+            var used = Set<UInt64>()
+            for x in placed {
+                for c in (x.start >> UInt64(bits))...((x.start + UInt64(x.length) - 1) >> UInt64(bits)) { used.insert(c) }
+            }
+            let lastBufferStart = p.bufferStart >> UInt64(bits)
+            for c in 1..<lastBufferStart { #expect(used.contains(c), "host cluster \(c) unused") }
+            if alignedShare == 0 {
+                #expect(carriedOver > 0)
+                // Compressed only: the stream has no gap at all up to the front.
+                var end = UInt64(cs)
+                for x in sorted {
+                    #expect(x.start == end)
+                    end = x.start + UInt64(x.length)
+                }
+            }
+        }
+    }
+
     /// The last buffer's compaction plan: every back cluster gets one aligned destination, right
     /// after the front's last cluster, in order, never above its source (so memmove in order is
     /// safe), never over front data or another destination; the written length covers them all.

@@ -31,6 +31,9 @@ final class GuestMap: @unchecked Sendable {
     private let geometry: ClusterGeometry
     private let guestClusters: UInt64
     private let clusterBytes: (UInt64) -> Int
+    /// Zero clusters need an entry (the zero flag): over a backing file a region without an L2
+    /// table reads the backing file, so an all-zero region still gets its table.
+    private let zeroNeedsEntry: Bool
 
     // Guarded by `lock`.
     private var tables: [Int: RegionTable] = [:]
@@ -42,9 +45,10 @@ final class GuestMap: @unchecked Sendable {
     private var prefix: UInt64 = 0
 
     /// `clusterBytes(c)`: the guest bytes cluster c holds (the last one may be short).
-    init(geometry: ClusterGeometry, guestClusters: UInt64, clusterBytes: @escaping (UInt64) -> Int) {
+    init(geometry: ClusterGeometry, guestClusters: UInt64, zeroNeedsEntry: Bool = false, clusterBytes: @escaping (UInt64) -> Int) {
         self.geometry = geometry
         self.guestClusters = guestClusters
+        self.zeroNeedsEntry = zeroNeedsEntry
         self.clusterBytes = clusterBytes
     }
 
@@ -88,7 +92,8 @@ final class GuestMap: @unchecked Sendable {
     }
 
     /// Marks clusters [first, end) zero (found at intake or declared). A whole untouched region
-    /// needs no table at all. Returns the copies and regions this released.
+    /// needs no table at all (unless zero clusters need an entry). Returns the copies and regions
+    /// this released.
     func markZero(_ first: UInt64, _ end: UInt64) throws(QcowPressError) -> Finalized {
         try lock.withLock { () throws(QcowPressError) -> Finalized in
             var out = Finalized()
@@ -98,7 +103,7 @@ final class GuestMap: @unchecked Sendable {
                 let regionFirst = UInt64(r) << UInt64(geometry.l2Bits)
                 let regionEnd = min(regionFirst + UInt64(geometry.l2Entries), guestClusters)
                 let stop = min(regionEnd, end)
-                if c == regionFirst && stop == regionEnd && tables[r] == nil {
+                if c == regionFirst && stop == regionEnd && tables[r] == nil && !zeroNeedsEntry {
                     if completed.contains(r) { throw overlap(c) }
                     completed.insert(r)
                     if !waiting.isEmpty {
@@ -170,6 +175,25 @@ final class GuestMap: @unchecked Sendable {
             }
             partials[c] = p
             return false
+        }
+    }
+
+    /// The guest byte ranges not written yet inside clusters that are partly written, in guest
+    /// order (each range inside one cluster).
+    func partialGaps() -> [Range<UInt64>] {
+        lock.withLock {
+            var gaps: [Range<UInt64>] = []
+            for c in partials.keys.sorted() {
+                let start = c << UInt64(geometry.clusterBits)
+                var at = 0
+                for r in partials[c]!.claimed.sorted(by: { $0.lowerBound < $1.lowerBound }) {
+                    if r.lowerBound > at { gaps.append(start + UInt64(at)..<start + UInt64(r.lowerBound)) }
+                    at = max(at, r.upperBound)
+                }
+                let valid = clusterBytes(c)
+                if at < valid { gaps.append(start + UInt64(at)..<start + UInt64(valid)) }
+            }
+            return gaps
         }
     }
 

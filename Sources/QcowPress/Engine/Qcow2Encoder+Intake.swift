@@ -151,9 +151,14 @@ extension Qcow2Encoder {
                     } else {
                         guard let fresh = takeSlot(&cursor) else { return true }
                         memset(pool.pointer(fresh), 0, clusterSize)
-                        let (s, installed) = try map.installPartial(c, range: a..<b, slot: fresh).get()
-                        if !installed { pool.release(fresh) }
-                        slot = s
+                        switch map.installPartial(c, range: a..<b, slot: fresh) {
+                        case .success(let (s, installed)):
+                            if !installed { pool.release(fresh) }
+                            slot = s
+                        case .failure(let e):
+                            pool.release(fresh)
+                            throw e
+                        }
                     }
                     memcpy(pool.pointer(slot) + a, src, b - a)
                     if map.filledPartial(c, count: b - a) {
@@ -196,6 +201,12 @@ extension Qcow2Encoder {
         try lifecycle.checkOpen()
         throw .cancelled
     }
+
+    /// The guest byte ranges not written so far inside clusters that are partly written, in guest
+    /// order. At ``finish()`` those bytes read as zero; a caller writing over a backing file can
+    /// write them from the backing file first (so they keep reading what it reads). Call it when
+    /// no write is in flight.
+    public var unwrittenRangesOfPartialClusters: [Range<UInt64>] { map.partialGaps() }
 
     /// Declares `length` bytes at `offset` to be zero: no data is copied, compressed or written.
     /// Only whole clusters inside the range are marked; the partial ends are written as zero bytes.

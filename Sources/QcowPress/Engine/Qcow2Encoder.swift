@@ -60,7 +60,7 @@ public final class Qcow2Encoder: @unchecked Sendable {
         clusterSize = options.clusterSize
         guestClusters = geometry.guestClusters(forVirtualSize: options.virtualSize)
         let (g, size, cs) = (geometry, options.virtualSize, UInt64(options.clusterSize))
-        map = GuestMap(geometry: g, guestClusters: guestClusters) { c in
+        map = GuestMap(geometry: g, guestClusters: guestClusters, zeroNeedsEntry: options.backingFile != nil) { c in
             Int(min(cs, size - (c << UInt64(g.clusterBits))))
         }
         if let g = options.group {

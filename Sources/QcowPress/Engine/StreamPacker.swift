@@ -5,7 +5,11 @@
 /// and cross host-cluster boundaries, as qcow2 allows), while clusters that must be cluster-aligned
 /// (uncompressed data, L2 tables) are placed at the front when it is aligned, otherwise taken from
 /// the back. The buffer is full when the two ends meet; the gap left is smaller than the item that
-/// did not fit, so no whole host cluster inside it is ever left unreferenced-but-counted.
+/// did not fit, so no whole host cluster inside it is ever left unreferenced-but-counted. When no
+/// aligned cluster was taken from the back, a compressed cluster that does not fit runs on into
+/// the next buffer (``placeCompressedAcrossEnd(length:)``), so the buffer ends with no gap: the
+/// gaps cost half a compressed cluster per buffer — 0.25 % of a zstd image of a 1 GiB ext4 disk
+/// with 4 MiB buffers, measured (359,071,744 vs 358,198,784 bytes from qemu-img).
 public struct StreamPacker: Sendable {
     public let clusterSize: Int
     public let bufferSize: Int
@@ -15,6 +19,9 @@ public struct StreamPacker: Sendable {
     public private(set) var front: Int = 0
     /// Start of the back region of aligned clusters, relative to `bufferStart`.
     public private(set) var back: Int
+    /// Bytes of a compressed cluster placed across the end of this buffer that continue at the
+    /// start of the next one (where ``advance()`` puts the front).
+    public private(set) var carried = 0
 
     public init(clusterSize: Int, bufferSize: Int, firstHostOffset: UInt64) {
         precondition(bufferSize % clusterSize == 0 && bufferSize >= 2 * clusterSize)
@@ -34,6 +41,20 @@ public struct StreamPacker: Sendable {
         guard front + length <= back else { return nil }
         let at = front
         front += length
+        return at
+    }
+
+    /// Where a compressed cluster of `length` bytes that does not fit goes when it may run on into
+    /// the next buffer: its offset here, the buffer's last `bufferSize - offset` bytes hold its
+    /// head, and after ``advance()`` the next buffer's first ``carried`` bytes its tail. Nil when
+    /// it fits (use ``placeCompressed(length:)``) or when aligned clusters sit at the back (the
+    /// buffer does not end with the front).
+    public mutating func placeCompressedAcrossEnd(length: Int) -> Int? {
+        precondition(length > 0 && length < clusterSize)
+        guard back == bufferSize, front + length > bufferSize, front < bufferSize else { return nil }
+        let at = front
+        carried = front + length - bufferSize
+        front = bufferSize
         return at
     }
 
@@ -65,10 +86,12 @@ public struct StreamPacker: Sendable {
         return bufferStart + UInt64((front + clusterSize - 1) / clusterSize * clusterSize)
     }
 
-    /// Moves on to the next buffer, right after the current one's last used cluster.
+    /// Moves on to the next buffer, right after the current one's last used cluster (after the
+    /// tail of a compressed cluster carried over, if any).
     public mutating func advance() {
         bufferStart = hostEnd
-        front = 0
+        front = carried
+        carried = 0
         back = bufferSize
     }
 }

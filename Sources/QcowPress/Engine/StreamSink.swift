@@ -173,6 +173,17 @@ final class StreamSink: @unchecked Sendable {
                 for c in d.hostClusterRange(clusterBits: Int(bits)) { addRef(c << bits) }
                 return L2Entry.compressed(d).rawValue
             }
+            if let at = packer.placeCompressedAcrossEnd(length: length) {
+                // Head at the end of this buffer, tail at the start of the next (contiguous in the file).
+                let head = packer.bufferSize - at
+                let host = packer.bufferStart + UInt64(at)
+                memcpy(buffers[current].pointer + at, bytes, head)
+                try submitCurrent()
+                memcpy(buffers[current].pointer, bytes + head, length - head)
+                let d = CompressedDescriptor(hostOffset: host, length: length, clusterBits: Int(bits))
+                for c in d.hostClusterRange(clusterBits: Int(bits)) { addRef(c << bits) }
+                return L2Entry.compressed(d).rawValue
+            }
             try submitCurrent()
         }
     }
@@ -223,6 +234,14 @@ final class StreamSink: @unchecked Sendable {
     func placedBytes(at offset: UInt64, count: Int) throws(QcowPressError) -> UnsafeRawPointer {
         if offset >= packer.bufferStart {
             return UnsafeRawPointer(buffers[current].pointer + Int(offset - packer.bufferStart))
+        }
+        if offset + UInt64(count) > packer.bufferStart {
+            // A compressed cluster that runs on into the current buffer: the head from the file,
+            // the rest appended from the buffer (scratch holds a cluster plus 8 KiB).
+            let head = Int(packer.bufferStart - offset)
+            let p = try placedBytes(at: offset, count: head)
+            memcpy(UnsafeMutableRawPointer(mutating: p) + head, buffers[current].pointer, count - head)
+            return p
         }
         let base = offset & ~4095
         let span = (Int(offset - base) + count + 4095) & ~4095

@@ -5,9 +5,9 @@ import QcowPress
 struct Export: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Compressed backup export of a raw or qcow2 image; with -b, an incremental over BASE.")
 
-    @Option(name: .customShort("b"), help: "BASE.qcow2: DST names it as its backing file and holds only clusters that differ from what BASE reads.", completion: .file())
+    @Option(name: .customShort("b"), help: ArgumentHelp("A previous export (qcow2): DST names it as its backing file and holds only clusters that differ from what it reads.", valueName: "base"), completion: .file())
     var base: String?
-    @Option(name: .customShort("f"), help: "Source format (detected by magic when absent).", completion: .list(["raw", "qcow2"]))
+    @Option(name: .customShort("f"), help: ArgumentHelp("Source format: raw or qcow2 (detected by magic when absent).", valueName: "format"), completion: .list(["raw", "qcow2"]))
     var sourceFormat: String?
     @OptionGroup var encoder: EncoderArguments
     @Argument(help: "Source image (raw or qcow2).", completion: .file())
@@ -17,6 +17,9 @@ struct Export: ParsableCommand {
 
     func run() throws {
         let parsed = try ImageOptionParser(encoder.formatOptions)
+        if let f = sourceFormat, f != "raw" && f != "qcow2" {
+            throw QcowPressError.invalidArgument("source format '\(f)' is not supported (raw, qcow2)")
+        }
         let format = try sourceFormat ?? RawImageReader.detectFormat(path: source)
         let image = try openImage(source, format: format, openBacking: true)
         var args = encoder

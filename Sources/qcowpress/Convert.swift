@@ -5,20 +5,20 @@ import QcowPress
 struct Convert: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Convert a raw or qcow2 image to qcow2 (compressed with -c) or raw.")
 
-    @Option(name: .customShort("f"), help: "Source format: raw or qcow2 (detected by magic when absent).", completion: .list(["raw", "qcow2"]))
+    @Option(name: .customShort("f"), help: ArgumentHelp("Source format: raw or qcow2 (detected by magic when absent).", valueName: "format"), completion: .list(["raw", "qcow2"]))
     var sourceFormat: String?
-    @Option(name: .customShort("O"), help: "Output format: qcow2 (default) or raw.", completion: .list(["qcow2", "raw"]))
+    @Option(name: .customShort("O"), help: ArgumentHelp("Output format: qcow2 or raw.", valueName: "format"), completion: .list(["qcow2", "raw"]))
     var outputFormat: String = "qcow2"
-    @Option(name: .customShort("B"), help: "Keep a backing file: DST names BASE and holds only what differs from it.", completion: .file())
+    @Option(name: .customShort("B"), help: ArgumentHelp("Keep a backing file: DST names it and holds only what differs from it.", valueName: "backing"), completion: .file())
     var backing: String?
-    @Option(name: .customShort("F"), help: "Backing format with -B: raw or qcow2 (detected by magic when absent), as qemu-img -F.")
+    @Option(name: .customShort("F"), help: ArgumentHelp("Backing format with -B: raw or qcow2 (detected by magic when absent), as qemu-img -F.", valueName: "format"), completion: .list(["raw", "qcow2"]))
     var backingFormat: String?
     @Flag(name: [.customShort("U"), .customLong("force-share")],
           help: "Read an image in use, as qemu-img -U. QcowPress never locks images, so this is always so.")
     var forceShare = false
     @Flag(name: .customLong("no-backing"), help: "Do not open the source's backing file (unallocated clusters read as zeros).")
     var noBacking = false
-    @Option(help: "Source reader threads (default 2).")
+    @Option(help: ArgumentHelp("Source reader threads (default 2).", valueName: "n"))
     var readers: Int?
     @OptionGroup var encoder: EncoderArguments
     @Argument(help: "Source image.", completion: .file())
@@ -92,8 +92,12 @@ func notQcow2(_ path: String) -> QcowPressError {
     .inputDamaged(path: path, location: "magic at offset 0 is not QFI\\xfb (not a qcow2 image)")
 }
 
+/// Opens a source image; a qcow2 in whose chain an image is marked corrupt is read with a warning.
 func openImage(_ path: String, format: String, openBacking: Bool) throws -> any GuestImage {
-    format == "qcow2" ? try Qcow2Image(path: path, openBacking: openBacking) : try RawGuestImage(path: path)
+    guard format == "qcow2" else { return try RawGuestImage(path: path) }
+    let image = try Qcow2Image(path: path, openBacking: openBacking)
+    for p in image.markedCorruptInChain { warnMarkedCorrupt(p) }
+    return image
 }
 
 /// A backing name as a reader of `image` resolves it: relative names against the image's directory.
@@ -134,7 +138,8 @@ private func warnAboutLeftover(_ p: String) {
     writeStderr("qcowpress: warning: \(p): temporary file left by a run that did not finish (its process is gone); remove it if nothing needs it\n")
 }
 
-/// Says the encoder's fallbacks (io_uring → pwrite, O_DIRECT → buffered) once on stderr.
+/// Says the encoder's fallbacks (io_uring → pwrite, O_DIRECT → buffered) once on stderr, unless -q.
 func watch(_ encoder: Qcow2Encoder) {
+    guard !quietNotes.withLock({ $0 }) else { return }
     for n in encoder.fallbackNotes { writeStderr("qcowpress: note: \(n)\n") }
 }

@@ -17,9 +17,9 @@ struct Export: ParsableCommand {
             written or zeroed leaves no DST (exit 1). With -b only what the client writes is stored.
             """)
 
-    @Option(name: .customShort("b"), help: "BASE.qcow2: DST names it as its backing file and holds only clusters that differ from what BASE reads (with --nbd-sink: only what the client writes; DST's size is BASE's).", completion: .file())
+    @Option(name: .customShort("b"), help: ArgumentHelp("A previous export (qcow2): DST names it as its backing file and holds only clusters that differ from what it reads (with --nbd-sink: only what the client writes; DST's size is the base's).", valueName: "base"), completion: .file())
     var base: String?
-    @Option(name: .customShort("f"), help: "Source format (detected by magic when absent).", completion: .list(["raw", "qcow2"]))
+    @Option(name: .customShort("f"), help: ArgumentHelp("Source format: raw or qcow2 (detected by magic when absent).", valueName: "format"), completion: .list(["raw", "qcow2"]))
     var sourceFormat: String?
     @Option(name: .customLong("nbd-sink"), help: ArgumentHelp("Serve a writable NBD export named \"backup\" on this unix socket and encode what a client (QEMU's backup job) writes into it.", valueName: "path"), completion: .file())
     var nbdSink: String?
@@ -48,6 +48,9 @@ struct Export: ParsableCommand {
         if let nbdSink { return try runSink(socket: nbdSink, destination: source) }
         let destination = self.destination!
         let parsed = try ImageOptionParser(encoder.formatOptions)
+        if let f = sourceFormat, f != "raw" && f != "qcow2" {
+            throw QcowPressError.invalidArgument("source format '\(f)' is not supported (raw, qcow2)")
+        }
         let format = try sourceFormat ?? RawImageReader.detectFormat(path: source)
         let image = try openImage(source, format: format, openBacking: true)
         var args = encoder

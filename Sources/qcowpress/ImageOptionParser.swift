@@ -5,6 +5,58 @@ struct ImageOptionParser {
     static let knownKeys = ["compression_type", "cluster_size", "compression_level", "refcount_bits", "backing_file", "backing_fmt"]
     var values: [String: String] = [:]
 
+    /// `-o help` (or `-o ?`), as qemu-img: one line per option of the output format, key=<type>
+    /// and what it does. QcowPress writes qcow2 (and raw with convert -O raw, which has none).
+    static let qcow2Help: [(key: String, type: String, text: String)] = [
+        ("backing_file", "str", "File name of a base image (as -B)"),
+        ("backing_fmt", "str", "Image format of the base image (as -F)"),
+        ("cluster_size", "size", "qcow2 cluster size: 512 to 2M, a power of two (default 64k)"),
+        ("compression_level", "num", "With -c: zlib 1..9 (default 6), zstd 1..19 (default 3); not a qemu-img option"),
+        ("compression_type", "str", "Compression method used for image cluster compression: zlib or zstd"),
+        ("refcount_bits", "num", "Width of a reference count entry in bits: 1, 2, 4, 8, 16 (default), 32 or 64"),
+    ]
+
+    static func helpText(format: String) -> String {
+        guard format == "qcow2" else { return "Supported \(format) options:\n  (none: QcowPress writes \(format) images without options)\n" }
+        var s = "Supported qcow2 options:\n"
+        for o in qcow2Help {
+            let left = "\(o.key)=<\(o.type)>"
+            s += "  " + left + String(repeating: " ", count: max(0, 22 - left.count)) + " - " + o.text + "\n"
+        }
+        return s
+    }
+
+    /// The `-o help` listing when the command line asks for it (`convert`, `export`, `restore pbs`,
+    /// `restore vma` with `-o help` or `-o ?`, alone or among other options), before the usual
+    /// parsing: as with qemu-img, no files need be named. Nil when it does not ask.
+    static func helpRequested(in args: [String]) -> Result<String, QcowPressError>? {
+        let path = CommandWords.commandPath(in: args)
+        guard path == ["convert"] || path == ["export"] || path == ["restore", "pbs"] || path == ["restore", "vma"] else { return nil }
+        func values(of option: String) -> [String] {
+            var out: [String] = []
+            var i = path.count
+            while i < args.count {
+                let a = args[i]
+                if a == "--" { break }
+                if a == option, i + 1 < args.count {
+                    out.append(args[i + 1])
+                    i += 2
+                    continue
+                }
+                if a.hasPrefix(option + "=") { out.append(String(a.dropFirst(option.count + 1))) }
+                i += 1
+            }
+            return out
+        }
+        let asks = values(of: "-o").contains { v in v.split(separator: ",").contains { $0 == "help" || $0 == "?" } }
+        guard asks else { return nil }
+        let format = path == ["convert"] ? values(of: "-O").last ?? "qcow2" : "qcow2"
+        guard format == "qcow2" || format == "raw" else {
+            return .failure(.invalidArgument("output format '\(format)' is not supported (qcow2, raw)"))
+        }
+        return .success(helpText(format: format))
+    }
+
     init(_ args: [String]) throws {
         for arg in args {
             for pair in arg.split(separator: ",", omittingEmptySubsequences: true) {

@@ -5,7 +5,12 @@ import QcowPress
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Show an image's header fields, named as qemu-img info names them.")
 
-    @Option(name: .customLong("output"), help: "human or json")
+    @Option(name: .customShort("f"), help: ArgumentHelp("Image format: raw or qcow2 (detected by magic when absent). As in qemu-img, -f qcow2 on a file that is not qcow2 is an error and -f raw shows any file as raw.", valueName: "format"),
+            completion: .list(["raw", "qcow2"]))
+    var format: String?
+    @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain, top first (with --output json: a list).")
+    var backingChain = false
+    @Option(name: .customLong("output"), help: ArgumentHelp("Output format, as qemu-img --output.", valueName: "format"))
     var output: OutputFormat = .human
     @Flag(name: [.customShort("U"), .customLong("force-share")],
           help: "Read an image in use, as qemu-img -U. QcowPress never locks images, so this is always so.")
@@ -14,13 +19,25 @@ struct Info: ParsableCommand {
     @Argument(help: "The image.", completion: .file())
     var image: String
 
+    func validate() throws {
+        if let format, format != "raw" && format != "qcow2" { throw ValidationError("-f '\(format)': the format is raw or qcow2") }
+    }
+
     func run() throws {
-        let info = try ImageInfo(path: image)
-        switch output {
-        case .human: print(info.text, terminator: "")
-        case .json: print(try encodeJSON(info))
+        if format == "qcow2", try RawImageReader.detectFormat(path: image) != "qcow2" { throw notQcow2(image) }
+        let infos = backingChain ? try ImageInfo.chain(path: image, format: format) : [try ImageInfo(path: image, format: format)]
+        for i in infos where i.formatSpecific?.data.corrupt == true { warnMarkedCorrupt(i.filename) }
+        switch (output, backingChain) {
+        case (.human, _): print(infos.map(\.text).joined(separator: "\n"), terminator: "")
+        case (.json, false): print(try encodeJSON(infos[0]))
+        case (.json, true): print(try encodeJSON(infos))
         }
     }
+}
+
+/// The warning for a qcow2 whose corrupt bit is set (read anyway, read-only, as qemu-img reads it).
+func warnMarkedCorrupt(_ path: String) {
+    writeStderr("qcowpress: warning: \(path): the image is marked corrupt (corrupt bit, incompatible_features bit 1, is set); reading it read-only — data may be damaged, see qemu-img check\n")
 }
 
 func encodeJSON<T: Encodable>(_ v: T) throws -> String {

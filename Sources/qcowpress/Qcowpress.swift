@@ -12,14 +12,33 @@ struct Qcowpress: ParsableCommand {
         version: version,
         subcommands: [Convert.self, Restore.self, Export.self, Info.self, Check.self, Serve.self])
 
-    /// Parses and runs; every failure is one line on stderr and exit status 1 (usage included),
-    /// as qemu-img users expect; help and version exit 0.
+    /// Parses and runs; every failure is one line on stderr and exit status 1, as qemu-img users
+    /// expect (a usage error adds a second line naming the command's --help); help and version
+    /// exit 0.
     static func main() {
         // Block SIGINT/SIGTERM first, so a signal at any moment goes to the watcher thread (which
         // cancels whatever is running and exits 130/143), never to the default action.
         SignalWatcher.install()
+        let args = Array(CommandLine.arguments.dropFirst())
+        if let (word, path) = CommandWords.unknownCommand(in: args) { CommandWords.refuseUnknown(word, path: path) }
+        if let help = ImageOptionParser.helpRequested(in: args) {
+            switch help {
+            case .success(let text): print(text, terminator: "")
+            case .failure(let e): writeStderr("qcowpress: \(e.message)\n"); Glibc.exit(1)
+            }
+            Glibc.exit(0)
+        }
+        var command: ParsableCommand
         do {
-            var command = try parseAsRoot()
+            command = try parseAsRoot()
+        } catch {
+            if exitCode(for: error) == .success {
+                print(fullMessage(for: error))
+                Glibc.exit(0)
+            }
+            usageError(message(for: error), args: args)
+        }
+        do {
             try command.run()
         } catch {
             let code = exitCode(for: error)
@@ -28,11 +47,93 @@ struct Qcowpress: ParsableCommand {
                 Glibc.exit(0)
             }
             if let e = error as? ExitCode { Glibc.exit(e.rawValue) }
+            if error is ValidationError { usageError(message(for: error), args: args) }
             let message: String
             if let q = error as? QcowPressError { message = q.message } else { message = Self.message(for: error) }
             writeStderr("qcowpress: \(message)\n")
             Glibc.exit(1)
         }
+    }
+
+    /// A usage error: its one line, then where the command's options are described; exit 1.
+    static func usageError(_ message: String, args: [String]) -> Never {
+        let line = message.split(separator: "\n", omittingEmptySubsequences: true).first.map(String.init) ?? message
+        let path = CommandWords.commandPath(in: args)
+        writeStderr("qcowpress: \(line)\nSee '\((["qcowpress"] + path).joined(separator: " ")) --help'.\n")
+        Glibc.exit(1)
+    }
+}
+
+/// The command words of a command line (`restore pbs`), and suggestions for mistyped ones.
+enum CommandWords {
+    /// The subcommand names that lead the arguments (`["restore", "pbs"]`), as far as they are known.
+    static func commandPath(in args: [String]) -> [String] {
+        var type: ParsableCommand.Type = Qcowpress.self
+        var path: [String] = []
+        for a in args {
+            guard let next = type.configuration.subcommands.first(where: { $0._commandName == a }) else { break }
+            type = next
+            path.append(a)
+        }
+        return path
+    }
+
+    /// The first command word that names no command (with the words before it), if the command line
+    /// starts with one: `qcowpress conver ...`, `qcowpress restore pbz ...`.
+    static func unknownCommand(in args: [String]) -> (String, [String])? {
+        var type: ParsableCommand.Type = Qcowpress.self
+        var path: [String] = []
+        for a in args {
+            let subs = type.configuration.subcommands
+            if subs.isEmpty || a.hasPrefix("-") || (path.isEmpty && a == "help") { return nil }
+            guard let next = subs.first(where: { $0._commandName == a }) else { return (a, path) }
+            type = next
+            path.append(a)
+        }
+        return nil
+    }
+
+    static func refuseUnknown(_ word: String, path: [String]) -> Never {
+        var type: ParsableCommand.Type = Qcowpress.self
+        for p in path { type = type.configuration.subcommands.first { $0._commandName == p }! }
+        let names = type.configuration.subcommands.map { $0._commandName }
+        let what = path.isEmpty ? "a command" : "a \(path.joined(separator: " ")) command"
+        let hint: String
+        if let best = suggestion(for: word, among: names) {
+            hint = "Did you mean '\(best)'?"
+        } else {
+            hint = "See '\((["qcowpress"] + path).joined(separator: " ")) --help'."
+        }
+        writeStderr("qcowpress: '\(word)' is not \(what). \(hint)\n")
+        Glibc.exit(1)
+    }
+
+    /// The closest name: within two edits, or one the word starts (at least two letters).
+    static func suggestion(for word: String, among names: [String]) -> String? {
+        let w = word.lowercased()
+        let scored = names.map { n -> (String, Int) in
+            let d = distance(w, n)
+            return (n, n.hasPrefix(w) && w.count >= 2 ? min(d, 1) : d)
+        }
+        guard let best = scored.min(by: { $0.1 < $1.1 }), best.1 <= 2 else { return nil }
+        return best.0
+    }
+
+    /// Levenshtein distance.
+    static func distance(_ a: String, _ b: String) -> Int {
+        let a = Array(a), b = Array(b)
+        if a.isEmpty { return b.count }
+        var row = Array(0...b.count)
+        for i in 1...a.count {
+            var prev = row[0]
+            row[0] = i
+            for j in stride(from: 1, through: b.count, by: 1) {
+                let cur = row[j]
+                row[j] = min(row[j] + 1, row[j - 1] + 1, prev + (a[i - 1] == b[j - 1] ? 0 : 1))
+                prev = cur
+            }
+        }
+        return row[b.count]
     }
 }
 

@@ -22,13 +22,13 @@ struct RestorePBS: ParsableCommand {
     var list = false
     @Flag(name: .customLong("verify-only"), help: "Read and verify every chunk of the archive (or of all archives); write nothing.")
     var verifyOnly = false
-    @Option(help: "Restore every drive into this directory, one qcow2 each.", completion: .directory)
+    @Option(help: ArgumentHelp("Restore every drive into this directory, one qcow2 each.", valueName: "outdir"), completion: .directory)
     var all: String?
-    @Option(help: "Chunk loader threads (default: 4 per core, at most 16).")
+    @Option(help: ArgumentHelp("Chunk loader threads (default: 4 per core, at most 16).", valueName: "n"))
     var loaders: Int?
     @Flag(name: .customLong("no-dedup"), help: "Write repeated chunks again instead of sharing their clusters.")
     var noDedup = false
-    @Option(name: .customLong("chunk-cache"), help: "Memory for chunks used more than once (default 64M); with --live, for every chunk clients may read again (default 128M, added to the default memory limit).")
+    @Option(name: .customLong("chunk-cache"), help: ArgumentHelp("Memory for chunks used more than once (default 64M); with --live, for every chunk clients may read again (default 128M, added to the default memory limit).", valueName: "size"))
     var chunkCache: String?
     @Option(help: ArgumentHelp("Serve every drive over NBD on this unix socket while it is restored (live restore).", valueName: "path"))
     var live: String?
@@ -39,7 +39,7 @@ struct RestorePBS: ParsableCommand {
     @OptionGroup var encoder: EncoderArguments
     @Argument(help: ArgumentHelp("The snapshot, e.g. vm/100/2026-11-20T10:00:00Z (with --list, a group such as vm/100 lists its snapshots).", valueName: "snapshot"))
     var snapshot: String
-    @Argument(help: "drive-scsi0.img.fidx (\".fidx\" optional)")
+    @Argument(help: ArgumentHelp("The disk archive, e.g. drive-scsi0.img.fidx (\".fidx\" optional).", valueName: "archive"))
     var archive: String?
     @Argument(help: "Destination qcow2.", completion: .file())
     var destination: String?
@@ -155,7 +155,7 @@ func readPassword(file: String?, prompt: String) throws(QcowPressError) -> Strin
 struct RestoreVMA: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "vma", abstract: "Restore a vzdump VMA archive (.vma, .vma.zst, .vma.gz, or - for stdin): one qcow2 per disk plus the config files.")
 
-    @Option(help: "Restore only this device.")
+    @Option(help: ArgumentHelp("Restore only this device (e.g. drive-scsi0).", valueName: "name"))
     var device: String?
     @OptionGroup var encoder: EncoderArguments
     @Argument(help: "The archive, or - for standard input.", completion: .file())

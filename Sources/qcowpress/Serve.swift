@@ -67,7 +67,7 @@ struct ServePBS: ParsableCommand {
     var socket: String?
     @Option(help: ArgumentHelp("TCP address to listen on.", valueName: "addr:port"))
     var listen: String?
-    @Option(name: .customLong("cache-size"), help: ArgumentHelp("Memory for decoded chunks, shared by every export and client (default 256M).", valueName: "size"))
+    @Option(name: .customLong("cache-size"), help: ArgumentHelp("Memory for decoded chunks, shared by every export and client.", valueName: "size"))
     var cacheSize: String = "256M"
     @Argument(help: ArgumentHelp("The snapshot, e.g. vm/100/2026-11-20T10:00:00Z.", valueName: "snapshot"))
     var snapshot: String

@@ -3,12 +3,14 @@ import Testing
 
 /// Bad input: one line on stderr naming the problem, exit status 1, and no destination.
 @Suite struct BadInputTests {
+    /// `usage`: a usage error, whose line is followed by "See 'qcowpress CMD --help'.".
     func expectRefused(_ args: [String], in dir: URL, mentions: String, env: [String: String] = [:],
-                       keep: Set<String> = ["src.raw"], sourceLocation: SourceLocation = #_sourceLocation) throws {
+                       keep: Set<String> = ["src.raw"], usage: Bool = false, sourceLocation: SourceLocation = #_sourceLocation) throws {
         let r = try Harness.qcowpress(args, env: env)
         #expect(r.status == 1, "status \(r.status) for \(args): \(r.stderr)", sourceLocation: sourceLocation)
         let lines = r.stderr.split(separator: "\n")
-        #expect(lines.count == 1, "stderr: \(r.stderr)", sourceLocation: sourceLocation)
+        #expect(lines.count == (usage ? 2 : 1), "stderr: \(r.stderr)", sourceLocation: sourceLocation)
+        if usage { #expect(lines.last == "See 'qcowpress \(args[0]) --help'.", "stderr: \(r.stderr)", sourceLocation: sourceLocation) }
         #expect(r.stderr.hasPrefix("qcowpress: "), sourceLocation: sourceLocation)
         #expect(r.stderr.contains(mentions), "'\(r.stderr)' should mention '\(mentions)'", sourceLocation: sourceLocation)
         #expect(try Harness.strayFiles(in: dir, except: keep).isEmpty, sourceLocation: sourceLocation)
@@ -30,7 +32,7 @@ import Testing
         try expectRefused(["convert", "-c", "-o", "compression_type=zstd,compression_level=20", src.path, dst], in: dir, mentions: "compression_level")
         try expectRefused(["convert", "-c", "-o", "compression_type=lz4", src.path, dst], in: dir, mentions: "compression_type")
         try expectRefused(["convert", "--io", "magic", src.path, dst], in: dir, mentions: "--io")
-        try expectRefused(["convert", "--bogus-flag", src.path, dst], in: dir, mentions: "bogus")
+        try expectRefused(["convert", "--bogus-flag", src.path, dst], in: dir, mentions: "bogus", usage: true)
         try expectRefused(["convert", "-f", "qcow2", src.path, dst], in: dir, mentions: "magic")
         try expectRefused(["info", dir.appendingPathComponent("nope.qcow2").path], in: dir, mentions: "nope.qcow2")
     }

@@ -36,9 +36,12 @@ enum Harness {
         p.standardError = err
         if let stdin { p.standardInput = stdin }
         try p.run()
-        // Read both pipes fully before waiting, so a chatty child cannot block on a full pipe.
+        // Read both pipes fully, at the same time, before waiting: a child that fills one pipe
+        // (qemu-img check writes its ERROR lines to stderr, often more than a pipe holds) while
+        // the other is being drained must not block.
+        let errReader = PipeReader(err.fileHandleForReading)
         let o = out.fileHandleForReading.readDataToEndOfFile()
-        let r = err.fileHandleForReading.readDataToEndOfFile()
+        let r = errReader.wait()
         p.waitUntilExit()
         return Output(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: r, as: UTF8.self))
     }
@@ -73,6 +76,22 @@ enum Harness {
     /// Files in a directory other than the ones named (to find leaked temporary files).
     static func strayFiles(in dir: URL, except: Set<String>) throws -> [String] {
         try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { !except.contains($0) }
+    }
+}
+
+/// Reads a pipe to its end on its own thread.
+final class PipeReader: @unchecked Sendable {
+    private var data = Data()
+    private let done = DispatchSemaphore(value: 0)
+    init(_ h: FileHandle) {
+        Thread.detachNewThread { [self] in
+            data = h.readDataToEndOfFile()
+            done.signal()
+        }
+    }
+    func wait() -> Data {
+        done.wait()
+        return data
     }
 }
 

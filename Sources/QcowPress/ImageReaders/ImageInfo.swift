@@ -31,6 +31,9 @@ public struct ImageInfo: Sendable, Codable, Equatable {
     public var actualSize: UInt64
     public var dirtyFlag: Bool
     public var backingFilename: String?
+    /// The backing file as a reader finds it: a relative name resolved against this image's
+    /// directory (qemu-img's `full-backing-filename`).
+    public var fullBackingFilename: String?
     public var backingFilenameFormat: String?
     public var formatSpecific: FormatSpecific?
 
@@ -42,27 +45,34 @@ public struct ImageInfo: Sendable, Codable, Equatable {
         case actualSize = "actual-size"
         case dirtyFlag = "dirty-flag"
         case backingFilename = "backing-filename"
+        case fullBackingFilename = "full-backing-filename"
         case backingFilenameFormat = "backing-filename-format"
         case formatSpecific = "format-specific"
     }
 
-    /// Reads the header of `path` (qcow2, or raw when the magic is absent).
-    public init(path: String) throws(QcowPressError) {
+    /// Reads the header of `path`. `format` as qemu-img info -f: "qcow2" requires the qcow2 magic,
+    /// "raw" reads any file as raw (a qcow2 file too), nil detects by magic (raw when absent).
+    public init(path: String, format: String? = nil) throws(QcowPressError) {
+        guard format == nil || format == "raw" || format == "qcow2" else {
+            throw .unsupported(path: path, what: "image format '\(format!)' (raw, qcow2)")
+        }
         let f: InputFile
         do { f = try InputFile(path: path, direct: false) } catch { throw .from(error) }
         filename = path
         actualSize = (try? FileStatus.of(fd: f.fd, path: path))?.allocated ?? 0
-        guard let h = try readQcow2Header(f, path: path, requireMagic: false) else {
-            format = "raw"
-            virtualSize = f.size
+        let header = format == "raw" ? nil : try readQcow2Header(f, path: path, requireMagic: format == "qcow2")
+        guard let h = header else {
+            self.format = "raw"
+            virtualSize = (f.size + 511) & ~511  // QEMU's raw driver rounds up to whole sectors
             dirtyFlag = false
             return
         }
-        format = "qcow2"
+        self.format = "qcow2"
         virtualSize = h.size & ~511  // QEMU counts qcow2 sizes in whole sectors
         clusterSize = h.clusterSize
         dirtyFlag = h.incompatibleFeatures.contains(.dirty)
         backingFilename = h.backingFile
+        fullBackingFilename = h.backingFile.map { Qcow2Image.resolve($0, relativeTo: path) }
         backingFilenameFormat = h.backingFormat
         formatSpecific = FormatSpecific(type: "qcow2", data: Qcow2Specific(
             compat: h.version == 3 ? "1.1" : "0.10",
@@ -77,7 +87,10 @@ public struct ImageInfo: Sendable, Codable, Equatable {
     public var text: String {
         var s = "image: \(filename)\nfile format: \(format)\nvirtual size: \(Self.human(virtualSize)) (\(virtualSize) bytes)\ndisk size: \(Self.human(actualSize))\n"
         if let clusterSize { s += "cluster_size: \(clusterSize)\n" }
-        if let backingFilename { s += "backing file: \(backingFilename)\n" }
+        if let backingFilename {
+            let full = fullBackingFilename ?? backingFilename
+            s += "backing file: \(backingFilename)\(full == backingFilename ? "" : " (actual path: \(full))")\n"
+        }
         if let backingFilenameFormat { s += "backing file format: \(backingFilenameFormat)\n" }
         if let q = formatSpecific?.data {
             s += "Format specific information:\n    compat: \(q.compat)\n    compression type: \(q.compressionType)\n    lazy refcounts: \(q.lazyRefcounts)\n    refcount bits: \(q.refcountBits)\n    corrupt: \(q.corrupt)\n    extended l2: \(q.extendedL2)\n"
@@ -85,14 +98,39 @@ public struct ImageInfo: Sendable, Codable, Equatable {
         return s
     }
 
+    /// The image and every image below it, top first, as `qemu-img info --backing-chain` lists
+    /// them. A backing file that is missing or not a regular file, a loop, or a chain deeper than
+    /// ``Qcow2Image/maxChainDepth`` is an error naming the image whose backing file it is.
+    public static func chain(path: String, format: String? = nil) throws(QcowPressError) -> [ImageInfo] {
+        var out = [try ImageInfo(path: path, format: format)]
+        var seen = [Qcow2Image.identity(path)]
+        while let top = out.last, let name = top.backingFilename, let next = top.fullBackingFilename {
+            guard Qcow2Image.isRegularFile(next) else {
+                throw .inputDamaged(path: top.filename, location: "backing file '\(name)' does not resolve to a regular file")
+            }
+            let id = Qcow2Image.identity(next)
+            if seen.contains(id) {
+                throw .inputDamaged(path: top.filename, location: "backing file '\(name)' loops back to an image already in the chain")
+            }
+            if out.count >= Qcow2Image.maxChainDepth {
+                throw .inputDamaged(path: top.filename, location: "backing chain is deeper than \(Qcow2Image.maxChainDepth) images; it stops here, at backing file '\(name)'")
+            }
+            seen.append(id)
+            out.append(try ImageInfo(path: next, format: top.backingFilenameFormat))
+        }
+        return out
+    }
+
+    /// A size as qemu-img prints it (`size_to_str`): three significant digits and a binary unit,
+    /// switching unit from 1000 on ("10 MiB", "1.25 MiB", "0.977 MiB", "196 KiB").
     public static func human(_ n: UInt64) -> String {
-        let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
-        var v = Double(n)
-        var u = 0
-        while v >= 1024 && u < units.count - 1 { v /= 1024; u += 1 }
-        if u == 0 { return "\(n) B" }
-        let hundredths = Int((v * 100).rounded())
-        let frac = hundredths % 100
-        return "\(hundredths / 100).\(frac < 10 ? "0" : "")\(frac) \(units[u])"
+        let suffixes = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+        let x = Double(n) / (1000.0 / 1024.0)
+        let e = n == 0 ? 0 : Int(x.exponent) + 1  // frexp's exponent
+        let i = min((e - 1) / 10, suffixes.count - 1)
+        let v = Double(n) / Double(UInt64(1) << UInt64(max(i, 0) * 10))
+        var buf = [CChar](repeating: 0, count: 32)
+        _ = withVaList([v]) { vsnprintf(&buf, buf.count, "%0.3g", $0) }
+        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) + " \(suffixes[max(i, 0)])B"
     }
 }

@@ -34,30 +34,31 @@ public struct Qcow2Checker: Sendable {
         /// 0 clean, 1 check errors, 2 corruption, 3 leaks only (qemu-img's exit statuses).
         public var exitStatus: Int32 { checkErrors > 0 ? 1 : corruptions > 0 ? 2 : (leaks > 0 ? 3 : 0) }
 
+        /// What `qemu-img check` prints on stdout, line for line: the verdict, the counts and the
+        /// image end offset. The problem lines (``messages``) are qemu-img's stderr.
         public var text: String {
-            var s = messages.map { $0 + "\n" }.joined()
+            var s = ""
             if corruptions == 0 && leaks == 0 && checkErrors == 0 {
                 s += "No errors were found on the image.\n"
             } else {
-                if !messages.isEmpty { s += "\n" }
                 if corruptions > 0 {
-                    s += "\(corruptions) errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n"
+                    s += "\n\(corruptions) errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n"
                 }
                 if leaks > 0 {
-                    s += "\(leaks) leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n"
+                    s += "\n\(leaks) leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n"
                 }
                 if checkErrors > 0 {
                     s += "\n\(checkErrors) internal errors have occurred during the check.\n"
                 }
             }
-            if totalClusters > 0 {
+            if totalClusters > 0 && allocatedClusters > 0 {
                 func pct(_ n: UInt64, _ d: UInt64) -> String {
                     let v = d == 0 ? 0 : Int((Double(n) * 10000 / Double(d)).rounded())
                     return "\(v / 100).\(v % 100 < 10 ? "0" : "")\(v % 100)%"
                 }
                 s += "\(allocatedClusters)/\(totalClusters) = \(pct(allocatedClusters, totalClusters)) allocated, \(pct(fragmentedClusters, allocatedClusters)) fragmented, \(pct(compressedClusters, allocatedClusters)) compressed clusters\n"
             }
-            s += "Image end offset: \(imageEndOffset)\n"
+            if imageEndOffset > 0 { s += "Image end offset: \(imageEndOffset)\n" }
             return s
         }
     }
@@ -355,7 +356,7 @@ struct CheckState {
             for s in 0..<Int(h.nbSnapshots) {
                 guard fits(at, 40, within: fileSize) else {
                     res.corruptions += 1
-                    if loud { say("ERROR snapshot \(s) header at \(at) is past the end of the file") }
+                    if loud { say("ERROR snapshot \(s) header at 0x\(String(at, radix: 16)) is past the end of the file") }
                     break
                 }
                 at = (at + 7) & ~7
@@ -388,7 +389,7 @@ struct CheckState {
             let dirOff = d.withUnsafeBytes { loadBE64($0, 16) }
             guard dirSize < 64 << 20, fits(dirOff, dirSize, within: fileSize) else {
                 res.corruptions += 1
-                if loud { say("ERROR bitmap directory at \(dirOff) is past the end of the file") }
+                if loud { say("ERROR bitmap directory at 0x\(String(dirOff, radix: 16)) is past the end of the file") }
                 continue
             }
             ref(dirOff, dirSize)

@@ -8,7 +8,8 @@ import Qcow2Format
 /// refcount widths 1–64, lazy refcounts, internal snapshots (the active state is read), external
 /// data files and backing chains.
 ///
-/// Every offset taken from the image is checked before use: tables and clusters must lie inside
+/// An image with the corrupt bit set is read (see ``markedCorrupt``). Every offset taken from the
+/// image is checked before use: tables and clusters must lie inside
 /// the file, be aligned, and not overlap the header, the L1 table or the refcount table; two L1
 /// entries may not share an L2 table. A violation is an ``QcowPressError/inputDamaged(path:location:)``
 /// naming the field and offset. Reads are thread-safe (one cache lock; I/O without it).
@@ -23,6 +24,14 @@ public final class Qcow2Image: @unchecked Sendable {
     let l1: [UInt64]
     /// The image below this one (qcow2 or raw), when there is one and it may be opened.
     public let backing: (any GuestImage)?
+    /// The header's corrupt bit (incompatible feature bit 1): QEMU found inconsistent metadata
+    /// while writing and refuses to open the image read/write until `qemu-img check -r` repairs it.
+    /// The image is still read (read-only), as by qemu-img convert.
+    public let markedCorrupt: Bool
+    /// The images of this chain (this one first) whose corrupt bit is set.
+    public var markedCorruptInChain: [String] {
+        (markedCorrupt ? [path] : []) + ((backing as? Qcow2Image)?.markedCorruptInChain ?? [])
+    }
     let cacheLock = ConditionLock()
     var l2Cache: [UInt64: [UInt64]] = [:]
     var l2Order: [UInt64] = []
@@ -50,9 +59,10 @@ public final class Qcow2Image: @unchecked Sendable {
         if header.cryptMethod != 0 {
             throw .unsupported(path: path, what: "encrypted qcow2 (crypt_method \(header.cryptMethod))")
         }
-        if header.incompatibleFeatures.contains(.corrupt) {
-            throw .inputDamaged(path: path, location: "incompatible_features at offset 72 has the corrupt bit set")
-        }
+        // The corrupt bit stops QEMU from writing an image, not from reading it: qemu-img convert,
+        // compare and info open it read-only. So does this reader (it never writes); callers name
+        // such images (`markedCorruptInChain`), since the data may be damaged.
+        markedCorrupt = header.incompatibleFeatures.contains(.corrupt)
         l2CacheLimit = max(8, (32 << 20) / cs)
         // Metadata regions, to refuse tables that overlap them.
         let l1Bytes = UInt64(header.l1Size) * 8

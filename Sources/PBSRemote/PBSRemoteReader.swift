@@ -192,10 +192,12 @@ final class PBSRemoteReader: PBSChunkStore, @unchecked Sendable {
         }
     }
 
-    /// Sends requests until `window` are ahead of the furthest position asked for.
+    /// Sends requests until `window` are ahead of the furthest position asked for, never holding
+    /// more than twice `window` answers (a consumer that jumps far ahead does not make everything
+    /// in between arrive at once).
     private func issueAheadLocked() {
         guard !reconnecting, session != nil else { return }
-        while next < sequence.count && next <= furthest + window {
+        while next < sequence.count && next <= furthest + window && entries.count < 2 * window {
             if position[sequence[next]] == next && entries[next] == nil { issueLocked(next) }
             next += 1
         }

@@ -11,9 +11,10 @@ struct NBDServeTests {
     final class Server {
         let process = Process()
         let urls: [String]
-        init(_ args: [String], exports: Int? = nil) throws {
+        init(_ args: [String], exports: Int? = nil, env: [String: String] = [:]) throws {
             process.executableURL = URL(fileURLWithPath: Harness.binary)
             process.arguments = ["serve"] + (exports == nil ? ["image"] : []) + args
+            if !env.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(env) { $1 } }
             let out = Pipe()
             process.standardOutput = out
             process.standardError = FileHandle.nullDevice
@@ -206,11 +207,11 @@ struct PBSServeTests {
     /// Starts qcowpress on a slow disk (every write 100 ms late) with stdout on a pipe (its first
     /// line, the first export's URL, is returned) and stderr in a file (a daemon started later
     /// inherits pipes, so a stderr pipe would never reach end of file).
-    static func launch(_ args: [String], in dir: URL) throws -> (Process, Pipe, URL, String) {
+    static func launch(_ args: [String], in dir: URL, env: [String: String] = [:]) throws -> (Process, Pipe, URL, String) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Harness.binary)
         p.arguments = args
-        p.environment = ["QCOWPRESS_FAULT": "write:1:delay100:sticky"]
+        p.environment = ["QCOWPRESS_FAULT": "write:1:delay100:sticky"].merging(env) { $1 }
         let stdout = Pipe()
         p.standardOutput = stdout
         let errPath = dir.appendingPathComponent("qp.err")

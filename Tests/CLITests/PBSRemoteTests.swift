@@ -178,6 +178,59 @@ struct PBSRemoteTests {
     }
 }
 
+extension PBSRemoteTests {
+    /// `serve pbs --repository`: every archive over NBD, read through the server.
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/nbdcopy"), "needs libnbd-bin"))
+    func serveFromServer() throws {
+        let f = try PBSFixture(.init(name: "serve remote", chunk: 1 << 20))
+        defer { f.remove() }
+        let server = try PBSTestServer(store: f.datastore)
+        defer { server.stop() }
+        let sock = f.dir.appendingPathComponent("p.sock").path
+        let nbd = try NBDServeTests.Server(["pbs", "--repository", server.repository(Self.token), "--socket", sock, "--cache-size", "4M", Self.snapshot],
+                                           exports: 2, env: server.env(Self.secret))
+        #expect(nbd.urls == ["nbd+unix:///drive-scsi0?socket=\(sock)", "nbd+unix:///drive-virtio1?socket=\(sock)"], "\(nbd.urls)")
+        for (url, raw) in zip(nbd.urls, [f.rawA, f.rawB]) {
+            let padded = f.dir.appendingPathComponent("padded.raw").path
+            try? FileManager.default.removeItem(atPath: padded)
+            try FileManager.default.copyItem(atPath: raw, toPath: padded)
+            let size = try FileManager.default.attributesOfItem(atPath: raw)[.size] as! UInt64
+            try FileHandle(forWritingTo: URL(fileURLWithPath: padded)).truncate(atOffset: (size + 511) & ~511)
+            let cmp = try Harness.qemuImg(["compare", "-f", "raw", padded, url])
+            #expect(cmp.status == 0, "\(url): \(cmp.stdout)\(cmp.stderr)")
+        }
+        #expect(nbd.stop() == 0)
+    }
+
+    /// `restore pbs --repository --live`: a client copies the drive over NBD while it is restored
+    /// from the server (every chunk answer 20 ms late); both end equal to the source.
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/nbdcopy"), "needs libnbd-bin"))
+    func liveRestoreFromServer() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let rawA = dir.appendingPathComponent("a.raw").path
+        let noise = SourceImage.noise(16 << 20, seed: 8)
+        try (noise + Data(count: 2 << 20) + noise.prefix(1 << 20)).write(to: URL(fileURLWithPath: rawA))
+        let ds = try PBSServeTests.datastore(in: dir, drive: rawA)
+        let server = try PBSTestServer(store: ds, extra: ["--latency-ms", "20"])
+        defer { server.stop() }
+        let sock = dir.appendingPathComponent("l.sock").path
+        let out = dir.appendingPathComponent("out.qcow2").path
+        let (p, _, errPath, first) = try PBSServeTests.launch(
+            ["restore", "pbs", "--repository", server.repository(Self.token), "--live", sock, "--loaders", "2",
+             Self.snapshot, "drive-scsi0.img", out], in: dir, env: server.env(Self.secret))
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() } }
+        #expect(first.hasPrefix("nbd+unix:///drive-scsi0?socket=\(sock)"), "\(first) \((try? String(contentsOf: errPath, encoding: .utf8)) ?? "")")
+        let copy = dir.appendingPathComponent("copy.raw").path
+        let c = try Harness.run("/usr/bin/nbdcopy", ["--connections=4", "nbd+unix:///drive-scsi0?socket=\(sock)", copy])
+        #expect(c.status == 0, "\(c.stderr)")
+        #expect(FileManager.default.contentsEqual(atPath: copy, andPath: rawA), "the client read the source")
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0, "\((try? String(contentsOf: errPath, encoding: .utf8)) ?? "")")
+        try Harness.expectGood(out, equals: rawA)
+    }
+}
+
 /// Tests/Support/pbs_server.py on 127.0.0.1 (a free port, a fresh self-signed certificate); its
 /// stderr (one line per reader session, chunk request and drop) goes to a file.
 final class PBSTestServer {

@@ -192,12 +192,13 @@ final class PBSRemoteReader: PBSChunkStore, @unchecked Sendable {
         }
     }
 
-    /// Sends requests until `window` are ahead of the furthest position asked for, never holding
-    /// more than twice `window` answers (a consumer that jumps far ahead does not make everything
-    /// in between arrive at once).
+    /// Sends requests until `window` are ahead of the furthest position asked for, with at most
+    /// `window` requests out or answers held (the memory plan's share; a consumer that jumps ahead
+    /// does not make everything in between arrive at once). A consumer whose chunk is not out yet
+    /// asks for it itself, so that one more can be out per waiting loader.
     private func issueAheadLocked() {
         guard !reconnecting, session != nil else { return }
-        while next < sequence.count && next <= furthest + window && entries.count < 2 * window {
+        while next < sequence.count && next <= furthest + window && entries.count < window {
             if position[sequence[next]] == next && entries[next] == nil { issueLocked(next) }
             next += 1
         }

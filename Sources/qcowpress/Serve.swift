@@ -58,7 +58,7 @@ struct ServePBS: ParsableCommand {
     var ns: String?
     @Option(help: ArgumentHelp("Key file of an encrypted backup.", valueName: "file"), completion: .file())
     var keyfile: String?
-    @Option(name: .customLong("password-file"), help: ArgumentHelp("File holding the key file's passphrase.", valueName: "file"), completion: .file())
+    @Option(name: .customLong("password-file"), help: ArgumentHelp("File holding the key file's passphrase (and the server's password when PBS_PASSWORD is not set).", valueName: "file"), completion: .file())
     var passwordFile: String?
     @Option(help: ArgumentHelp("Unix socket to listen on.", valueName: "path"), completion: .file())
     var socket: String?

@@ -388,6 +388,9 @@ final class PBSReaderSession: @unchecked Sendable {
 
     var isActive: Bool { channel.isActive }
 
+    /// How long one request may go unanswered.
+    static let requestTimeout = TimeAmount.seconds(300)
+
     /// `GET /path?query` on a new stream; the body is at most `limit` bytes.
     func get(_ target: String, limit: Int) -> EventLoopFuture<PBSResponse> {
         let promise = channel.eventLoop.makePromise(of: PBSResponse.self)
@@ -417,6 +420,15 @@ final class PBSReaderSession: @unchecked Sendable {
                 }
             }
         }
+        // A server that stops answering (the connection still up) must not hang the restore: the
+        // connection is closed, which makes the reader reconnect. 32 requests of 4 MiB share the
+        // link: at 1 MB/s the last answer of a full window arrives after about 130 s.
+        let channel = self.channel
+        let timer = channel.eventLoop.scheduleTask(in: Self.requestTimeout) {
+            promise.fail(PBSTransportError.connectionLost("no answer to \(target) within \(Self.requestTimeout.nanoseconds / 1_000_000_000) s"))
+            channel.close(promise: nil)
+        }
+        promise.futureResult.whenComplete { _ in timer.cancel() }
         return promise.futureResult.flatMapErrorThrowing { e in
             if e is PBSTransportError { throw e }
             throw PBSTransportError.connectionLost("\(e)")

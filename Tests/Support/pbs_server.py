@@ -256,6 +256,9 @@ class Reader:
                 data = self.sock.recv(1 << 20)
             except (socket.timeout, ssl.SSLWantReadError):
                 continue
+            finally:
+                # Sends block until done: a timeout left from recv would cut a large answer short.
+                self.sock.settimeout(None)
             if not data:
                 return
             self.handle(c.receive_data(data))

@@ -152,6 +152,16 @@ struct PBSRemoteTests {
         // Re-asked: at most what was in flight at each drop (window ahead + loaders waiting).
         #expect(requests.count <= 64 + 2 * (streams + loaders + 1), "\(requests.count) chunk requests")
         #expect(log.filter { $0.hasPrefix("READER") }.count == 3, "three reader sessions: \(log)")
+        // A server that drops every connection: bounded retries, then one line and nothing left.
+        let flaky = try PBSTestServer(store: ds, extra: ["--drop-after", "1", "--drops", "1000"])
+        defer { flaky.stop() }
+        let dst2 = dir.appendingPathComponent("flaky.qcow2").path
+        let g = try Harness.qcowpress(["restore", "pbs", "--repository", flaky.repository(Self.token), Self.snapshot, "drive-scsi0.img", dst2],
+                                      env: flaky.env(Self.secret))
+        #expect(g.status == 1 && g.stderr.contains("gave up after 5 reconnections") && g.stderr.split(separator: "\n").count == 1, "\(g.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: dst2))
+        #expect(try Harness.strayFiles(in: dir, except: ["n.raw", "ds", "out.qcow2"]).isEmpty)
+        #expect(flaky.log().filter { $0.hasPrefix("READER") }.count == 6, "the first session and 5 more")
     }
 
     /// With 100 ms added to every chunk answer, requests in flight overlap: the same restore takes

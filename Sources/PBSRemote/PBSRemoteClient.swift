@@ -64,6 +64,14 @@ public final class PBSRemoteClient: @unchecked Sendable {
         return [("Cookie", "PBSAuthCookie=\(Self.percent(t))"), ("CSRFPreventionToken", csrf)]
     }
 
+    /// Drops the ticket so that the next request logs in again; false when there was none.
+    func forgetTicket() -> Bool {
+        lock.withLock {
+            defer { ticket = nil }
+            return ticket != nil
+        }
+    }
+
     /// An error status as one line: what we did, the status, the server's message.
     func refusal(_ r: PBSResponse, doing: String, path: String? = nil) -> SourceError {
         var msg = r.text

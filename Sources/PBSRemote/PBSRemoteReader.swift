@@ -59,11 +59,21 @@ final class PBSRemoteReader: PBSChunkStore, @unchecked Sendable {
     }
 
     /// A new reader session (login headers, upgrade); a refusal becomes one line.
+    /// A ticket expires (PBS: after two hours): a ticket refused when a session is opened again is
+    /// replaced by a new login, once.
     private func openSession() throws(SourceError) -> PBSReaderSession {
-        let headers = try client.authHeaders()
-        switch try client.connector.openReader(target: target, headers: headers) {
-        case .session(let s): return s
-        case .refused(let r): throw client.refusal(r, doing: "opening the snapshot", path: display)
+        var renewed = false
+        while true {
+            let headers = try client.authHeaders()
+            switch try client.connector.openReader(target: target, headers: headers) {
+            case .session(let s): return s
+            case .refused(let r):
+                if r.status == 401 && !client.repository.isToken && !renewed && client.forgetTicket() {
+                    renewed = true
+                    continue
+                }
+                throw client.refusal(r, doing: "opening the snapshot", path: display)
+            }
         }
     }
 

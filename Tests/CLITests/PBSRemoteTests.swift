@@ -194,6 +194,23 @@ struct PBSRemoteTests {
 }
 
 extension PBSRemoteTests {
+    /// A ticket that expires during a restore (the server refuses it when the dropped connection
+    /// is opened again) is replaced by a new login; the restore ends equal.
+    @Test func expiredTicketIsRenewed() throws {
+        let f = try PBSFixture(.init(name: "ticket expiry", chunk: 1 << 20))
+        defer { f.remove() }
+        let server = try PBSTestServer(store: f.datastore, extra: ["--user", "alice@pbs:alice-pw", "--ticket-uses", "1",
+                                                                   "--drop-after", "2", "--drops", "1"])
+        defer { server.stop() }
+        let dst = f.dir.appendingPathComponent("t.qcow2").path
+        let r = try Harness.qcowpress(["restore", "pbs", "--repository", server.repository("alice@pbs"), Self.snapshot, "drive-scsi0.img", dst,
+                                       "--streams", "1", "--loaders", "1"], env: server.env("alice-pw"))
+        #expect(r.status == 0, "\(r.stderr)")
+        try Harness.expectGood(dst, equals: f.rawA)
+        let log = server.log()
+        #expect(log.filter { $0.hasPrefix("LOGIN") }.count == 2 && log.filter { $0.hasPrefix("DROP") }.count == 1, "\(log)")
+    }
+
     /// Repository syntax as proxmox-backup-client's: errors name the part that is wrong; the
     /// defaults (user root@pam, port 8007) apply when parts are left out.
     @Test func repositorySyntax() throws {

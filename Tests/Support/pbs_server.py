@@ -14,7 +14,7 @@ Options for failure tests: --latency-ms delays every chunk answer (each on its o
 requests in flight overlap as over a real link); --drop-after N closes a reader connection after it
 served N chunks (at most --drops times in the whole run); --corrupt flips the last byte of that
 chunk's blob when served (the client's CRC check must catch it); --no-access: that id logs in but
-gets 403 for everything.
+gets 403 for everything; --ticket-uses N: a ticket expires after N requests (401).
 """
 
 import argparse
@@ -63,7 +63,8 @@ class State:
             ident, _, pw = u.partition(":")
             self.users[ident] = pw
         self.no_access = set(args.no_access)
-        self.tickets = {}
+        self.tickets = {}  # ticket -> [user, uses left or None]
+        self.ticket_uses = args.ticket_uses
         self.latency = args.latency_ms / 1000.0
         self.drop_after = args.drop_after
         self.drops_left = args.drops
@@ -78,7 +79,15 @@ class State:
             k, _, v = part.strip().partition("=")
             if k == "PBSAuthCookie":
                 t = urllib.parse.unquote(v)
-                return self.tickets.get(t)
+                entry = self.tickets.get(t)
+                if entry is None:
+                    return None
+                with self.lock:
+                    if entry[1] is not None:
+                        if entry[1] <= 0:
+                            return None  # expired, as a real ticket after two hours
+                        entry[1] -= 1
+                return entry[0]
         a = headers.get("authorization", "")
         if a.startswith("PBSAPIToken") and len(a) > 11 and a[11] in " =":
             ident, _, secret = a[12:].partition(":")
@@ -154,7 +163,8 @@ def serve_connection(state, raw, ctx):
                 user, pw = p.get("username"), p.get("password")
                 if user in state.users and state.users[user] == pw:
                     ticket = "PBS:%s:%s" % (user, secrets.token_hex(8))
-                    state.tickets[ticket] = user
+                    state.tickets[ticket] = [user, state.ticket_uses]
+                    log("LOGIN %s" % user)
                     respond(sock, 200, json.dumps({"data": {"username": user, "ticket": ticket,
                                                             "CSRFPreventionToken": secrets.token_hex(8)}}))
                 else:
@@ -376,6 +386,7 @@ def main():
     ap.add_argument("--drop-after", type=int)
     ap.add_argument("--drops", type=int, default=1)
     ap.add_argument("--corrupt", action="append", default=[])
+    ap.add_argument("--ticket-uses", type=int, help="a ticket is accepted this many times, then refused (expired)")
     ap.add_argument("--cert")
     ap.add_argument("--key")
     args = ap.parse_args()

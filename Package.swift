@@ -21,6 +21,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-nio-http2", from: "1.46.0"),
     ],
     targets: [
         .systemLibrary(name: "CURing", pkgConfig: "liburing", providers: [.apt(["liburing-dev"])]),
@@ -38,7 +40,7 @@ let package = Package(
             .product(name: "_CryptoExtras", package: "swift-crypto"),
         ]),
         .target(name: "QcowPress", dependencies: [
-            "Qcow2Format", "ClusterCompression", "DirectIO", "BackupSources",
+            "Qcow2Format", "ClusterCompression", "DirectIO", "BackupSources", "PBSRemote",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The NBD protocol on SwiftNIO (fixed newstyle, structured replies, block status): knows
@@ -46,6 +48,19 @@ let package = Package(
         .target(name: "NBDServer", dependencies: [
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
+        // A Proxmox Backup Server client (HTTPS login, the reader protocol over HTTP/2): fetches
+        // manifests, indexes and raw chunk blobs; verification stays in BackupSources.
+        .target(name: "PBSRemote", dependencies: [
+            "BackupSources",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOTLS", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+            .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // Examples of the public API (built and run by the tests; README's snippet is one of them).
         .executableTarget(name: "qcowpress-examples", dependencies: ["QcowPress"], path: "Examples"),

@@ -16,3 +16,11 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# The Proxmox Backup Server test server (Tests/Support/pbs_server.py) speaks HTTP/2 through the `h2`
+# package from PyPI; openssl makes its certificates.
+command -v openssl >/dev/null 2>&1 || { SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"; $SUDO apt-get install -y -qq openssl >/dev/null; }
+if ! python3 -c 'import h2' 2>/dev/null; then
+    echo "bootstrap: installing the python h2 package" >&2
+    python3 -m pip install --quiet --user h2 2>/dev/null \
+        || python3 -m pip install --quiet --user --break-system-packages h2
+fi

@@ -3,17 +3,21 @@ import DirectIO
 import Foundation
 import Glibc
 
-/// Reads, checks (CRC, AES-GCM tag, digest) and decodes chunks. Thread-safe: every thread passes
-/// its own scratch buffers.
+/// Checks (CRC, AES-GCM tag, digest) and decodes chunks fetched from a ``PBSChunkStore``.
+/// Thread-safe: every thread passes its own scratch buffers.
 public struct PBSChunkReader: Sendable {
-    public let snapshot: PBSSnapshot
+    public let store: any PBSChunkStore
     public let key: PBSKey?
 
-    public init(snapshot: PBSSnapshot, key: PBSKey?) {
-        self.snapshot = snapshot
+    public init(store: any PBSChunkStore, key: PBSKey?) {
+        self.store = store
         self.key = key
     }
 
+    /// Chunks of a local snapshot's datastore.
+    public init(snapshot: PBSSnapshot, key: PBSKey?) {
+        self.init(store: snapshot.chunks, key: key)
+    }
     /// The digest every all-zero chunk of `length` bytes has in this backup.
     public func zeroDigest(length: Int) -> [UInt8] {
         let zeros = [UInt8](repeating: 0, count: length)
@@ -36,22 +40,8 @@ public struct PBSChunkReader: Sendable {
     /// errors (index, offset, archive).
     public func load(digest: ArraySlice<UInt8>, length: Int, into out: UnsafeMutableRawBufferPointer,
                      scratch: Scratch, what: String) throws(SourceError) {
-        let path = snapshot.chunkPath(digest)
-        let size: Int
-        do {
-            size = try WholeFile.read(path: path, limit: PBSBlob.maxBlobSize, into: &scratch.raw)
-        } catch {
-            switch error {
-            case .io(let e) where e.operation == "open":
-                throw SourceError(e.errno == ENOENT ? .missing : .io, path: path, "\(what): cannot open chunk: \(e.errnoName)", errno: e.errno)
-            case .io(let e):
-                throw SourceError(.io, path: path, "\(what): \(e.reason ?? "\(e.operation) failed: \(e.errnoName)")", errno: e.errno)
-            case .notRegular(let kind):
-                throw SourceError(.damaged, path: path, "\(what): chunk is \(kind.rawValue), not a regular file")
-            case .tooLarge(let n):
-                throw SourceError(.damaged, path: path, "\(what): chunk file is \(n) bytes (limit 128 MiB)")
-            }
-        }
+        let path = store.location(of: digest)
+        let size = try store.fetch(digest, into: &scratch.raw, what: what)
         let k = key?.key
         let zstd = scratch.zstd
         let decoded: Result<Int, SourceError> = scratch.raw.withUnsafeBytes { p in

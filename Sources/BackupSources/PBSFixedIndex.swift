@@ -25,10 +25,17 @@ public struct PBSFixedIndex: Sendable {
 
     public var chunkCount: Int { digests.count / 32 }
 
+    /// 1 GiB of index is 32 Mi chunks: 128 TiB of disk at 4 MiB per chunk.
+    public static let maxFileSize = 1 << 30
+
     public init(path: String) throws(SourceError) {
+        let data = try readSourceFile(path, limit: Self.maxFileSize, what: "fixed index", cannotRead: "cannot read fixed index")
+        try self.init(bytes: data, path: path)
+    }
+
+    /// Parses an index fetched elsewhere (a server); `path` names it in errors.
+    public init(bytes data: [UInt8], path: String) throws(SourceError) {
         self.path = path
-        // 1 GiB of index is 32 Mi chunks: 128 TiB of disk at 4 MiB per chunk.
-        let data = try readSourceFile(path, limit: 1 << 30, what: "fixed index", cannotRead: "cannot read fixed index")
         guard data.count >= Self.headerSize else {
             throw SourceError(.damaged, path: path, "fixed index is truncated (\(data.count) bytes, header needs 4096)")
         }

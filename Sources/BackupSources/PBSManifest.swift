@@ -21,6 +21,11 @@ public struct PBSManifest: Sendable {
 
     public init(path: String) throws(SourceError) {
         let data = try readSourceFile(path, limit: PBSBlob.maxBlobSize, what: "manifest", cannotRead: "cannot read the snapshot manifest")
+        try self.init(bytes: data, path: path)
+    }
+
+    /// Decodes a manifest blob fetched elsewhere (a server); `path` names it in errors.
+    public init(bytes data: [UInt8], path: String) throws(SourceError) {
         var out = [UInt8](repeating: 0, count: 16 << 20)
         let r: Result<Int, SourceError> = data.withUnsafeBytes { p in
             out.withUnsafeMutableBytes { o in

@@ -5,7 +5,7 @@ import Foundation
 /// A snapshot in a local PBS datastore directory: `<ds>/[ns/<a>/ns/<b>/]<type>/<id>/<time>/`.
 /// Every name that comes from the command line or the manifest is checked so that no path can
 /// leave the datastore (no `/` inside components, no `.` or `..`).
-public struct PBSSnapshot: Sendable {
+public struct PBSSnapshot: PBSSnapshotSource {
     public let datastore: String
     public let directory: String
     public let manifest: PBSManifest
@@ -87,28 +87,12 @@ public struct PBSSnapshot: Sendable {
         }
     }
 
-    /// The archives of the snapshot that are disk images (`*.img.fidx`), with their sizes.
-    public var images: [PBSManifest.File] {
-        manifest.files.filter { $0.filename.hasSuffix(".fidx") }
-    }
+    public var chunks: any PBSChunkStore { PBSDatastoreChunks(datastore: datastore) }
 
-    /// Opens an image archive: `drive-scsi0.img.fidx` (".fidx" optional), checks its index against
-    /// the manifest (size and csum).
-    public func openImage(_ archive: String) throws(SourceError) -> (PBSFixedIndex, PBSManifest.File) {
-        let name = archive.hasSuffix(".fidx") ? archive : archive + ".fidx"
-        try Self.checkComponent(name, what: "archive name")
-        guard let entry = manifest.files.first(where: { $0.filename == name }) else {
-            let known = images.map(\.filename).joined(separator: ", ")
-            throw SourceError(.missing, path: directory, "archive '\(name)' is not in the manifest (images: \(known))")
-        }
-        let index = try PBSFixedIndex(path: directory + "/" + name)
-        guard index.indexCsum == entry.csum else {
-            throw SourceError(.damaged, path: index.path, "index checksum does not match the manifest's csum for \(name)")
-        }
-        guard index.size == entry.size else {
-            throw SourceError(.damaged, path: index.path, "size \(index.size) at offset 64 does not match the manifest's \(entry.size)")
-        }
-        return (index, entry)
+    public func readFile(_ name: String, limit: Int) throws(SourceError) -> [UInt8] {
+        try Self.checkComponent(name, what: "file name")
+        return try readSourceFile(directory + "/" + name, limit: limit, what: name.hasSuffix(".fidx") ? "fixed index" : "blob",
+                                  cannotRead: name.hasSuffix(".fidx") ? "cannot read fixed index" : "cannot read the blob")
     }
 
     public func chunkPath(_ digest: ArraySlice<UInt8>) -> String {

@@ -3,7 +3,8 @@ import Glibc
 
 /// A damaged, inconsistent or unusable backup input: what and where (file, offset, chunk).
 public struct SourceError: Error, Sendable, CustomStringConvertible {
-    public enum Kind: Sendable { case damaged, unsupported, missing, wrongKey, io }
+    /// `network`: a server could not be reached, refused us, or broke off (remote repositories).
+    public enum Kind: Sendable { case damaged, unsupported, missing, wrongKey, io, network }
     public var kind: Kind
     /// The file or archive concerned.
     public var path: String

@@ -8,15 +8,17 @@ struct Restore: ParsableCommand {
 }
 
 struct RestorePBS: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "pbs", abstract: "Restore from a local Proxmox Backup Server datastore.")
+    static let configuration = CommandConfiguration(commandName: "pbs", abstract: "Restore from a Proxmox Backup Server datastore: a local directory or a server.")
 
     @Option(help: "The datastore directory.", completion: .directory)
-    var datastore: String
+    var datastore: String?
+    @Option(help: ArgumentHelp("A Proxmox Backup Server: [[USER@REALM[!TOKEN]@]HOST[:PORT]:]DATASTORE (default PBS_REPOSITORY; secret from PBS_PASSWORD, certificate fingerprint from PBS_FINGERPRINT).", valueName: "repo"))
+    var repository: String?
     @Option(help: "Namespace (a/b).")
     var ns: String?
     @Option(help: "Key file of an encrypted backup.", completion: .file())
     var keyfile: String?
-    @Option(name: .customLong("password-file"), help: "File holding the key file's passphrase.", completion: .file())
+    @Option(name: .customLong("password-file"), help: "File holding the key file's passphrase (and the server's password when PBS_PASSWORD is not set).", completion: .file())
     var passwordFile: String?
     @Flag(help: "List the snapshot's disk archives with their sizes; with a group (vm/100) instead of a snapshot, its snapshots.")
     var list = false
@@ -30,6 +32,8 @@ struct RestorePBS: ParsableCommand {
     var noDedup = false
     @Option(name: .customLong("chunk-cache"), help: ArgumentHelp("Memory for chunks used more than once (default 64M); with --live, for every chunk clients may read again (default 128M, added to the default memory limit).", valueName: "size"))
     var chunkCache: String?
+    @Option(help: "With --repository: chunk requests in flight (default 32, lowered to fit the memory limit).")
+    var streams: Int?
     @Option(help: ArgumentHelp("Serve every drive over NBD on this unix socket while it is restored (live restore).", valueName: "path"))
     var live: String?
     @Option(help: ArgumentHelp("With --live: QEMU's QMP socket, to switch its block nodes onto the restored images.", valueName: "path"))
@@ -45,17 +49,14 @@ struct RestorePBS: ParsableCommand {
     var destination: String?
 
     func run() throws {
+        let source = try PBSSourceArguments(datastore: datastore, repository: repository, passwordFile: passwordFile)
         if list && snapshot.split(separator: "/").count == 2 {
             // A group (vm/100): its snapshots.
-            let snaps = try PBSRestore.snapshots(datastore: datastore, namespace: ns, group: snapshot)
+            let snaps = try source.snapshots(namespace: ns, group: snapshot)
             if encoder.output == .json { print(try encodeJSON(snaps)) } else { for s in snaps { print(s) } }
             return
         }
-        let keyfile = self.keyfile
-        let passwordFile = self.passwordFile
-        let restore = try PBSRestore(datastore: datastore, namespace: ns, snapshot: snapshot, keyFile: keyfile) { () throws(QcowPressError) -> String in
-            try readPassword(file: passwordFile, prompt: "Passphrase for \(keyfile ?? "key"): ")
-        }
+        let restore = try source.open(namespace: ns, snapshot: snapshot, keyFile: keyfile, passwordFile: passwordFile)
         if list {
             if encoder.output == .json {
                 struct Archive: Encodable { var name: String; var size: UInt64 }
@@ -79,6 +80,10 @@ struct RestorePBS: ParsableCommand {
         let eo = try encoder.encoderOptions(virtualSize: 0)
         var ro = PBSRestore.Options()
         if let loaders { ro.loaders = loaders }
+        if let streams {
+            guard streams >= 1 else { throw QcowPressError.invalidArgument("--streams \(streams): must be at least 1") }
+            ro.streams = streams
+        }
         ro.dedup = !noDedup
         if let c = chunkCache { ro.cacheBytes = try parseSize(c, what: "--chunk-cache") }
         if let live {
@@ -129,6 +134,38 @@ struct RestorePBS: ParsableCommand {
         if encoder.output == .json {
             print(try encodeJSON(summaries.count == 1 && all == nil ? AnyEncodable(summaries[0]) : AnyEncodable(summaries)))
         }
+    }
+}
+
+/// `--datastore DIR` or `--repository REPO` (or `PBS_REPOSITORY`): where a PBS snapshot is.
+struct PBSSourceArguments {
+    var datastore: String?
+    var server: PBSServer?
+
+    init(datastore: String?, repository: String?, passwordFile: String?) throws {
+        if datastore != nil && repository != nil {
+            throw QcowPressError.invalidArgument("give one of --datastore DIR or --repository REPO")
+        }
+        self.datastore = datastore
+        if datastore == nil {
+            server = try PBSServer.fromEnvironment(repository: repository, passwordFile: passwordFile)
+            guard server != nil else {
+                throw QcowPressError.invalidArgument("give --datastore DIR or --repository REPO (or set PBS_REPOSITORY)")
+            }
+        }
+    }
+
+    func snapshots(namespace: String?, group: String) throws -> [String] {
+        if let server { return try PBSRestore.snapshots(server: server, namespace: namespace, group: group) }
+        return try PBSRestore.snapshots(datastore: datastore!, namespace: namespace, group: group)
+    }
+
+    func open(namespace: String?, snapshot: String, keyFile: String?, passwordFile: String?) throws -> PBSRestore {
+        let password = { () throws(QcowPressError) -> String in
+            try readPassword(file: passwordFile, prompt: "Passphrase for \(keyFile ?? "key"): ")
+        }
+        if let server { return try PBSRestore(server: server, namespace: namespace, snapshot: snapshot, keyFile: keyFile, password: password) }
+        return try PBSRestore(datastore: datastore!, namespace: namespace, snapshot: snapshot, keyFile: keyFile, password: password)
     }
 }
 

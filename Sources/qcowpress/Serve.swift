@@ -56,12 +56,14 @@ struct ServePBS: ParsableCommand {
         abstract: "Serve the disk archives of a PBS snapshot read-only over NBD through one shared chunk cache, until SIGINT/SIGTERM.")
 
     @Option(help: ArgumentHelp("The datastore directory.", valueName: "dir"), completion: .directory)
-    var datastore: String
+    var datastore: String?
+    @Option(help: ArgumentHelp("A Proxmox Backup Server: [[USER@REALM[!TOKEN]@]HOST[:PORT]:]DATASTORE (default PBS_REPOSITORY; secret from PBS_PASSWORD, certificate fingerprint from PBS_FINGERPRINT).", valueName: "repo"))
+    var repository: String?
     @Option(help: ArgumentHelp("Namespace (a/b).", valueName: "ns"))
     var ns: String?
     @Option(help: ArgumentHelp("Key file of an encrypted backup.", valueName: "file"), completion: .file())
     var keyfile: String?
-    @Option(name: .customLong("password-file"), help: ArgumentHelp("File holding the key file's passphrase.", valueName: "file"), completion: .file())
+    @Option(name: .customLong("password-file"), help: ArgumentHelp("File holding the key file's passphrase (and the server's password when PBS_PASSWORD is not set).", valueName: "file"), completion: .file())
     var passwordFile: String?
     @Option(help: ArgumentHelp("Unix socket to listen on.", valueName: "path"), completion: .file())
     var socket: String?
@@ -77,11 +79,8 @@ struct ServePBS: ParsableCommand {
     func validate() throws { try validateListen(socket, listen) }
 
     func run() throws {
-        let keyfile = self.keyfile
-        let passwordFile = self.passwordFile
-        let restore = try PBSRestore(datastore: datastore, namespace: ns, snapshot: snapshot, keyFile: keyfile) { () throws(QcowPressError) -> String in
-            try readPassword(file: passwordFile, prompt: "Passphrase for \(keyfile ?? "key"): ")
-        }
+        let source = try PBSSourceArguments(datastore: datastore, repository: repository, passwordFile: passwordFile)
+        let restore = try source.open(namespace: ns, snapshot: snapshot, keyFile: keyfile, passwordFile: passwordFile)
         let names = archives.isEmpty ? restore.archives.map(\.name) : archives.map { $0.hasSuffix(".fidx") || $0.hasSuffix(".img") ? $0 : $0 + ".img.fidx" }
         let indexes = try names.map { n throws(QcowPressError) in (n, try restore.openArchive(n)) }
         let cache = PBSChunkCache(reader: restore.reader, capacity: try parseSize(cacheSize, what: "--cache-size"), indexes: indexes.map(\.1))

@@ -11,9 +11,10 @@ struct NBDServeTests {
     final class Server {
         let process = Process()
         let urls: [String]
-        init(_ args: [String], exports: Int? = nil) throws {
+        init(_ args: [String], exports: Int? = nil, env: [String: String] = [:]) throws {
             process.executableURL = URL(fileURLWithPath: Harness.binary)
             process.arguments = ["serve"] + (exports == nil ? ["image"] : []) + args
+            if !env.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(env) { $1 } }
             let out = Pipe()
             process.standardOutput = out
             process.standardError = FileHandle.nullDevice

@@ -62,6 +62,11 @@ public final class PBSChunkCache: @unchecked Sendable {
         }
     }
 
+    /// True when chunk `digest` is held now.
+    func contains(_ digest: ArraySlice<UInt8>) -> Bool {
+        lock.withLock { entries[digest] != nil }
+    }
+
     /// Counts of cache hits and chunk loads so far.
     public var stats: (hits: Int, loads: Int) { lock.withLock { (hits, loads) } }
 

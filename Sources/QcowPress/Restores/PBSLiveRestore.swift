@@ -147,7 +147,8 @@ public final class PBSLiveRestore: @unchecked Sendable {
                 options: PBSRestore.Options = .init()) throws(QcowPressError) {
         self.restore = restore
         let indexes = try jobs.map { j throws(QcowPressError) in try restore.openArchive(j.archive) }
-        let (o, e) = try PBSRestore.fit(options, encoder, chunkSize: indexes.map(\.chunkSize).max() ?? 4 << 20, cacheShare: 3)
+        let (o, e) = try PBSRestore.fit(options, encoder, chunkSize: indexes.map(\.chunkSize).max() ?? 4 << 20,
+                                        cacheShare: 3, remote: restore.reader.store.isRemote)
         self.options = o
         // The cache serves the restore and the readers (its size comes out of the memory limit, but
         // holds at least two chunks: a reader's chunk must survive until it is copied out).
@@ -222,6 +223,19 @@ public final class PBSLiveRestore: @unchecked Sendable {
     private func restoreChunks(of d: Drive) throws(QcowPressError) {
         let cs = UInt64(d.view.index.chunkSize)
         let index = d.view.index
+        let store = restore.reader.store
+        if store.isRemote {
+            // From a server: the chunks this drive loads, in the restore's order, requested
+            // ahead (a reader's chunk that is among them is taken from there too).
+            var order: [ArraySlice<UInt8>] = []
+            var seen = Set<ArraySlice<UInt8>>()
+            for i in 0..<d.plan.count {
+                guard case .load = d.plan[i] else { continue }
+                let digest = index.digest(i)
+                if seen.insert(digest).inserted && !cache.contains(digest) { order.append(digest) }
+            }
+            store.willFetch(order, window: max(1, options.streams))
+        }
         try forEachIndex(UInt64(d.plan.count), threads: options.loaders, name: "qp-live") {
             return { (i64) throws(QcowPressError) in
                 let i = Int(i64)

@@ -1,6 +1,7 @@
 import BackupSources
 import DirectIO
 import Foundation
+import PBSRemote
 
 /// Restores disk images from a snapshot in a local Proxmox Backup Server datastore into qcow2.
 ///
@@ -20,6 +21,11 @@ public struct PBSRestore: Sendable {
         public var dedup: Bool = true
         /// Memory for decoded chunks that will be used again (shared by all drives of one restore).
         public var cacheBytes: Int = 64 << 20
+        /// From a server: chunk requests in flight ahead of the loaders (HTTP/2 streams on one
+        /// connection), each holding a received chunk until a loader takes it. 32 × 4 MiB in flight
+        /// keeps a link of 2.5 GB/s busy at 50 ms round trips; the memory plan lowers it (at the
+        /// default 256M and 4 MiB chunks: 16). Measured in bench/RESULTS.md ("remote").
+        public var streams: Int = 32
         public init() {}
     }
 
@@ -37,14 +43,35 @@ public struct PBSRestore: Sendable {
         public var dedupBytesSaved: UInt64
     }
 
-    public let snapshot: PBSSnapshot
+    /// The snapshot: in a datastore directory, or on a server.
+    public let snapshot: any PBSSnapshotSource
     public let reader: PBSChunkReader
 
-    /// Opens a snapshot; `keyFile` and `password` are needed for encrypted backups.
+    /// Opens a snapshot in a local datastore; `keyFile` and `password` are needed for encrypted
+    /// backups.
     public init(datastore: String, namespace: String?, snapshot: String, keyFile: String?,
                 password: @escaping () throws(QcowPressError) -> String) throws(QcowPressError) {
+        let snap: PBSSnapshot
+        do throws(SourceError) { snap = try PBSSnapshot(datastore: datastore, namespace: namespace, snapshot: snapshot) } catch {
+            throw QcowPressError(error)
+        }
+        try self.init(source: snap, keyFile: keyFile, password: password)
+    }
+
+    /// Opens a snapshot on a Proxmox Backup Server (the reader protocol over HTTPS and HTTP/2).
+    public init(server: PBSServer, namespace: String?, snapshot: String, keyFile: String?,
+                password: @escaping () throws(QcowPressError) -> String) throws(QcowPressError) {
+        let snap: PBSRemoteSnapshot
+        do throws(SourceError) { snap = try server.client().openSnapshot(namespace: namespace, snapshot: snapshot) } catch {
+            throw QcowPressError(error)
+        }
+        try self.init(source: snap, keyFile: keyFile, password: password)
+    }
+
+    /// Opens any snapshot source (a datastore directory, a server, or one of the caller's own).
+    public init(source snap: any PBSSnapshotSource, keyFile: String?,
+                password: @escaping () throws(QcowPressError) -> String) throws(QcowPressError) {
         do throws(SourceError) {
-            let snap = try PBSSnapshot(datastore: datastore, namespace: namespace, snapshot: snapshot)
             var key: PBSKey? = nil
             if let keyFile {
                 key = try PBSKey.load(path: keyFile) { () throws(SourceError) -> String in
@@ -57,8 +84,15 @@ public struct PBSRestore: Sendable {
                 throw SourceError(.wrongKey, path: snap.manifestPath, "the backup is encrypted: pass --keyfile")
             }
             self.snapshot = snap
-            reader = PBSChunkReader(snapshot: snap, key: key)
+            reader = PBSChunkReader(store: snap.chunks, key: key)
         } catch {
+            throw QcowPressError(error)
+        }
+    }
+
+    /// The snapshots of a backup group (`vm/100`) on a server, oldest first.
+    public static func snapshots(server: PBSServer, namespace: String?, group: String) throws(QcowPressError) -> [String] {
+        do throws(SourceError) { return try server.client().snapshots(namespace: namespace, group: group) } catch {
             throw QcowPressError(error)
         }
     }
@@ -157,7 +191,8 @@ public struct PBSRestore: Sendable {
         } catch {
             throw QcowPressError(error)
         }
-        let (options, encoder) = try Self.fit(options, encoder, chunkSize: indexes.map(\.chunkSize).max() ?? 4 << 20)
+        let (options, encoder) = try Self.fit(options, encoder, chunkSize: indexes.map(\.chunkSize).max() ?? 4 << 20,
+                                              remote: reader.store.isRemote)
         // Uses still to come for each digest across every job: the cache's hint.
         var uses: [ArraySlice<UInt8>: Int] = [:]
         for idx in indexes { for i in 0..<idx.chunkCount { uses[idx.digest(i), default: 0] += 1 } }
@@ -182,15 +217,19 @@ public struct PBSRestore: Sendable {
     /// everything else: loaders (each a chunk buffer and a decode scratch, 2 chunks) take at most a
     /// quarter of it, the cache at most an eighth; the engine's plan gets the rest. At the default
     /// 256M: 8 loaders (what was measured best here) and a 32 MiB cache. A live restore lets the
-    /// cache take up to a third (`cacheShare` 3): its clients read what the restore loaded.
-    static func fit(_ o: Options, _ e: EncoderOptions, chunkSize: Int, cacheShare: Int = 8) throws(QcowPressError) -> (Options, EncoderOptions) {
+    /// cache take up to a third (`cacheShare` 3): its clients read what the restore loaded. From a
+    /// server, the chunks received ahead of the loaders (``Options/streams``, one chunk each) take
+    /// at most another quarter: 16 streams of 4 MiB chunks at 256M.
+    static func fit(_ o: Options, _ e: EncoderOptions, chunkSize: Int, cacheShare: Int = 8,
+                    remote: Bool = false) throws(QcowPressError) -> (Options, EncoderOptions) {
         var o = o, e = e
         let perLoader = 2 * chunkSize
         o.loaders = max(1, min(o.loaders, e.memoryLimit / 4 / perLoader))
         o.cacheBytes = min(o.cacheBytes, e.memoryLimit / cacheShare)
-        let rest = e.memoryLimit - o.loaders * perLoader - o.cacheBytes
+        o.streams = remote ? max(1, min(o.streams, e.memoryLimit / 4 / chunkSize)) : 0
+        let rest = e.memoryLimit - o.loaders * perLoader - o.cacheBytes - o.streams * chunkSize
         guard rest >= 4 << 20 else {
-            throw .invalidArgument("memory limit \(e.memoryLimit >> 20)M cannot hold a chunk loader (\(perLoader >> 20)M for \(chunkSize >> 20) MiB chunks) and the engine: at least \((perLoader + o.cacheBytes + (4 << 20)) >> 20)M is needed")
+            throw .invalidArgument("memory limit \(e.memoryLimit >> 20)M cannot hold a chunk loader (\(perLoader >> 20)M for \(chunkSize >> 20) MiB chunks) and the engine: at least \((perLoader + o.cacheBytes + o.streams * chunkSize + (4 << 20)) >> 20)M is needed")
         }
         e.memoryLimit = rest
         return (o, e)
@@ -228,6 +267,9 @@ public struct PBSRestore: Sendable {
         let reader = self.reader
         let items = work
         let largest = items.map(\.length).max() ?? 0
+        if reader.store.isRemote {
+            reader.store.willFetch(items.map(\.digest), window: max(1, min(Options().streams, (128 << 20) / max(largest, 1))))
+        }
         try forEachIndex(UInt64(items.count), threads: loaders, name: "qp-verify") {
             let buf = AlignedBuffer(capacity: max(largest, 4096), zeroed: false)
             let scratch = PBSChunkReader.Scratch()
@@ -315,6 +357,17 @@ public struct PBSRestore: Sendable {
         let reader = self.reader
         let name = archive.hasSuffix(".fidx") ? archive : archive + ".fidx"
         let plan = steps
+        if reader.store.isRemote {
+            // The first load of each digest not already cached, in the order the loaders take them.
+            var order: [ArraySlice<UInt8>] = []
+            var seen = Set<ArraySlice<UInt8>>()
+            for i in 0..<index.chunkCount {
+                guard case .load = plan[i] else { continue }
+                let d = index.digest(i)
+                if seen.insert(d).inserted && !cache.contains(d) { order.append(d) }
+            }
+            reader.store.willFetch(order, window: max(1, options.streams))
+        }
         try forEachIndex(UInt64(index.chunkCount), threads: options.loaders, name: "qp-pbs") {
             let buf = AlignedBuffer(capacity: cs)
             let scratch = PBSChunkReader.Scratch()
@@ -359,6 +412,7 @@ extension QcowPressError {
         switch e.kind {
         case .unsupported: self = .unsupported(path: e.path, what: e.detail)
         case .io: self = .io(IOError(errno: e.errno ?? EIO, operation: e.detail, path: e.path))
+        case .network: self = .io(IOError(errno: e.errno ?? EIO, operation: "network", path: e.path, reason: e.detail))
         case .damaged, .missing, .wrongKey: self = .inputDamaged(path: e.path, location: e.detail)
         }
     }
@@ -419,6 +473,11 @@ final class ChunkCache: @unchecked Sendable {
     init(capacity: Int, uses: [ArraySlice<UInt8>: Int]) {
         self.capacity = capacity
         remaining = uses
+    }
+
+    /// True when `d` is held now.
+    func contains(_ d: ArraySlice<UInt8>) -> Bool {
+        lock.withLock { entries[d] != nil }
     }
 
     /// Counts a use that needs no data (a shared copy).

@@ -10,16 +10,7 @@ struct Restore: ParsableCommand {
 struct RestorePBS: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "pbs", abstract: "Restore from a Proxmox Backup Server datastore: a local directory or a server.")
 
-    @Option(help: "The datastore directory.", completion: .directory)
-    var datastore: String?
-    @Option(help: ArgumentHelp("A Proxmox Backup Server: [[USER@REALM[!TOKEN]@]HOST[:PORT]:]DATASTORE (default PBS_REPOSITORY; secret from PBS_PASSWORD, certificate fingerprint from PBS_FINGERPRINT).", valueName: "repo"))
-    var repository: String?
-    @Option(help: "Namespace (a/b).")
-    var ns: String?
-    @Option(help: "Key file of an encrypted backup.", completion: .file())
-    var keyfile: String?
-    @Option(name: .customLong("password-file"), help: "File holding the key file's passphrase (and the server's password when PBS_PASSWORD is not set).", completion: .file())
-    var passwordFile: String?
+    @OptionGroup var pbs: PBSSourceArguments
     @Flag(help: "List the snapshot's disk archives with their sizes; with a group (vm/100) instead of a snapshot, its snapshots.")
     var list = false
     @Flag(name: .customLong("verify-only"), help: "Read and verify every chunk of the archive (or of all archives); write nothing.")
@@ -30,9 +21,9 @@ struct RestorePBS: ParsableCommand {
     var loaders: Int?
     @Flag(name: .customLong("no-dedup"), help: "Write repeated chunks again instead of sharing their clusters.")
     var noDedup = false
-    @Option(name: .customLong("chunk-cache"), help: ArgumentHelp("Memory for chunks used more than once (default 64M); with --live, for every chunk clients may read again (default 128M, added to the default memory limit).", valueName: "size"))
+    @Option(name: .customLong("chunk-cache"), help: ArgumentHelp("Memory for chunks used more than once (default 64M; with --live 128M, for every chunk clients may read again, added to the memory limit).", valueName: "size"))
     var chunkCache: String?
-    @Option(help: "With --repository: chunk requests in flight (default 32, lowered to fit the memory limit).")
+    @Option(help: ArgumentHelp("With --repository: chunk requests in flight (default 32, lowered to fit the memory limit).", valueName: "n"))
     var streams: Int?
     @Option(help: ArgumentHelp("Serve every drive over NBD on this unix socket while it is restored (live restore).", valueName: "path"))
     var live: String?
@@ -49,14 +40,14 @@ struct RestorePBS: ParsableCommand {
     var destination: String?
 
     func run() throws {
-        let source = try PBSSourceArguments(datastore: datastore, repository: repository, passwordFile: passwordFile)
+        let source = try pbs.resolve()
         if list && snapshot.split(separator: "/").count == 2 {
             // A group (vm/100): its snapshots.
-            let snaps = try source.snapshots(namespace: ns, group: snapshot)
+            let snaps = try source.snapshots(group: snapshot)
             if encoder.output == .json { print(try encodeJSON(snaps)) } else { for s in snaps { print(s) } }
             return
         }
-        let restore = try source.open(namespace: ns, snapshot: snapshot, keyFile: keyfile, passwordFile: passwordFile)
+        let restore = try source.open(snapshot: snapshot)
         if list {
             if encoder.output == .json {
                 struct Archive: Encodable { var name: String; var size: UInt64 }
@@ -137,35 +128,50 @@ struct RestorePBS: ParsableCommand {
     }
 }
 
-/// `--datastore DIR` or `--repository REPO` (or `PBS_REPOSITORY`): where a PBS snapshot is.
-struct PBSSourceArguments {
+/// Where a PBS snapshot is (`--datastore DIR`, or `--repository REPO` / `PBS_REPOSITORY`) and how
+/// to read it: the options `restore pbs` and `serve pbs` share.
+struct PBSSourceArguments: ParsableArguments {
+    @Option(help: ArgumentHelp("The datastore directory.", valueName: "dir"), completion: .directory)
     var datastore: String?
-    var server: PBSServer?
+    @Option(help: ArgumentHelp("A Proxmox Backup Server: [[USER@REALM[!TOKEN]@]HOST[:PORT]:]DATASTORE (default PBS_REPOSITORY; secret from PBS_PASSWORD, certificate fingerprint from PBS_FINGERPRINT).", valueName: "repo"))
+    var repository: String?
+    @Option(help: ArgumentHelp("Namespace (a/b).", valueName: "ns"))
+    var ns: String?
+    @Option(help: ArgumentHelp("Key file of an encrypted backup.", valueName: "file"), completion: .file())
+    var keyfile: String?
+    @Option(name: .customLong("password-file"), help: ArgumentHelp("File holding the key file's passphrase (and the server's password when PBS_PASSWORD is not set).", valueName: "file"), completion: .file())
+    var passwordFile: String?
 
-    init(datastore: String?, repository: String?, passwordFile: String?) throws {
+    /// The datastore or server these options name (a server's environment is read here).
+    func resolve() throws -> Source {
         if datastore != nil && repository != nil {
             throw QcowPressError.invalidArgument("give one of --datastore DIR or --repository REPO")
         }
-        self.datastore = datastore
-        if datastore == nil {
-            server = try PBSServer.fromEnvironment(repository: repository, passwordFile: passwordFile)
-            guard server != nil else {
-                throw QcowPressError.invalidArgument("give --datastore DIR or --repository REPO (or set PBS_REPOSITORY)")
+        if let datastore { return Source(options: self, datastore: datastore, server: nil) }
+        guard let server = try PBSServer.fromEnvironment(repository: repository, passwordFile: passwordFile) else {
+            throw QcowPressError.invalidArgument("give --datastore DIR or --repository REPO (or set PBS_REPOSITORY)")
+        }
+        return Source(options: self, datastore: nil, server: server)
+    }
+
+    struct Source {
+        let options: PBSSourceArguments
+        let datastore: String?
+        let server: PBSServer?
+
+        func snapshots(group: String) throws -> [String] {
+            if let server { return try PBSRestore.snapshots(server: server, namespace: options.ns, group: group) }
+            return try PBSRestore.snapshots(datastore: datastore!, namespace: options.ns, group: group)
+        }
+
+        func open(snapshot: String) throws -> PBSRestore {
+            let o = options
+            let password = { () throws(QcowPressError) -> String in
+                try readPassword(file: o.passwordFile, prompt: "Passphrase for \(o.keyfile ?? "key"): ")
             }
+            if let server { return try PBSRestore(server: server, namespace: o.ns, snapshot: snapshot, keyFile: o.keyfile, password: password) }
+            return try PBSRestore(datastore: datastore!, namespace: o.ns, snapshot: snapshot, keyFile: o.keyfile, password: password)
         }
-    }
-
-    func snapshots(namespace: String?, group: String) throws -> [String] {
-        if let server { return try PBSRestore.snapshots(server: server, namespace: namespace, group: group) }
-        return try PBSRestore.snapshots(datastore: datastore!, namespace: namespace, group: group)
-    }
-
-    func open(namespace: String?, snapshot: String, keyFile: String?, passwordFile: String?) throws -> PBSRestore {
-        let password = { () throws(QcowPressError) -> String in
-            try readPassword(file: passwordFile, prompt: "Passphrase for \(keyFile ?? "key"): ")
-        }
-        if let server { return try PBSRestore(server: server, namespace: namespace, snapshot: snapshot, keyFile: keyFile, password: password) }
-        return try PBSRestore(datastore: datastore!, namespace: namespace, snapshot: snapshot, keyFile: keyFile, password: password)
     }
 }
 

@@ -21,7 +21,7 @@ struct ServeImage: ParsableCommand {
     var listen: String?
     @Option(name: .customShort("f"), help: ArgumentHelp("Format of every FILE: raw or qcow2 (detected by magic when absent).", valueName: "format"))
     var format: String?
-    @Option(name: .customLong("cache-size"), help: ArgumentHelp("Memory for decoded qcow2 clusters, shared by every export and client (default 256M; 0 for none).", valueName: "size"))
+    @Option(name: .customLong("cache-size"), help: ArgumentHelp("Memory for decoded qcow2 clusters, shared by every export and client (0 for none).", valueName: "size"))
     var cacheSize: String = "256M"
     @Argument(help: ArgumentHelp("Images to serve; each export is named after its file's base name.", valueName: "file"), completion: .file())
     var files: [String]
@@ -55,16 +55,7 @@ struct ServePBS: ParsableCommand {
         commandName: "pbs",
         abstract: "Serve the disk archives of a PBS snapshot read-only over NBD through one shared chunk cache, until SIGINT/SIGTERM.")
 
-    @Option(help: ArgumentHelp("The datastore directory.", valueName: "dir"), completion: .directory)
-    var datastore: String?
-    @Option(help: ArgumentHelp("A Proxmox Backup Server: [[USER@REALM[!TOKEN]@]HOST[:PORT]:]DATASTORE (default PBS_REPOSITORY; secret from PBS_PASSWORD, certificate fingerprint from PBS_FINGERPRINT).", valueName: "repo"))
-    var repository: String?
-    @Option(help: ArgumentHelp("Namespace (a/b).", valueName: "ns"))
-    var ns: String?
-    @Option(help: ArgumentHelp("Key file of an encrypted backup.", valueName: "file"), completion: .file())
-    var keyfile: String?
-    @Option(name: .customLong("password-file"), help: ArgumentHelp("File holding the key file's passphrase (and the server's password when PBS_PASSWORD is not set).", valueName: "file"), completion: .file())
-    var passwordFile: String?
+    @OptionGroup var pbs: PBSSourceArguments
     @Option(help: ArgumentHelp("Unix socket to listen on.", valueName: "path"), completion: .file())
     var socket: String?
     @Option(help: ArgumentHelp("TCP address to listen on.", valueName: "addr:port"))
@@ -79,8 +70,7 @@ struct ServePBS: ParsableCommand {
     func validate() throws { try validateListen(socket, listen) }
 
     func run() throws {
-        let source = try PBSSourceArguments(datastore: datastore, repository: repository, passwordFile: passwordFile)
-        let restore = try source.open(namespace: ns, snapshot: snapshot, keyFile: keyfile, passwordFile: passwordFile)
+        let restore = try pbs.resolve().open(snapshot: snapshot)
         let names = archives.isEmpty ? restore.archives.map(\.name) : archives.map { $0.hasSuffix(".fidx") || $0.hasSuffix(".img") ? $0 : $0 + ".img.fidx" }
         let indexes = try names.map { n throws(QcowPressError) in (n, try restore.openArchive(n)) }
         let cache = PBSChunkCache(reader: restore.reader, capacity: try parseSize(cacheSize, what: "--cache-size"), indexes: indexes.map(\.1))

@@ -211,7 +211,7 @@ struct PackageTests {
                 #expect(found, "a completion script lacks '\(value)'")
             }
         }
-        for spec in ["':source:_files'", "':destination:_files'", ":backing:_files'", ":datastore:_files -/'", "':outdir:_files -/'"] {
+        for spec in ["':source:_files'", "':destination:_files'", ":backing:_files'", ":dir:_files -/'", "':outdir:_files -/'"] {
             let found = zsh.contains(spec)
             #expect(found, "zsh script lacks \(spec)")
         }

@@ -16,6 +16,12 @@ struct Qcowpress: ParsableCommand {
     /// expect (a usage error adds a second line naming the command's --help); help and version
     /// exit 0.
     static func main() {
+        // At most two malloc arenas, whatever the thread count. glibc's default (8 per core) let
+        // each of the NBD pool's threads keep its own freed 4 MiB chunk buffers: `serve pbs
+        // --cache-size 16M` with three drives read at once peaked at 303-325 MiB RSS, 116-138 MiB
+        // with one or two arenas; `restore pbs -c` of the 3 GiB bench disk took the same time
+        // either way (8.3-8.7 s). (/tmp/rss.sh of the stop-20 note; bench/nbd_bench.py "rss".)
+        limitMallocArenas(2)
         // Block SIGINT/SIGTERM first, so a signal at any moment goes to the watcher thread (which
         // cancels whatever is running and exits 130/143), never to the default action.
         SignalWatcher.install()
@@ -140,4 +146,13 @@ enum CommandWords {
 func writeStderr(_ s: String) {
     var s = s
     s.withUTF8 { p in _ = Glibc.write(2, p.baseAddress, p.count) }
+}
+
+/// glibc's `mallopt(M_ARENA_MAX, n)`. <malloc.h> is not in Swift's Glibc module, so the function
+/// is looked up by name (it is always there in glibc; elsewhere this does nothing).
+func limitMallocArenas(_ n: Int32) {
+    typealias Mallopt = @convention(c) (Int32, Int32) -> Int32
+    let M_ARENA_MAX: Int32 = -8  // <malloc.h>
+    guard let f = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "mallopt") else { return }  // RTLD_DEFAULT
+    _ = unsafeBitCast(f, to: Mallopt.self)(M_ARENA_MAX, n)
 }

@@ -23,50 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QP = os.environ.get("QCOWPRESS_BIN") or os.path.join(ROOT, ".build", "release", "qcowpress")
 
 
-class QMP:
-    def __init__(self, path):
-        deadline = time.time() + 10
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.s.connect(path)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.f = self.s.makefile("rwb")
-        self.events = []
-        self._read()
-        self.cmd("qmp_capabilities")
+sys.path.insert(0, os.path.join(ROOT, "Tests", "Support"))
+from qmp_run import QMP  # noqa: E402  (the tests' QMP client, one definition)
 
-    def _read(self):
-        line = self.f.readline()
-        if not line:
-            raise EOFError("QMP closed")
-        return json.loads(line)
 
-    def cmd(self, name, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        self.f.flush()
-        while True:
-            m = self._read()
-            if "event" in m:
-                self.events.append(m)
-            elif "error" in m:
-                raise RuntimeError(f"{name}: {m['error']['desc']}")
-            else:
-                return m.get("return")
-
-    def wait_job(self, job):
-        while True:
-            for e in self.events:
-                if e["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and e["data"].get("device") == job:
-                    self.events.remove(e)
-                    if e["event"] != "BLOCK_JOB_COMPLETED" or "error" in e["data"]:
-                        raise RuntimeError(f"job {job}: {e['data']}")
-                    return
-            self.events.append(self._read())
+def call(q, name, **args):
+    """One QMP command with keyword arguments."""
+    return q.cmd({"execute": name, "arguments": args})
 
 
 def parse_size(s):
@@ -116,13 +79,13 @@ def run_sink(q, work, src, size, n):
     if not url.startswith("nbd+unix://"):
         sys.exit(f"qcowpress did not start: {open(err.name).read()}")
     node, job = f"sink{n}", f"jsink{n}"
-    q.cmd("blockdev-add", driver="nbd", **{"node-name": node}, export="backup", server={"type": "unix", "path": sock})
+    call(q, "blockdev-add", driver="nbd", **{"node-name": node}, export="backup", server={"type": "unix", "path": sock})
     warm(src)
     t0 = time.monotonic()
-    q.cmd("blockdev-backup", **{"job-id": job}, device="src", target=node, sync="full")
+    call(q, "blockdev-backup", **{"job-id": job}, device="src", target=node, sync="full")
     q.wait_job(job)
     t_job = time.monotonic() - t0
-    q.cmd("blockdev-del", **{"node-name": node})
+    call(q, "blockdev-del", **{"node-name": node})
     out = p.stdout.read()
     rc = p.wait()
     wall = time.monotonic() - t0
@@ -139,14 +102,14 @@ def run_native(q, work, src, size, n):
         os.unlink(dst)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", dst, str(size)], check=True)
     node, job = f"nat{n}", f"jnat{n}"
-    q.cmd("blockdev-add", driver="qcow2", **{"node-name": node}, cache={"direct": True},
+    call(q, "blockdev-add", driver="qcow2", **{"node-name": node}, cache={"direct": True},
           file={"driver": "file", "filename": dst, "cache": {"direct": True}})
     warm(src)
     t0 = time.monotonic()
-    q.cmd("blockdev-backup", **{"job-id": job}, device="src", target=node, sync="full", compress=True)
+    call(q, "blockdev-backup", **{"job-id": job}, device="src", target=node, sync="full", compress=True)
     q.wait_job(job)
     t_job = time.monotonic() - t0
-    q.cmd("blockdev-del", **{"node-name": node})
+    call(q, "blockdev-del", **{"node-name": node})
     wall = time.monotonic() - t0
     return {"wall": wall, "job": t_job, "size": os.stat(dst).st_size, "dst": dst}
 

@@ -26,13 +26,13 @@ def connect(path):
 
 
 def recvn(s, n):
-    b = b""
+    b = bytearray()
     while len(b) < n:
         c = s.recv(n - len(b))
         if not c:
             raise EOFError("closed after %d of %d bytes" % (len(b), n))
         b += c
-    return b
+    return bytes(b)
 
 
 def greet(s):

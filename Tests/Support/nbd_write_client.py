@@ -19,34 +19,10 @@ flight). Prints one line per request: "ok" or "err N" (the NBD error number).
 """
 import os, socket, struct, sys, threading
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC = 0x3E889045565A9
-REQ = 0x25609513
-STRUCT = 0x668E33EF
-OPT_GO, OPT_SR = 7, 8
+# The protocol constants and option exchange are nbd_hostile.py's (one definition).
+from nbd_hostile import IHAVEOPT, NBDMAGIC, OPT_GO, OPT_SR, REQ, STRUCT, option, recvn  # noqa: E402
+
 CMD = {"r": 0, "w": 1, "disc": 2, "f": 3, "t": 4, "z": 6}
-
-
-def recvn(s, n):
-    b = bytearray()
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c:
-            raise EOFError("closed after %d of %d bytes" % (len(b), n))
-        b += c
-    return bytes(b)
-
-
-def option(s, opt, data=b""):
-    s.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
-    replies = []
-    while True:
-        magic, o, typ, ln = struct.unpack(">QIII", recvn(s, 20))
-        assert magic == REPLY_MAGIC and o == opt, "bad option reply"
-        replies.append((typ, recvn(s, ln)))
-        if typ == 1 or typ & 0x80000000:
-            return replies
 
 
 def reply(s):

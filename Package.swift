@@ -65,7 +65,7 @@ let package = Package(
         // Examples of the public API (built and run by the tests; README's snippet is one of them).
         .executableTarget(name: "qcowpress-examples", dependencies: ["QcowPress"], path: "Examples"),
         .executableTarget(name: "qcowpress", dependencies: [
-            "QcowPress", "NBDServer",
+            "QcowPress", "NBDServer", "DirectIO",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

@@ -1,4 +1,5 @@
 import ArgumentParser
+import DirectIO
 import Foundation
 import NBDServer
 import QcowPress
@@ -282,7 +283,7 @@ final class QMPSwitcher: @unchecked Sendable {
     let qmp: String
     let nodes: [String: String]
     let server: NBDServer
-    private let lock = Condition()
+    private let lock = ConditionLock()
     private var queue: [PBSLiveRestore.Drive] = []
     private var busy = false
     private var stopped = false
@@ -379,16 +380,4 @@ final class QMPSwitcher: @unchecked Sendable {
     }
 
     private var isStopped: Bool { lock.withLock { stopped } }
-}
-
-/// NSCondition with a scoped lock (the CLI does not see DirectIO's `ConditionLock`).
-final class Condition: @unchecked Sendable {
-    private let c = NSCondition()
-    func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        c.lock()
-        defer { c.unlock() }
-        return try body()
-    }
-    func wait() { c.wait() }
-    func broadcast() { c.broadcast() }
 }

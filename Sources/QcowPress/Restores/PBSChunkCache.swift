@@ -43,10 +43,9 @@ public final class PBSChunkCache: @unchecked Sendable {
     /// (`serve pbs` + `nbdcopy --connections=4` of the 3 GiB bench disk, /tmp/serve.sh of the
     /// stop-20 note): 2 loads, 1 ahead: 3.58-3.74 s; 4 loads, 2 ahead: 2.72-3.24 s; 8 loads,
     /// 3 ahead: 2.90 s. With one chunk ahead, four readers kept waiting on their own loads.
-    static let maxPrefetches = 4
-    static let depth = 2
+    public static let maxPrefetches = 4
+    public static let depth = 2
     private var prefetching = 0
-    private let prefetchQueue = DispatchQueue(label: "qp-prefetch", attributes: .concurrent)
 
     /// Starts loading a chunk in the background (read-ahead for a sequential reader) unless it is
     /// cached or being loaded, or `maxPrefetches` loads are running already. A failed load is
@@ -59,7 +58,9 @@ public final class PBSChunkCache: @unchecked Sendable {
             return true
         }
         guard go else { return }
-        prefetchQueue.async {
+        // A thread of its own (at most `maxPrefetches`): Dispatch's shared pool could sit behind
+        // blocked work of other clients of the process for seconds (seen in the test suite).
+        startThread(name: "qp-prefetch") {
             _ = try? self.withChunk(d, length: length, what: what) { _ in () }
             self.lock.withLock { self.prefetching -= 1 }
         }

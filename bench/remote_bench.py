@@ -18,12 +18,8 @@ SNAP = "vm/100/2026-11-20T10:00:00Z"
 TOKEN, SECRET = "root@pam!bench", "bench-secret"
 
 
-def drop():
-    subprocess.run(["sync"])
-    try:
-        open("/proc/sys/vm/drop_caches", "w").write("3\n")
-    except OSError:
-        pass
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from restore_bench import drop  # noqa: E402  (sync + drop the page cache, one definition)
 
 
 class Server:

@@ -103,6 +103,18 @@ public final class OutputFile: @unchecked Sendable {
         return done
     }
 
+    /// Reads back [offset, offset + length) in whole 4 KiB blocks (what O_DIRECT needs) into
+    /// `buffer`, which holds at least `length` + 8 KiB; returns where the bytes start in it. Bytes
+    /// the file does not have yet are an EIO naming the offset.
+    public func readBlocks(offset: UInt64, length: Int, into buffer: AlignedBuffer) throws(IOError) -> Int {
+        let base = offset & ~4095
+        let span = (Int(offset - base) + length + 4095) & ~4095
+        precondition(span <= buffer.capacity, "read-back buffer too small")
+        let n = try preadAll(buffer.pointer, length: span, offset: base)
+        guard n >= Int(offset - base) + length else { throw IOError(errno: EIO, operation: "read back", path: path, offset: base + UInt64(n)) }
+        return Int(offset - base)
+    }
+
     public func sync() throws(IOError) {
         var e: Int32
         repeat { e = Sys.fsync(fd) } while e == EINTR

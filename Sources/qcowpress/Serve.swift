@@ -244,12 +244,14 @@ extension RestorePBS {
                 var nbdRequests: Int
                 var cacheHits: Int
                 var cacheLoads: Int
+                var readsFromImage: Int
                 var switched: [String]?
             }
             let c = live.cache.stats
             print(try encodeJSON(Live(drives: summaries, chunksServed: live.drives.reduce(0) { $0 + $1.chunksServed },
                                       chunksServedAheadOfOrder: live.drives.reduce(0) { $0 + $1.chunksAheadOfOrder },
                                       nbdRequests: server.counts.requests, cacheHits: c.hits, cacheLoads: c.loads,
+                                      readsFromImage: live.drives.reduce(0) { $0 + $1.readsFromImage },
                                       switched: switcher.map { s in live.drives.map(\.name).filter { s.switched.contains($0) } })))
         }
     }

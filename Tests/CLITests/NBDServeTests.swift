@@ -211,9 +211,13 @@ struct PBSServeTests {
         #expect((json["chunksServedAheadOfOrder"] as? Int ?? 0) >= 1, "\(json)")
         // The client read every chunk with data (nbdcopy skips the two zero ones, holes).
         #expect((25...27).contains(json["chunksServed"] as? Int ?? 0), "\(json)")
-        // The restore loaded each of the 24 distinct chunks once (whoever asked first).
+        // The restore loaded each of the 24 distinct chunks once (whoever asked first), and so
+        // did the cache: what the client read after the restore passed it and the 5-chunk cache
+        // let it go came back from the image being written, not from the datastore again.
         let drives = json["drives"] as? [[String: Any]] ?? []
         #expect(drives.first?["chunksRead"] as? Int == 24, "\(json)")
+        #expect(json["cacheLoads"] as? Int == 24, "\(json)")
+        #expect(json["readsFromImage"] is Int, "\(json)")
         #expect(drives.first?["chunksShared"] as? Int == 1 && drives.first?["chunksZero"] as? Int == 2, "\(json)")
         try Harness.expectGood(out, equals: rawA)
         #expect(!FileManager.default.fileExists(atPath: sock))

@@ -177,6 +177,92 @@ import Testing
         bad.clusterSize = 1000
         #expect(throws: QcowPressError.self) { _ = try Qcow2Encoder(destination: dir.appendingPathComponent("y").path, options: bad) }
     }
+
+    /// The image being written reads back (live restore): a range nobody wrote says no at once; a
+    /// written range, once its bytes — and, for a region already complete, its L2 table — are on
+    /// disk, reads back equal to the source: compressed, raw and zero clusters, whole zero regions,
+    /// copies. The finished image is still clean and equal.
+    @Test(.enabled(if: haveQemuImg), arguments: [4096, 65536], ["none", "zlib", "zstd"])
+    func readsBackWhatIsOnDisk(clusterSize: Int, codec: String) throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let mib = 1 << 20
+        let size = 24 * mib
+        var source = makeSource(size: size, seed: UInt64(clusterSize) + 77)
+        // MiB 6-7: zeros (a whole region with 4 KiB clusters); MiB 9 repeats MiB 1.
+        for i in (6 * mib)..<(8 * mib) { source[i] = 0 }
+        for i in 0..<mib { source[9 * mib + i] = source[mib + i] }
+        var options = EncoderOptions(virtualSize: UInt64(size))
+        options.clusterSize = clusterSize
+        options.compression = codec == "none" ? nil : CompressionSettings(algorithm: codec == "zlib" ? .zlib : .zstd)
+        options.memoryLimit = 16 << 20
+        let dst = dir.appendingPathComponent("out.qcow2").path
+        let enc = try Qcow2Encoder(destination: dst, options: options)
+        let context = ReadContext()
+        var out = [UInt8](repeating: 0xAA, count: 256 << 10)
+        func readBack(_ at: Int, wait: Double) throws -> Bool {
+            try out.withUnsafeMutableBytes { p in
+                try enc.readWritten(at: UInt64(at), count: p.count, into: p.baseAddress!, context: context, wait: wait)
+            }
+        }
+        #expect(try readBack(0, wait: 0) == false, "nothing written yet")
+        // One MiB written: its clusters become final while their bytes still sit in a write buffer
+        // (not full yet); whatever reads back meanwhile is the source.
+        try source.withUnsafeBytes { p in try enc.writeBlocking(at: 0, UnsafeRawBufferPointer(rebasing: p[0..<mib])) }
+        let polling = Date()
+        while Date().timeIntervalSince(polling) < 0.3 {
+            if try readBack(0, wait: 0) { #expect(out.elementsEqual(source[0..<out.count]), "read back before it was on disk") }
+        }
+        for m in 1..<20 {
+            switch m {
+            case 6: try enc.writeZeroesBlocking(at: UInt64(6 * mib), length: UInt64(2 * mib))
+            case 7: continue
+            case 9: try enc.writeCopy(at: UInt64(9 * mib), from: UInt64(mib), length: UInt64(mib))
+            default: try source.withUnsafeBytes { p in try enc.writeBlocking(at: UInt64(m * mib), UnsafeRawBufferPointer(rebasing: p[(m * mib)..<((m + 1) * mib)])) }
+            }
+        }
+        // Never written: no at once, however long it may wait.
+        let t0 = Date()
+        #expect(try readBack(22 * mib, wait: 10) == false)
+        #expect(Date().timeIntervalSince(t0) < 5)
+        // The first 10 MiB are far enough behind the writer's buffers to reach the disk.
+        for at in stride(from: 0, to: 10 * mib, by: out.count) {
+            #expect(try readBack(at, wait: 10), "offset \(at)")
+            let same = out.elementsEqual(source[at..<(at + out.count)])
+            #expect(same, "offset \(at)")
+        }
+        // A read that starts inside a cluster and spans several.
+        var odd = [UInt8](repeating: 0, count: 3 * clusterSize + 1000)
+        let oddAt = 3 * mib + 777
+        let ok = try odd.withUnsafeMutableBytes { p in try enc.readWritten(at: UInt64(oddAt), count: p.count, into: p.baseAddress!, context: context, wait: 10) }
+        let same = ok && odd.elementsEqual(source[oddAt..<(oddAt + odd.count)])
+        #expect(same, "a read across clusters")
+        for m in 20..<24 {
+            try source.withUnsafeBytes { p in try enc.writeBlocking(at: UInt64(m * mib), UnsafeRawBufferPointer(rebasing: p[(m * mib)..<((m + 1) * mib)])) }
+        }
+        _ = try enc.finishBlocking()
+        let raw = dir.appendingPathComponent("src.raw")
+        try Data(source).write(to: raw)
+        #expect(try qemuImg(["check", dst]) == 0)
+        #expect(try qemuImg(["compare", "-f", "raw", "-F", "qcow2", raw.path, dst]) == 0)
+    }
+
+    /// Over a backing file an unallocated cluster reads the backing file: reading back refuses.
+    @Test func readBackRefusesImagesOverABackingFile() throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let base = dir.appendingPathComponent("base.raw").path
+        try Data(count: 1 << 20).write(to: URL(fileURLWithPath: base))
+        var options = EncoderOptions(virtualSize: 1 << 20)
+        options.backingFile = base
+        options.backingFormat = "raw"
+        let enc = try Qcow2Encoder(destination: dir.appendingPathComponent("top.qcow2").path, options: options)
+        try enc.writeZeroesBlocking(at: 0, length: 1 << 20)
+        var out = [UInt8](repeating: 0, count: 4096)
+        let ok = try out.withUnsafeMutableBytes { p in try enc.readWritten(at: 0, count: 4096, into: p.baseAddress!, context: ReadContext(), wait: 1) }
+        #expect(!ok)
+        _ = try enc.finishBlocking()
+    }
 }
 
 /// Identical chunks stored once: copies share host clusters; refcounts count every reference

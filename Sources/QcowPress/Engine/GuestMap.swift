@@ -43,6 +43,8 @@ final class GuestMap: @unchecked Sendable {
     private var waiting: [UInt64: [UInt64]] = [:]
     /// Clusters 0..<prefix are all final (progress in guest order).
     private var prefix: UInt64 = 0
+    /// Regions `markZero` completed as a whole: they have no table, every cluster reads as zero.
+    private var wholeZero = Set<Int>()
 
     /// `clusterBytes(c)`: the guest bytes cluster c holds (the last one may be short).
     init(geometry: ClusterGeometry, guestClusters: UInt64, zeroNeedsEntry: Bool = false, clusterBytes: @escaping (UInt64) -> Int) {
@@ -106,6 +108,7 @@ final class GuestMap: @unchecked Sendable {
                 if c == regionFirst && stop == regionEnd && tables[r] == nil && !zeroNeedsEntry {
                     if completed.contains(r) { throw overlap(c) }
                     completed.insert(r)
+                    wholeZero.insert(r)
                     if !waiting.isEmpty {
                         for k in c..<stop { if let w = waiting.removeValue(forKey: k) { for d in w { out.copies.append((d, k)) } } }
                     }
@@ -256,6 +259,44 @@ final class GuestMap: @unchecked Sendable {
             waiting.removeAll()
             all.sort { $0.dst < $1.dst }
             return all
+        }
+    }
+
+    /// What the map says of clusters [first, first + count) (one region) to a reader of the image
+    /// being written (``Qcow2Encoder/readWritten(at:count:into:context:)``).
+    enum Readback {
+        /// Every one is final: its entry (0 for a zero cluster).
+        case entries([UInt64])
+        /// The region was completed as zero without a table.
+        case zero
+        /// The region's table left memory to be written: ``WrittenImage`` knows where it went.
+        case elsewhere
+        /// Some cluster is written but not final yet (being compressed): it will be.
+        case pending
+        /// Some cluster was never written.
+        case untouched
+    }
+
+    func readback(_ first: UInt64, count: Int) -> Readback {
+        lock.withLock {
+            let r = geometry.l1Index(ofGuestCluster: first)
+            if let t = tables[r] {
+                let i0 = geometry.l2Index(ofGuestCluster: first)
+                var out: [UInt64] = []
+                out.reserveCapacity(count)
+                var pending = false
+                for i in i0..<(i0 + count) {
+                    switch t[i] {
+                    case .zero: out.append(0)
+                    case .final(let e): out.append(e)
+                    case .pending: pending = true
+                    case .untouched: return .untouched
+                    }
+                }
+                return pending ? .pending : .entries(out)
+            }
+            if wholeZero.contains(r) { return .zero }
+            return completed.contains(r) ? .elsewhere : .untouched
         }
     }
 

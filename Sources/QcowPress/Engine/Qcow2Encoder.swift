@@ -40,6 +40,8 @@ public final class Qcow2Encoder: @unchecked Sendable {
     let queue = ResultQueue()
     /// open → finishing → done, or failed (its own lock).
     let lifecycle = Lifecycle()
+    /// Where written tables went and how far the file is on disk, for reading back (its own lock).
+    let written: WrittenImage
 
     /// A complete cluster in a slot. `checkedNonZero`: the intake already found non-zero bytes.
     struct WorkItem { var cluster: UInt64; var slot: Int32; var checkedNonZero = false }
@@ -60,6 +62,7 @@ public final class Qcow2Encoder: @unchecked Sendable {
         clusterSize = options.clusterSize
         guestClusters = geometry.guestClusters(forVirtualSize: options.virtualSize)
         let (g, size, cs) = (geometry, options.virtualSize, UInt64(options.clusterSize))
+        written = WrittenImage(regions: Int(g.l1Entries(forVirtualSize: size)))
         map = GuestMap(geometry: g, guestClusters: guestClusters, zeroNeedsEntry: options.backingFile != nil) { c in
             Int(min(cs, size - (c << UInt64(g.clusterBits))))
         }

@@ -6,6 +6,9 @@ extension StreamSink {
     /// Writes the last buffer, the L1 table, refcount blocks and table, then the header; syncs and
     /// renames the image to its final name.
     func finalize() throws(QcowPressError) {
+        // Readers of the image being written stop at what is on disk now: the last buffer's
+        // compaction below moves clusters above it.
+        enc.written.freeze()
         // Copies of clusters never written: those read as zero, and so do their copies.
         for (dst, src) in enc.map.takeWaiting() { try setFinal(dst, try unwritten(src)) }
         for r in enc.map.regionsInMemory { try flushRegion(r) }

@@ -35,6 +35,8 @@ final class StreamSink: @unchecked Sendable {
     /// Entries in tables already on disk whose copied flag must be cleared at the end.
     var diskFlagClears: [UInt64] = []
     var clustersShared: UInt64 = 0
+    /// File offset of each buffer being written (by tag): everything below the lowest is on disk.
+    var inFlightStarts: [Int: UInt64] = [:]
     /// One cluster for reading back data that is copied rather than shared (with room for the
     /// 4 KiB alignment around it), and one to hold those bytes while they are placed.
     lazy var scratch = AlignedBuffer(capacity: cs + 8192)
@@ -81,7 +83,7 @@ final class StreamSink: @unchecked Sendable {
             for r in regions { try flushRegion(r) }
             regions.removeAll(keepingCapacity: true)
             do {
-                freeBuffers += try writer.reap(wait: false)
+                try reapWrites(wait: false)
             } catch {
                 throw QcowPressError.from(error)
             }
@@ -196,11 +198,12 @@ final class StreamSink: @unchecked Sendable {
         buf.zero(from: packer.front, to: packer.back)
         do {
             try writer.submit(buf, length: packer.bufferSize, offset: packer.bufferStart, tag: current)
+            inFlightStarts[current] = packer.bufferStart
             packer.advance()
             backItems.removeAll(keepingCapacity: true)
             if freeBuffers.isEmpty {
                 let t0 = monotonicNanoseconds()
-                freeBuffers += try writer.reap(wait: true)
+                try reapWrites(wait: true)
                 diskWaitNanoseconds += monotonicNanoseconds() - t0
             }
         } catch {
@@ -220,11 +223,15 @@ final class StreamSink: @unchecked Sendable {
             any = true
             break
         }
-        guard any else { return }
+        guard any else {
+            enc.written.regionWithoutTable(r)
+            return
+        }
         let (p, host) = try placeAligned(owner: .table(r))
         let out = UnsafeMutableRawBufferPointer(start: p, count: cs)
         for i in 0..<t.count { storeBE64(out, i * 8, t.diskEntry(i, zeroFlag: keepZeroFlag)) }
         l1[r] = L1Entry(l2Offset: host, copied: true).rawValue
+        enc.written.tableWritten(r, at: host)
     }
 
     // MARK: - where written bytes are now
@@ -243,22 +250,29 @@ final class StreamSink: @unchecked Sendable {
             memcpy(UnsafeMutableRawPointer(mutating: p) + head, buffers[current].pointer, count - head)
             return p
         }
-        let base = offset & ~4095
-        let span = (Int(offset - base) + count + 4095) & ~4095
         do throws(IOError) {
             try drainWrites()
-            let n = try enc.file.preadAll(scratch.pointer, length: span, offset: base)
-            guard n == span else { throw IOError(errno: EIO, operation: "read back", path: enc.destination, offset: base) }
+            return UnsafeRawPointer(scratch.pointer + (try enc.file.readBlocks(offset: offset, length: count, into: scratch)))
         } catch {
             throw QcowPressError.from(error)
         }
-        return UnsafeRawPointer(scratch.pointer + Int(offset - base))
+    }
+
+    /// Takes back the buffers whose writes finished (waiting for one when `wait`) and tells
+    /// readers of the image how far it is on disk.
+    func reapWrites(wait: Bool) throws(IOError) {
+        let done = try writer.reap(wait: wait)
+        for t in done { inFlightStarts[t] = nil }
+        freeBuffers += done
+        enc.written.written(upTo: inFlightStarts.values.min() ?? packer.bufferStart)
     }
 
     /// Waits for every write in flight; all buffers but the current one are free afterwards.
     func drainWrites() throws(IOError) {
         try writer.drain()
         freeBuffers = (0..<buffers.count).filter { $0 != current }
+        inFlightStarts.removeAll()
+        enc.written.written(upTo: packer.bufferStart)
     }
 
     /// Where the on-disk entry of guest cluster `c` lives, once its region's table was written

@@ -58,10 +58,27 @@ public final class PBSChunkCache: @unchecked Sendable {
             return true
         }
         guard go else { return }
-        // A thread of its own (at most `maxPrefetches`): Dispatch's shared pool could sit behind
-        // blocked work of other clients of the process for seconds (seen in the test suite).
+        startAhead { _ = try? self.withChunk(d, length: length, what: what) { _ in () } }
+    }
+
+    /// Runs `body` (a load ahead of a reader) on a thread of its own unless `maxPrefetches` run
+    /// already; false when it did not start.
+    func runAhead(_ body: @escaping @Sendable () -> Void) -> Bool {
+        let go: Bool = lock.withLock {
+            if prefetching >= Self.maxPrefetches { return false }
+            prefetching += 1
+            return true
+        }
+        if go { startAhead(body) }
+        return go
+    }
+
+    /// Starts a counted read-ahead thread (the caller counted it in `prefetching`). A thread of
+    /// its own: Dispatch's shared pool could sit behind blocked work of other clients of the
+    /// process for seconds (seen in the test suite).
+    private func startAhead(_ body: @escaping @Sendable () -> Void) {
         startThread(name: "qp-prefetch") {
-            _ = try? self.withChunk(d, length: length, what: what) { _ in () }
+            body()
             self.lock.withLock { self.prefetching -= 1 }
         }
     }
@@ -180,6 +197,10 @@ public final class PBSArchiveView: @unchecked Sendable {
     /// eight ended; random reads almost never do.
     private let recentEnds = Mutex<(ends: [UInt64], next: Int)>((Array(repeating: UInt64.max, count: 8), 0))
 
+    /// Loads chunk `j` ahead of a sequential reader in place of ``PBSChunkCache/prefetch(_:length:what:)``
+    /// (a live restore loads it and writes it into the image in one go). Set once, before the first read.
+    var readAhead: (@Sendable (Int) -> Void)?
+
     /// Reads [offset, offset + count) (bytes past the archive's end read as zero). A sequential
     /// reader gets the next chunk loaded ahead (``PBSChunkCache/prefetch(_:length:what:)``).
     public func read(at offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer) throws(QcowPressError) {
@@ -196,7 +217,11 @@ public final class PBSArchiveView: @unchecked Sendable {
             let next = Int((end + cs - 1) / cs)
             if end + cs / 2 > UInt64(next) * cs {
                 for j in next..<min(index.chunkCount, next + PBSChunkCache.depth) where !isZeroChunk(j) {
-                    cache.prefetch(index.digest(j), length: index.chunkLength(j), what: "chunk \(j) of \(name) (guest offset \(UInt64(j) * cs))")
+                    if let readAhead {
+                        readAhead(j)
+                    } else {
+                        cache.prefetch(index.digest(j), length: index.chunkLength(j), what: "chunk \(j) of \(name) (guest offset \(UInt64(j) * cs))")
+                    }
                 }
             }
         }

@@ -15,7 +15,10 @@ public final class PBSChunkCache: @unchecked Sendable {
     public let capacity: Int
     private let lock = ConditionLock()
     // Guarded by `lock`.
-    private struct Entry { var bytes: [UInt8]; var lastUse: UInt64; let hot: Bool }
+    /// `pins`: bodies running over the chunk now. A pinned chunk is not evicted: its bytes stay in
+    /// memory while a body holds them anyway, and a live restore's body (writing the chunk into the
+    /// image) can run long enough for a client to want the chunk meanwhile.
+    private struct Entry { var bytes: [UInt8]; var lastUse: UInt64; let hot: Bool; var pins = 0 }
     private var entries: [ArraySlice<UInt8>: Entry] = [:]
     private var used = 0
     private var clock: UInt64 = 0
@@ -102,6 +105,7 @@ public final class PBSChunkCache: @unchecked Sendable {
                 if var e = entries[d], e.bytes.count == length {
                     clock += 1
                     e.lastUse = clock
+                    e.pins += 1
                     entries[d] = e
                     hits += 1
                     return (e.bytes, false)
@@ -109,7 +113,10 @@ public final class PBSChunkCache: @unchecked Sendable {
                 loading.insert(d)
                 return (nil, true)
             }
-            if let bytes = state.bytes { return try Self.over(bytes, body) }
+            if let bytes = state.bytes {
+                defer { unpin(d) }
+                return try Self.over(bytes, body)
+            }
             // This thread loads it; others asking for it wait above.
             let scratch = lock.withLock { scratches.popLast() } ?? PBSChunkReader.Scratch()
             // Not zero-filled first: a load writes all `length` bytes or fails (and then the
@@ -124,16 +131,19 @@ public final class PBSChunkCache: @unchecked Sendable {
                     n = 0
                 }
             }
-            lock.withLock {
+            let pinned: Bool = lock.withLock {
                 scratches.append(scratch)
                 loading.remove(d)
+                var pinned = false
                 if case .success = result {
                     loads += 1
-                    insert(d, bytes)
+                    pinned = insert(d, bytes)
                 }
                 lock.broadcast()
+                return pinned
             }
             try result.get()
+            defer { if pinned { unpin(d) } }
             return try Self.over(bytes, body)
         }
     }
@@ -145,22 +155,27 @@ public final class PBSChunkCache: @unchecked Sendable {
         return try r.get()
     }
 
-    /// Keeps a loaded chunk if it fits, evicting single-use chunks first, least recently used
-    /// first. Caller holds the lock.
-    private func insert(_ d: ArraySlice<UInt8>, _ bytes: [UInt8]) {
-        guard bytes.count <= capacity else { return }
+    private func unpin(_ d: ArraySlice<UInt8>) {
+        lock.withLock { if let p = entries[d]?.pins, p > 0 { entries[d]!.pins = p - 1 } }
+    }
+
+    /// Keeps a loaded chunk (pinned once) if it fits, evicting unpinned single-use chunks first,
+    /// least recently used first; true when kept. Caller holds the lock.
+    private func insert(_ d: ArraySlice<UInt8>, _ bytes: [UInt8]) -> Bool {
+        guard bytes.count <= capacity else { return false }
         while used + bytes.count > capacity {
-            let victim = entries.min { a, b in
+            let victim = entries.lazy.filter { $0.value.pins == 0 }.min { a, b in
                 if a.value.hot != b.value.hot { return !a.value.hot }
                 return a.value.lastUse < b.value.lastUse
             }
-            guard let victim else { return }
+            guard let victim else { return false }
             used -= victim.value.bytes.count
             entries[victim.key] = nil
         }
         clock += 1
-        entries[d] = Entry(bytes: bytes, lastUse: clock, hot: hot.contains(d))
+        entries[d] = Entry(bytes: bytes, lastUse: clock, hot: hot.contains(d), pins: 1)
         used += bytes.count
+        return true
     }
 }
 

@@ -32,8 +32,10 @@ public final class PBSLiveRestore: @unchecked Sendable {
         private var servedCount = 0
         /// Read contexts of the threads reading back from the image (guarded by `lock`).
         private var contexts: [ReadContext] = []
-        /// The finished image, once the drive is complete: every read comes from it (guarded by `lock`).
+        /// The finished image, once the drive is complete: every read comes from it; `finishing`
+        /// while the encoder completes it (both guarded by `lock`).
         private var finishedImage: Qcow2Image?
+        private var finishing = false
         private let readsBack = Atomic<Int>(0)
 
         init(archive: String, view: PBSArchiveView, destination: String, encoder: Qcow2Encoder, plan: [PBSRestore.Step]) {
@@ -169,6 +171,13 @@ public final class PBSLiveRestore: @unchecked Sendable {
                 }
             }
             if first <= last, try readBack(at: offset, count: count, into: out, chunks: first...last) { return }
+            // Written but in the image's last buffer, which is on disk only once the image is
+            // finished: the finished image is moments away.
+            if let image = waitForFinishedImage() {
+                try withContext { (c) throws(QcowPressError) in try image.read(at: offset, count: count, into: out.baseAddress!, context: c) }
+                readsBack.add(1, ordering: .relaxed)
+                return
+            }
             try view.read(at: offset, count: count, into: out)
         }
 
@@ -196,12 +205,38 @@ public final class PBSLiveRestore: @unchecked Sendable {
             return try body(context)
         }
 
-        /// Reads of this drive come from its finished image from now on (all of it is on disk;
-        /// a part of the image being written was readable only below its last buffer). An image
-        /// that cannot be opened leaves reads as they were.
-        func finished() {
-            guard let image = try? Qcow2Image(path: destination) else { return }
-            lock.withLock { finishedImage = image }
+        /// How long a read waits for the image being finished (writing its metadata and syncing
+        /// it) rather than loading its chunks again.
+        static let finishWait = 5.0
+
+        /// The finished image, waiting for it while the drive is being finished; nil otherwise.
+        private func waitForFinishedImage() -> Qcow2Image? {
+            let deadline = monotonicNanoseconds() + UInt64(Self.finishWait * 1e9)
+            return lock.withLock {
+                while finishing && finishedImage == nil {
+                    let now = monotonicNanoseconds()
+                    guard now < deadline else { break }
+                    _ = lock.wait(seconds: Double(deadline - now) / 1e9)
+                }
+                return finishedImage
+            }
+        }
+
+        /// The drive's encoder starts completing the image.
+        func beginFinishing() {
+            lock.withLock { finishing = true }
+        }
+
+        /// The drive's encoder is done: when it succeeded, reads of this drive come from the
+        /// finished image from now on (all of it is on disk; of the image being written, only what
+        /// lay below its last buffer). An image that cannot be opened leaves reads as they were.
+        func endFinishing(succeeded: Bool) {
+            let image = succeeded ? try? Qcow2Image(path: destination) : nil
+            lock.withLock {
+                finishing = false
+                finishedImage = image
+                lock.broadcast()
+            }
         }
     }
 
@@ -274,9 +309,14 @@ public final class PBSLiveRestore: @unchecked Sendable {
                 if let i = d.firstUnwritten() {
                     throw .inputDamaged(path: d.archive, location: "chunk \(i) was not restored (a reader's load of it failed)")
                 }
-                let s = try d.encoder.finishBlocking()
+                d.beginFinishing()
+                let s: EncoderSummary
+                do throws(QcowPressError) { s = try d.encoder.finishBlocking() } catch {
+                    d.endFinishing(succeeded: false)
+                    throw error
+                }
                 finished.append(d)
-                d.finished()
+                d.endFinishing(succeeded: true)
                 let name = d.archive.hasSuffix(".fidx") ? d.archive : d.archive + ".fidx"
                 let summary = d.counters.summary(archive: name, image: s, chunks: d.plan.count)
                 out.append(summary)

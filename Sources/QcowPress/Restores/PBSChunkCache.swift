@@ -94,6 +94,21 @@ public final class PBSChunkCache: @unchecked Sendable {
     /// Counts of cache hits and chunk loads so far.
     public var stats: (hits: Int, loads: Int) { lock.withLock { (hits, loads) } }
 
+    /// Runs `body` over chunk `digest` if the cache holds it (waiting for a load of it that is
+    /// running); nil, without loading, when it does not.
+    func withCachedChunk<T>(_ digest: ArraySlice<UInt8>, length: Int, _ body: (UnsafeRawBufferPointer) -> T) -> T? {
+        let bytes: [UInt8]? = lock.withLock {
+            while loading.contains(digest) { lock.wait() }
+            guard var e = entries[digest], e.bytes.count == length else { return nil }
+            clock += 1
+            e.lastUse = clock
+            entries[digest] = e
+            hits += 1
+            return e.bytes
+        }
+        return bytes.map { $0.withUnsafeBytes(body) }
+    }
+
     /// Runs `body` over chunk `digest` (`length` bytes), loading it if needed. `what` names the
     /// chunk in errors.
     public func withChunk<T>(_ digest: ArraySlice<UInt8>, length: Int, what: String,
@@ -156,26 +171,38 @@ public final class PBSChunkCache: @unchecked Sendable {
     }
 
     private func unpin(_ d: ArraySlice<UInt8>) {
-        lock.withLock { if let p = entries[d]?.pins, p > 0 { entries[d]!.pins = p - 1 } }
+        lock.withLock {
+            if let p = entries[d]?.pins, p > 0 { entries[d]!.pins = p - 1 }
+            trim(toFit: 0)
+        }
     }
 
-    /// Keeps a loaded chunk (pinned once) if it fits, evicting unpinned single-use chunks first,
-    /// least recently used first; true when kept. Caller holds the lock.
+    /// Keeps a loaded chunk (pinned once, for the caller's body). Pinned chunks are never
+    /// evicted, so when every other chunk is pinned the cache holds more than its capacity for a
+    /// while — memory those bodies hold anyway — and gives it back as they end. Refusing the
+    /// chunk instead made every other reader of it load it again (62 loads for 24 chunks in
+    /// `liveRestoreServesWhileItWrites`, whose slow disk keeps writes running). Caller holds the lock.
     private func insert(_ d: ArraySlice<UInt8>, _ bytes: [UInt8]) -> Bool {
         guard bytes.count <= capacity else { return false }
-        while used + bytes.count > capacity {
-            let victim = entries.lazy.filter { $0.value.pins == 0 }.min { a, b in
-                if a.value.hot != b.value.hot { return !a.value.hot }
-                return a.value.lastUse < b.value.lastUse
-            }
-            guard let victim else { return false }
-            used -= victim.value.bytes.count
-            entries[victim.key] = nil
-        }
+        trim(toFit: bytes.count)
         clock += 1
         entries[d] = Entry(bytes: bytes, lastUse: clock, hot: hot.contains(d), pins: 1)
         used += bytes.count
         return true
+    }
+
+    /// Evicts unpinned chunks — single-use ones first, least recently used first — until `extra`
+    /// more bytes fit, or none is left to evict. Caller holds the lock.
+    private func trim(toFit extra: Int) {
+        while used + extra > capacity {
+            let victim = entries.lazy.filter { $0.value.pins == 0 }.min { a, b in
+                if a.value.hot != b.value.hot { return !a.value.hot }
+                return a.value.lastUse < b.value.lastUse
+            }
+            guard let victim else { return }
+            used -= victim.value.bytes.count
+            entries[victim.key] = nil
+        }
     }
 }
 
@@ -219,6 +246,12 @@ public final class PBSArchiveView: @unchecked Sendable {
     /// Reads [offset, offset + count) (bytes past the archive's end read as zero). A sequential
     /// reader gets the next chunk loaded ahead (``PBSChunkCache/prefetch(_:length:what:)``).
     public func read(at offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer) throws(QcowPressError) {
+        _ = try read(at: offset, count: count, into: out, cachedOnly: false)
+    }
+
+    /// ``read(at:count:into:)``; with `cachedOnly`, only from chunks the cache holds (waiting for
+    /// one being loaded): false, without loading anything, when one is not held.
+    func read(at offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer, cachedOnly: Bool) throws(QcowPressError) -> Bool {
         let end = offset + UInt64(count)
         let sequential = recentEnds.withLock { r in
             let hit = r.ends.contains(offset)
@@ -226,7 +259,7 @@ public final class PBSArchiveView: @unchecked Sendable {
             r.next = (r.next + 1) % r.ends.count
             return hit
         }
-        try readChunks(at: offset, count: count, into: out)
+        guard try readChunks(at: offset, count: count, into: out, cachedOnly: cachedOnly) else { return false }
         if sequential {
             let cs = UInt64(index.chunkSize)
             let next = Int((end + cs - 1) / cs)
@@ -240,9 +273,12 @@ public final class PBSArchiveView: @unchecked Sendable {
                 }
             }
         }
+        return true
     }
 
-    private func readChunks(at offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer) throws(QcowPressError) {
+    /// The bytes of [offset, offset + count) from the chunks (no read-ahead); with `cachedOnly`,
+    /// false without loading when a chunk is not held.
+    func readChunks(at offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer, cachedOnly: Bool) throws(QcowPressError) -> Bool {
         let cs = UInt64(index.chunkSize)
         var done = 0
         while done < count {
@@ -251,16 +287,19 @@ public final class PBSArchiveView: @unchecked Sendable {
             let within = Int(at % cs)
             guard i < index.chunkCount else {
                 memset(out.baseAddress! + done, 0, count - done)
-                return
+                return true
             }
             let len = index.chunkLength(i)
             let n = min(count - done, len - within)
             if n <= 0 {
                 memset(out.baseAddress! + done, 0, count - done)
-                return
+                return true
             }
             if isZeroChunk(i) {
                 memset(out.baseAddress! + done, 0, n)
+            } else if cachedOnly {
+                let dst = out.baseAddress! + done
+                guard cache.withCachedChunk(index.digest(i), length: len, { src in memcpy(dst, src.baseAddress! + within, n) }) != nil else { return false }
             } else {
                 let dst = out.baseAddress! + done
                 _ = try cache.withChunk(index.digest(i), length: len, what: "chunk \(i) of \(name) (guest offset \(UInt64(i) * cs))") { src in
@@ -269,5 +308,6 @@ public final class PBSArchiveView: @unchecked Sendable {
             }
             done += n
         }
+        return true
     }
 }

@@ -170,7 +170,8 @@ public final class PBSLiveRestore: @unchecked Sendable {
                     }
                 }
             }
-            if first <= last, try readBack(at: offset, count: count, into: out, chunks: first...last) { return }
+            if try view.read(at: offset, count: count, into: out, cachedOnly: true) { return }
+            if first <= last, try readBack(at: offset, count: count, into: out) { return }
             // Written but in the image's last buffer, which is on disk only once the image is
             // finished: the finished image is moments away.
             if let image = waitForFinishedImage() {
@@ -188,10 +189,8 @@ public final class PBSLiveRestore: @unchecked Sendable {
         /// (its last buffer is written only when it is finished) stops the wait at once.
         static let readBackWait = 1.0
 
-        /// Reads from the image being written when none of the range's chunks is cached (copying
-        /// from the cache is cheaper) and all of it is on disk; false otherwise.
-        private func readBack(at offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer, chunks: ClosedRange<Int>) throws(QcowPressError) -> Bool {
-            for i in chunks where !view.isZeroChunk(i) && view.cache.contains(view.index.digest(i)) { return false }
+        /// Reads from the image being written when all of the range is on disk there; false otherwise.
+        private func readBack(at offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer) throws(QcowPressError) -> Bool {
             guard try withContext({ (c) throws(QcowPressError) in
                 try encoder.readWritten(at: offset, count: count, into: out.baseAddress!, context: c, wait: Self.readBackWait)
             }) else { return false }

@@ -171,16 +171,62 @@ public final class PBSLiveRestore: @unchecked Sendable {
                 }
             }
             if try view.read(at: offset, count: count, into: out, cachedOnly: true) { return }
-            if first <= last, try readBack(at: offset, count: count, into: out) { return }
-            // Written but in the image's last buffer, which is on disk only once the image is
+            // Chunk by chunk: a repeated chunk reads its first occurrence (the restore may not
+            // have written the repeat yet).
+            var done = 0
+            while done < count {
+                let at = offset + UInt64(done)
+                let i = Int(at / cs)
+                let within = at % cs
+                guard i < plan.count else {
+                    memset(out.baseAddress! + done, 0, count - done)
+                    return
+                }
+                let n = min(count - done, Int(cs - within))
+                try readPiece(i, within: within, into: UnsafeMutableRawBufferPointer(start: out.baseAddress! + done, count: n))
+                done += n
+            }
+        }
+
+        /// Reads `piece.count` bytes at `within` of chunk `i` (inside it) when the whole request
+        /// was not cached: from the cache, else from the image being written, else after the
+        /// load of whoever claimed the chunk, else from the finished image when the drive is being
+        /// finished, else by loading it.
+        private func readPiece(_ i: Int, within: UInt64, into piece: UnsafeMutableRawBufferPointer) throws(QcowPressError) {
+            let cs = UInt64(view.index.chunkSize)
+            if view.isZeroChunk(i) {
+                memset(piece.baseAddress!, 0, piece.count)
+                return
+            }
+            var source = i
+            if case .copy(let f) = plan[i] { source = f }
+            let at = UInt64(source) * cs + within
+            if try view.readChunks(at: at, count: piece.count, into: piece, cachedOnly: true) { return }
+            if try readBack(at: at, count: piece.count, into: piece) { return }
+            // Claimed and not written yet: its load is running or about to start, and the loaded
+            // chunk stays cached while it is written (a cached-only read waits for a running load).
+            let deadline = monotonicNanoseconds() + UInt64(Self.claimWait * 1e9)
+            while lock.withLock({ claims[source] == 1 }) && monotonicNanoseconds() < deadline {
+                if try view.readChunks(at: at, count: piece.count, into: piece, cachedOnly: true) { return }
+                lock.withLock { if claims[source] == 1 { _ = lock.wait(seconds: 0.01) } }
+            }
+            if try view.readChunks(at: at, count: piece.count, into: piece, cachedOnly: true) { return }
+            if try readBack(at: at, count: piece.count, into: piece) { return }
+            // Written, but in the image's last buffer, which is on disk only once the image is
             // finished: the finished image is moments away.
             if let image = waitForFinishedImage() {
-                try withContext { (c) throws(QcowPressError) in try image.read(at: offset, count: count, into: out.baseAddress!, context: c) }
+                try withContext { (c) throws(QcowPressError) in
+                    try image.read(at: UInt64(i) * cs + within, count: piece.count, into: piece.baseAddress!, context: c)
+                }
                 readsBack.add(1, ordering: .relaxed)
                 return
             }
-            try view.read(at: offset, count: count, into: out)
+            _ = try view.readChunks(at: at, count: piece.count, into: piece, cachedOnly: false)
         }
+
+        /// How long a read waits for another reader's (or the restore's) claim of a chunk to be
+        /// loaded before it loads the chunk itself.
+        static let claimWait = 5.0
 
         /// How long a read of chunks already written to the encoder waits for them to reach the
         /// disk before it loads them again. The encoder's backlog (its slots: 48 MiB with two

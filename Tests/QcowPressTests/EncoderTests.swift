@@ -23,6 +23,16 @@ import Testing
         return p.terminationStatus
     }
 
+    /// An encoder writing `out.qcow2` in `dir`; `codec` "none", "zlib" or "zstd".
+    func encoder(in dir: URL, size: Int, clusterSize: Int, codec: String, memoryLimit: Int) throws -> (Qcow2Encoder, String) {
+        var options = EncoderOptions(virtualSize: UInt64(size))
+        options.clusterSize = clusterSize
+        options.compression = codec == "none" ? nil : CompressionSettings(algorithm: codec == "zlib" ? .zlib : .zstd)
+        options.memoryLimit = memoryLimit
+        let dst = dir.appendingPathComponent("out.qcow2").path
+        return (try Qcow2Encoder(destination: dst, options: options), dst)
+    }
+
     /// A source whose pieces compress differently: zeros, text, noise.
     func makeSource(size: Int, seed: UInt64) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: size)
@@ -66,12 +76,7 @@ import Testing
             at += n
         }
         pieces.shuffle(using: &rng)
-        var options = EncoderOptions(virtualSize: UInt64(size))
-        options.clusterSize = clusterSize
-        options.compression = codec == "none" ? nil : CompressionSettings(algorithm: codec == "zlib" ? .zlib : .zstd)
-        options.memoryLimit = 32 << 20
-        let dst = dir.appendingPathComponent("out.qcow2").path
-        let enc = try Qcow2Encoder(destination: dst, options: options)
+        let (enc, dst) = try encoder(in: dir, size: size, clusterSize: clusterSize, codec: codec, memoryLimit: 32 << 20)
         let shared = source
         try await withThrowingTaskGroup(of: Void.self) { group in
             for t in 0..<8 {
@@ -192,12 +197,7 @@ import Testing
         // MiB 6-7: zeros (a whole region with 4 KiB clusters); MiB 9 repeats MiB 1.
         for i in (6 * mib)..<(8 * mib) { source[i] = 0 }
         for i in 0..<mib { source[9 * mib + i] = source[mib + i] }
-        var options = EncoderOptions(virtualSize: UInt64(size))
-        options.clusterSize = clusterSize
-        options.compression = codec == "none" ? nil : CompressionSettings(algorithm: codec == "zlib" ? .zlib : .zstd)
-        options.memoryLimit = 16 << 20
-        let dst = dir.appendingPathComponent("out.qcow2").path
-        let enc = try Qcow2Encoder(destination: dst, options: options)
+        let (enc, dst) = try encoder(in: dir, size: size, clusterSize: clusterSize, codec: codec, memoryLimit: 16 << 20)
         let context = ReadContext()
         var out = [UInt8](repeating: 0xAA, count: 256 << 10)
         func readBack(_ at: Int, wait: Double) throws -> Bool {

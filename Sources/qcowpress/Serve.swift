@@ -291,16 +291,13 @@ final class QMPSwitcher: @unchecked Sendable {
     private var stopped = false
     private var failure: (any Error)?
     private var done: Set<String> = []
-    private var thread: Thread?
 
     init(qmp: String, nodes: [String: String], server: NBDServer) {
         self.qmp = qmp
         self.nodes = nodes
         self.server = server
-        let t = Thread { [unowned self] in self.loop() }
-        t.name = "qp-qmp"
-        thread = t
-        t.start()
+        // The loop holds the switcher until it returns (stopped, finished or failed).
+        startThread(name: "qp-qmp") { self.loop() }
     }
 
     /// Drives whose node reads the restored image now.

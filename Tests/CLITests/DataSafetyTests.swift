@@ -408,11 +408,7 @@ extension DataSafetyTests {
         let unique = SourceImage.noise(1 << 20, seed: 1234)
         let rawC = dir.appendingPathComponent("c.raw").path
         try (Data(count: 1 << 20) + unique).write(to: URL(fileURLWithPath: rawC))
-        let ds = dir.appendingPathComponent("ds").path
-        let mk = try Harness.run("/usr/bin/python3", [PBSFixture.script, "--datastore", ds, "--snapshot", PBSRestoreTests.snapshot,
-                                                      "--chunk-size", String(1 << 20), "--drive", "drive-scsi0.img=\(f.rawA)",
-                                                      "--drive", "drive-virtio1.img=\(rawC)", "--seed", "5"])
-        #expect(mk.status == 0, "\(mk.stderr)")
+        let ds = try PBSFixture.datastore(in: dir, drives: ["drive-scsi0.img": f.rawA, "drive-virtio1.img": rawC], seed: 5)
         let chunkFile = dir.appendingPathComponent("unique.bin").path
         try unique.write(to: URL(fileURLWithPath: chunkFile))
         let hex = try Harness.run("/usr/bin/sha256sum", [chunkFile]).stdout.prefix(64)

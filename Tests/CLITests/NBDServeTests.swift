@@ -158,12 +158,7 @@ struct PBSServeTests {
         let server = try NBDServeTests.Server(["pbs"] + f.datastoreArgs + ["--socket", sock, "--cache-size", "4M", PBSRestoreTests.snapshot], exports: 2)
         #expect(server.urls == ["nbd+unix:///drive-scsi0?socket=\(sock)", "nbd+unix:///drive-virtio1?socket=\(sock)"], "\(server.urls)")
         for (url, raw) in zip(server.urls, [f.rawA, f.rawB]) {
-            // The guest sees the archive rounded up to 512 bytes, as QEMU does.
-            let padded = f.dir.appendingPathComponent("padded.raw").path
-            try? FileManager.default.removeItem(atPath: padded)
-            try FileManager.default.copyItem(atPath: raw, toPath: padded)
-            let size = try FileManager.default.attributesOfItem(atPath: raw)[.size] as! UInt64
-            try FileHandle(forWritingTo: URL(fileURLWithPath: padded)).truncate(atOffset: (size + 511) & ~511)
+            let padded = try f.padded(raw)
             let cmp = try Harness.qemuImg(["compare", "-f", "raw", padded, url])
             #expect(cmp.status == 0, "\(url): \(cmp.stdout)\(cmp.stderr)")
             let out = f.dir.appendingPathComponent("copy.raw").path
@@ -225,11 +220,7 @@ struct PBSServeTests {
 
     /// A datastore in `dir` holding one snapshot of one drive (`drive-scsi0.img`) in 1 MiB chunks.
     static func datastore(in dir: URL, drive raw: String) throws -> String {
-        let ds = dir.appendingPathComponent("ds").path
-        let mk = try Harness.run("/usr/bin/python3", [PBSFixture.script, "--datastore", ds, "--snapshot", PBSRestoreTests.snapshot,
-                                                      "--chunk-size", String(1 << 20), "--drive", "drive-scsi0.img=\(raw)", "--seed", "4"])
-        guard mk.status == 0 else { throw FixtureError(message: mk.stdout + mk.stderr) }
-        return ds
+        try PBSFixture.datastore(in: dir, drives: ["drive-scsi0.img": raw], seed: 4)
     }
 
     /// Starts qcowpress on a slow disk (every write 100 ms late) with stdout on a pipe (its first
@@ -324,11 +315,7 @@ struct PBSServeTests {
         let rawB = dir.appendingPathComponent("b.raw").path
         try (SourceImage.noise(3 << 20, seed: 5) + Data(count: 1 << 20)).write(to: URL(fileURLWithPath: rawA))
         try SourceImage.noise(40 << 20, seed: 6).write(to: URL(fileURLWithPath: rawB))
-        let ds = dir.appendingPathComponent("ds").path
-        let mk = try Harness.run("/usr/bin/python3", [PBSFixture.script, "--datastore", ds, "--snapshot", PBSRestoreTests.snapshot,
-                                                      "--chunk-size", String(1 << 20), "--drive", "drive-scsi0.img=\(rawA)",
-                                                      "--drive", "drive-virtio1.img=\(rawB)", "--seed", "4"])
-        #expect(mk.status == 0, "\(mk.stderr)")
+        let ds = try PBSFixture.datastore(in: dir, drives: ["drive-scsi0.img": rawA, "drive-virtio1.img": rawB], seed: 4)
         let live = dir.appendingPathComponent("live.sock").path
         let qmp = dir.appendingPathComponent("qmp.sock").path
         let outDir = dir.appendingPathComponent("out").path
@@ -451,4 +438,17 @@ final class ConditionCounter: @unchecked Sendable {
     private var n = 0
     func add() { lock.withLock { n += 1 } }
     var value: Int { lock.withLock { n } }
+}
+
+extension PBSFixture {
+    /// A copy of `raw` (in the fixture's directory, replaced on each call) rounded up to 512 bytes:
+    /// what a guest sees of the archive, as QEMU sizes block devices.
+    func padded(_ raw: String) throws -> String {
+        let padded = dir.appendingPathComponent("padded.raw").path
+        try? FileManager.default.removeItem(atPath: padded)
+        try FileManager.default.copyItem(atPath: raw, toPath: padded)
+        let size = try FileManager.default.attributesOfItem(atPath: raw)[.size] as! UInt64
+        try FileHandle(forWritingTo: URL(fileURLWithPath: padded)).truncate(atOffset: (size + 511) & ~511)
+        return padded
+    }
 }

@@ -73,9 +73,7 @@ struct PBSRemoteTests {
         let f = try PBSFixture(.init(name: "listing", chunk: 1 << 20))
         defer { f.remove() }
         let later = "vm/100/2026-11-21T10:00:00Z"
-        let r0 = try Harness.run("/usr/bin/python3", [PBSFixture.script, "--datastore", f.datastore, "--snapshot", later,
-                                                      "--chunk-size", String(1 << 20), "--drive", "drive-scsi0.img=\(f.rawB)", "--seed", "6"])
-        #expect(r0.status == 0, "\(r0.stderr)")
+        try f.addLaterSnapshot(later)
         let server = try PBSTestServer(store: f.datastore)
         defer { server.stop() }
         let repo = ["--repository", server.repository(Self.token)]
@@ -247,11 +245,7 @@ extension PBSRemoteTests {
                                            exports: 2, env: server.env(Self.secret))
         #expect(nbd.urls == ["nbd+unix:///drive-scsi0?socket=\(sock)", "nbd+unix:///drive-virtio1?socket=\(sock)"], "\(nbd.urls)")
         for (url, raw) in zip(nbd.urls, [f.rawA, f.rawB]) {
-            let padded = f.dir.appendingPathComponent("padded.raw").path
-            try? FileManager.default.removeItem(atPath: padded)
-            try FileManager.default.copyItem(atPath: raw, toPath: padded)
-            let size = try FileManager.default.attributesOfItem(atPath: raw)[.size] as! UInt64
-            try FileHandle(forWritingTo: URL(fileURLWithPath: padded)).truncate(atOffset: (size + 511) & ~511)
+            let padded = try f.padded(raw)
             let cmp = try Harness.qemuImg(["compare", "-f", "raw", padded, url])
             #expect(cmp.status == 0, "\(url): \(cmp.stdout)\(cmp.stderr)")
         }

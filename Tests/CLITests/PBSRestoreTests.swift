@@ -35,9 +35,7 @@ struct PBSRestoreTests {
         defer { f.remove() }
         // A second, later snapshot of the same group.
         let later = "vm/100/2026-11-21T10:00:00Z"
-        let r0 = try Harness.run("/usr/bin/python3", [PBSFixture.script, "--datastore", f.datastore, "--snapshot", later,
-                                                      "--chunk-size", String(1 << 20), "--drive", "drive-scsi0.img=\(f.rawB)", "--seed", "6"])
-        #expect(r0.status == 0, "\(r0.stderr)")
+        try f.addLaterSnapshot(later)
         let text = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + ["vm/100", "--list"])
         #expect(text.status == 0 && text.stdout == "\(Self.snapshot)\n\(later)\n", "\(text.stdout)\(text.stderr)")
         let json = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + ["vm/100", "--list", "--output", "json"])
@@ -140,12 +138,14 @@ struct PBSFixture {
     let rawB: String
     let datastore: String
     let datastoreArgs: [String]
+    let chunk: Int
 
     init(_ v: Variant) throws {
         dir = try Harness.tempDir()
         rawA = dir.appendingPathComponent("a.raw").path
         rawB = dir.appendingPathComponent("b.raw").path
         let c = v.chunk
+        chunk = c
         var a = Data()
         let text = SourceImage.text(c, seed: 1)
         let noise = SourceImage.noise(c, seed: 2)
@@ -182,6 +182,23 @@ struct PBSFixture {
     }
 
     func remove() { try? FileManager.default.removeItem(at: dir) }
+
+    /// A datastore `ds` in `dir` holding snapshot ``PBSRestoreTests/snapshot`` of `drives`
+    /// (archive name → raw file, in name order) in 1 MiB chunks.
+    static func datastore(in dir: URL, drives: [String: String], seed: Int) throws -> String {
+        let ds = dir.appendingPathComponent("ds").path
+        let mk = try Harness.run("/usr/bin/python3", [script, "--datastore", ds, "--snapshot", PBSRestoreTests.snapshot, "--chunk-size", String(1 << 20)]
+                                     + drives.sorted { $0.key < $1.key }.flatMap { ["--drive", "\($0.key)=\($0.value)"] } + ["--seed", String(seed)])
+        guard mk.status == 0 else { throw FixtureError(message: mk.stdout + mk.stderr) }
+        return ds
+    }
+
+    /// Adds a later snapshot of the same group (`vm/100`) holding drive B as `drive-scsi0.img`.
+    func addLaterSnapshot(_ snapshot: String) throws {
+        let r = try Harness.run("/usr/bin/python3", [Self.script, "--datastore", datastore, "--snapshot", snapshot,
+                                                     "--chunk-size", String(chunk), "--drive", "drive-scsi0.img=\(rawB)", "--seed", "6"])
+        guard r.status == 0 else { throw FixtureError(message: r.stdout + r.stderr) }
+    }
 }
 
 struct FixtureError: Error, CustomStringConvertible {

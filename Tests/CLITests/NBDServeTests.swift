@@ -179,10 +179,7 @@ struct PBSServeTests {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
         // 24 distinct 1 MiB chunks, two zero ones, one repeated.
-        let rawA = dir.appendingPathComponent("a.raw").path
-        let noise = SourceImage.noise(24 << 20, seed: 8)
-        try (noise + Data(count: 2 << 20) + noise.prefix(1 << 20)).write(to: URL(fileURLWithPath: rawA))
-        let ds = try Self.datastore(in: dir, drive: rawA)
+        let (rawA, ds) = try Self.liveDrive(in: dir, distinct: 24)
         let sock = dir.appendingPathComponent("l.sock").path
         let out = dir.appendingPathComponent("out.qcow2").path
         // A slow disk (every write 100 ms late) and a small budget: the restore takes seconds and
@@ -219,6 +216,15 @@ struct PBSServeTests {
     }
 
     /// A datastore in `dir` holding one snapshot of one drive (`drive-scsi0.img`) in 1 MiB chunks.
+    /// A drive of `distinct` random 1 MiB chunks, two zero chunks and a repeat of the first
+    /// chunk, and a datastore holding it.
+    static func liveDrive(in dir: URL, distinct: Int) throws -> (raw: String, datastore: String) {
+        let raw = dir.appendingPathComponent("a.raw").path
+        let noise = SourceImage.noise(distinct << 20, seed: 8)
+        try (noise + Data(count: 2 << 20) + noise.prefix(1 << 20)).write(to: URL(fileURLWithPath: raw))
+        return (raw, try datastore(in: dir, drive: raw))
+    }
+
     static func datastore(in dir: URL, drive raw: String) throws -> String {
         try PBSFixture.datastore(in: dir, drives: ["drive-scsi0.img": raw], seed: 4)
     }

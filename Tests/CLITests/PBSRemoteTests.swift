@@ -258,10 +258,7 @@ extension PBSRemoteTests {
     func liveRestoreFromServer() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let rawA = dir.appendingPathComponent("a.raw").path
-        let noise = SourceImage.noise(16 << 20, seed: 8)
-        try (noise + Data(count: 2 << 20) + noise.prefix(1 << 20)).write(to: URL(fileURLWithPath: rawA))
-        let ds = try PBSServeTests.datastore(in: dir, drive: rawA)
+        let (rawA, ds) = try PBSServeTests.liveDrive(in: dir, distinct: 16)
         let server = try PBSTestServer(store: ds, extra: ["--latency-ms", "20"])
         defer { server.stop() }
         let sock = dir.appendingPathComponent("l.sock").path

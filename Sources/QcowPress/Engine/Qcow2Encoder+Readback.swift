@@ -22,8 +22,10 @@ extension Qcow2Encoder {
         guard options.backingFile == nil, offset + UInt64(count) <= options.virtualSize else { return false }
         let deadline = monotonicNanoseconds() + UInt64(max(0, wait) * 1e9)
         while !lifecycle.isFailed {
+            // One look at the durable end per attempt: it only grows, so an attempt that found
+            // something above it waits for it to move past.
             let durable = written.durableEnd
-            switch try readWrittenOnce(at: offset, count: count, into: into, context: context) {
+            switch try readWrittenOnce(at: offset, count: count, into: into, context: context, durable: durable) {
             case .done: return true
             case .never: return false
             case .later:
@@ -33,9 +35,10 @@ extension Qcow2Encoder {
         return false
     }
 
-    private enum Readback { case done, later, never }
+    private enum Attempt { case done, later, never }
 
-    private func readWrittenOnce(at offset: UInt64, count: Int, into: UnsafeMutableRawPointer, context: ReadContext) throws(QcowPressError) -> Readback {
+    private func readWrittenOnce(at offset: UInt64, count: Int, into: UnsafeMutableRawPointer, context: ReadContext,
+                                 durable: UInt64) throws(QcowPressError) -> Attempt {
         let bits = UInt64(geometry.clusterBits)
         let first = offset >> bits
         let last = (offset + UInt64(count) - 1) >> bits
@@ -51,15 +54,13 @@ extension Qcow2Encoder {
             case .zero: entries += repeatElement(0, count: n)
             case .entries(let e): entries += e
             case .elsewhere:
-                guard let e = try written.entries(c, count: n, geometry: geometry, file: file,
+                guard let e = try written.entries(c, count: n, durable: durable, geometry: geometry, file: file,
                                                   buffer: context.compressedBuffer(clusterSize + 8192)) else { return .later }
                 entries += e
             }
             c += UInt64(n)
         }
-        // Where each cluster's bytes are; all of them must be on disk (the durable end only grows
-        // until the image is finished, and then stays).
-        let durable = written.durableEnd
+        // Where each cluster's bytes are; all of them must be on disk.
         var span: (start: UInt64, end: UInt64)?
         for e in entries {
             guard let r = hostRange(e) else { continue }
@@ -79,7 +80,7 @@ extension Qcow2Encoder {
                 throw QcowPressError.from(error)
             }
         }
-        let algorithm: CompressionSettings.Algorithm = (options.compression?.algorithm ?? options.headerCompressionType) == .zstd ? .zstd : .zlib
+        let algorithm = compressionType
         var pos = 0
         for (k, e) in entries.enumerated() {
             let at = offset + UInt64(pos)

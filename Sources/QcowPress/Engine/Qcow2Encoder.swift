@@ -108,6 +108,12 @@ public final class Qcow2Encoder: @unchecked Sendable {
         startThread(name: "qp-writer") { sink.run() }
     }
 
+    /// The header's compression type: how every compressed cluster of the image decodes (ISA-L
+    /// writes zlib's format).
+    var compressionType: CompressionSettings.Algorithm {
+        (options.compression?.algorithm ?? options.headerCompressionType) == .zstd ? .zstd : .zlib
+    }
+
     /// Guest bytes a cluster holds (the last one may be short).
     @inline(__always)
     func validBytes(_ c: UInt64) -> Int {

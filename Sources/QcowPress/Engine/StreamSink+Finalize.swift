@@ -59,7 +59,7 @@ extension StreamSink {
                                 l1TableOffset: l1Offset, refcountTableOffset: tableOffset,
                                 refcountTableClusters: UInt32(tableClusters))
             h.refcountOrder = UInt32(order)
-            if (enc.options.compression?.algorithm ?? enc.options.headerCompressionType) == .zstd { h.compressionType = .zstd }
+            if enc.compressionType == .zstd { h.compressionType = .zstd }
             h.backingFile = enc.options.backingFile
             h.extensions = Qcow2Header.defaultExtensions(clusterBits: UInt32(bits), backingFormat: enc.options.backingFile == nil ? nil : enc.options.backingFormat)
             let bytes = h.serialized()

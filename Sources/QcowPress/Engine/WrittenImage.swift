@@ -16,13 +16,11 @@ final class WrittenImage: @unchecked Sendable {
     private var tables: [UInt64]
     private var end: UInt64 = 0
     private var frozen = false
-    /// Decoded tables read back from the file, most recent last.
-    private var cache: [(offset: UInt64, entries: [UInt64])] = []
     private static let noTable = UInt64.max
-    /// Tables kept decoded: 8 × one cluster (512 KiB with 64 KiB clusters) covers 4 GiB of guest,
-    /// more than a client's reads behind the restore front span in the live bench (nbdcopy's four
-    /// connections work 128 MiB apart).
-    static let cachedTables = 8
+    /// Tables read back from the file: 8 × one cluster (512 KiB with 64 KiB clusters) covers
+    /// 4 GiB of guest, more than a client's reads behind the restore front span in the live bench
+    /// (nbdcopy's four connections work 128 MiB apart).
+    private let cache = L2TableCache(limit: 8)
 
     init(regions: Int) {
         tables = Array(repeating: 0, count: max(1, regions))
@@ -72,31 +70,21 @@ final class WrittenImage: @unchecked Sendable {
     var durableEnd: UInt64 { lock.withLock { end } }
 
     /// The entries of clusters [first, first + count) (one region) from its table on disk; nil
-    /// when the table is not on disk yet. Reads the table once into `buffer` (a cluster + 8 KiB).
-    func entries(_ first: UInt64, count: Int, geometry g: ClusterGeometry, file: OutputFile,
+    /// when the table is not below `durable` yet. Reads the table once into `buffer` (a cluster +
+    /// 8 KiB).
+    func entries(_ first: UInt64, count: Int, durable: UInt64, geometry g: ClusterGeometry, file: OutputFile,
                  buffer: AlignedBuffer) throws(QcowPressError) -> [UInt64]? {
-        let r = g.l1Index(ofGuestCluster: first)
         let i0 = g.l2Index(ofGuestCluster: first)
         let cs = g.clusterSize
-        let (host, durable, cached): (UInt64, UInt64, [UInt64]?) = lock.withLock {
-            let h = tables[r]
-            return (h, end, cache.first { $0.offset == h }?.entries)
-        }
+        let host = lock.withLock { tables[g.l1Index(ofGuestCluster: first)] }
         if host == Self.noTable { return Array(repeating: 0, count: count) }
         guard host != 0, host + UInt64(cs) <= durable else { return nil }
-        if let cached { return Array(cached[i0..<(i0 + count)]) }
-        let t: [UInt64]
-        do throws(IOError) {
-            let at = try file.readBlocks(offset: host, length: cs, into: buffer)
-            let b = UnsafeRawBufferPointer(start: buffer.pointer + at, count: cs)
-            t = (0..<(cs / 8)).map { loadBE64(b, $0 * 8) }
-        } catch {
-            throw QcowPressError.from(error)
-        }
-        lock.withLock {
-            if !cache.contains(where: { $0.offset == host }) {
-                cache.append((host, t))
-                if cache.count > Self.cachedTables { cache.removeFirst() }
+        let t = try cache.table(at: host) { () throws(QcowPressError) -> [UInt64] in
+            do throws(IOError) {
+                let at = try file.readBlocks(offset: host, length: cs, into: buffer)
+                return L2TableCache.decode(UnsafeRawBufferPointer(start: buffer.pointer + at, count: cs))
+            } catch {
+                throw QcowPressError.from(error)
             }
         }
         return Array(t[i0..<(i0 + count)])

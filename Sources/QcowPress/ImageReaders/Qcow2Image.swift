@@ -32,10 +32,7 @@ public final class Qcow2Image: @unchecked Sendable {
     public var markedCorruptInChain: [String] {
         (markedCorrupt ? [path] : []) + ((backing as? Qcow2Image)?.markedCorruptInChain ?? [])
     }
-    let cacheLock = ConditionLock()
-    var l2Cache: [UInt64: [UInt64]] = [:]
-    var l2Order: [UInt64] = []
-    let l2CacheLimit: Int
+    let l2Tables: L2TableCache
     let cs: Int
 
     /// Most images in a backing chain (the top image included). QEMU has no fixed limit (it reads
@@ -63,7 +60,7 @@ public final class Qcow2Image: @unchecked Sendable {
         // compare and info open it read-only. So does this reader (it never writes); callers name
         // such images (`markedCorruptInChain`), since the data may be damaged.
         markedCorrupt = header.incompatibleFeatures.contains(.corrupt)
-        l2CacheLimit = max(8, (32 << 20) / cs)
+        l2Tables = L2TableCache(limit: max(8, (32 << 20) / cs))
         // Metadata regions, to refuse tables that overlap them.
         let l1Bytes = UInt64(header.l1Size) * 8
         let reserved: [(Range<UInt64>, String)] = [
@@ -161,21 +158,13 @@ public final class Qcow2Image: @unchecked Sendable {
     func l2Table(_ r: Int) throws(QcowPressError) -> [UInt64]? {
         guard r < l1.count, l1[r] != 0 else { return nil }
         let off = l1[r]
-        if let t = cacheLock.withLock({ l2Cache[off] }) { return t }
-        let b = AlignedBuffer(capacity: cs)
-        let n: Int
-        do { n = try file.read(into: b.pointer, length: cs, offset: off) } catch { throw .from(error) }
-        guard n == cs else { throw .inputDamaged(path: path, location: "L2 table at \(off) is truncated") }
-        var t = [UInt64](repeating: 0, count: cs / 8)
-        for i in 0..<(cs / 8) { t[i] = loadBE64(UnsafeRawBufferPointer(b.bytes), i * 8) }
-        cacheLock.withLock {
-            if l2Cache[off] == nil {
-                l2Cache[off] = t
-                l2Order.append(off)
-                if l2Order.count > l2CacheLimit { l2Cache[l2Order.removeFirst()] = nil }
-            }
+        return try l2Tables.table(at: off) { () throws(QcowPressError) -> [UInt64] in
+            let b = AlignedBuffer(capacity: cs)
+            let n: Int
+            do throws(IOError) { n = try file.read(into: b.pointer, length: cs, offset: off) } catch { throw .from(error) }
+            guard n == cs else { throw .inputDamaged(path: path, location: "L2 table at \(off) is truncated") }
+            return L2TableCache.decode(UnsafeRawBufferPointer(b.bytes))
         }
-        return t
     }
 }
 

@@ -56,24 +56,24 @@ public final class PBSChunkCache: @unchecked Sendable {
     public func prefetch(_ digest: ArraySlice<UInt8>, length: Int, what: String) {
         let d = ArraySlice(digest)
         let go: Bool = lock.withLock {
-            if prefetching >= Self.maxPrefetches || loading.contains(d) || entries[d]?.bytes.count == length { return false }
-            prefetching += 1
-            return true
+            loading.contains(d) || entries[d]?.bytes.count == length ? false : reserveAhead()
         }
-        guard go else { return }
-        startAhead { _ = try? self.withChunk(d, length: length, what: what) { _ in () } }
+        if go { startAhead { _ = try? self.withChunk(d, length: length, what: what) { _ in () } } }
     }
 
     /// Runs `body` (a load ahead of a reader) on a thread of its own unless `maxPrefetches` run
     /// already; false when it did not start.
     func runAhead(_ body: @escaping @Sendable () -> Void) -> Bool {
-        let go: Bool = lock.withLock {
-            if prefetching >= Self.maxPrefetches { return false }
-            prefetching += 1
-            return true
-        }
+        let go = lock.withLock { reserveAhead() }
         if go { startAhead(body) }
         return go
+    }
+
+    /// Counts one more read-ahead load unless `maxPrefetches` run already. Caller holds the lock.
+    private func reserveAhead() -> Bool {
+        if prefetching >= Self.maxPrefetches { return false }
+        prefetching += 1
+        return true
     }
 
     /// Starts a counted read-ahead thread (the caller counted it in `prefetching`). A thread of
@@ -97,16 +97,20 @@ public final class PBSChunkCache: @unchecked Sendable {
     /// Runs `body` over chunk `digest` if the cache holds it (waiting for a load of it that is
     /// running); nil, without loading, when it does not.
     func withCachedChunk<T>(_ digest: ArraySlice<UInt8>, length: Int, _ body: (UnsafeRawBufferPointer) -> T) -> T? {
-        let bytes: [UInt8]? = lock.withLock {
-            while loading.contains(digest) { lock.wait() }
-            guard var e = entries[digest], e.bytes.count == length else { return nil }
-            clock += 1
-            e.lastUse = clock
-            entries[digest] = e
-            hits += 1
-            return e.bytes
-        }
-        return bytes.map { $0.withUnsafeBytes(body) }
+        lock.withLock { lookUp(digest, length: length, pin: false) }.map { $0.withUnsafeBytes(body) }
+    }
+
+    /// Waits for a running load of `d`, then takes it from the cache (a hit; pinned when `pin`);
+    /// nil when it is not held. Caller holds the lock.
+    private func lookUp(_ d: ArraySlice<UInt8>, length: Int, pin: Bool) -> [UInt8]? {
+        while loading.contains(d) { lock.wait() }
+        guard var e = entries[d], e.bytes.count == length else { return nil }
+        clock += 1
+        e.lastUse = clock
+        if pin { e.pins += 1 }
+        entries[d] = e
+        hits += 1
+        return e.bytes
     }
 
     /// Runs `body` over chunk `digest` (`length` bytes), loading it if needed. `what` names the
@@ -114,53 +118,43 @@ public final class PBSChunkCache: @unchecked Sendable {
     public func withChunk<T>(_ digest: ArraySlice<UInt8>, length: Int, what: String,
                              _ body: (UnsafeRawBufferPointer) throws(QcowPressError) -> T) throws(QcowPressError) -> T {
         let d = ArraySlice(digest)  // its own storage: the key outlives the caller's index
-        while true {
-            let state: (bytes: [UInt8]?, mustLoad: Bool) = lock.withLock {
-                while loading.contains(d) { lock.wait() }
-                if var e = entries[d], e.bytes.count == length {
-                    clock += 1
-                    e.lastUse = clock
-                    e.pins += 1
-                    entries[d] = e
-                    hits += 1
-                    return (e.bytes, false)
-                }
-                loading.insert(d)
-                return (nil, true)
-            }
-            if let bytes = state.bytes {
-                defer { unpin(d) }
-                return try Self.over(bytes, body)
-            }
-            // This thread loads it; others asking for it wait above.
-            let scratch = lock.withLock { scratches.popLast() } ?? PBSChunkReader.Scratch()
-            // Not zero-filled first: a load writes all `length` bytes or fails (and then the
-            // buffer is dropped). The memset was 2 % of `serve pbs`'s profile.
-            var result: Result<Void, QcowPressError> = .success(())
-            let bytes = [UInt8](unsafeUninitializedCapacity: length) { p, n in
-                do throws(SourceError) {
-                    try reader.load(digest: d, length: length, into: UnsafeMutableRawBufferPointer(p), scratch: scratch, what: what)
-                    n = length
-                } catch {
-                    result = .failure(QcowPressError(error))
-                    n = 0
-                }
-            }
-            let pinned: Bool = lock.withLock {
-                scratches.append(scratch)
-                loading.remove(d)
-                var pinned = false
-                if case .success = result {
-                    loads += 1
-                    pinned = insert(d, bytes)
-                }
-                lock.broadcast()
-                return pinned
-            }
-            try result.get()
-            defer { if pinned { unpin(d) } }
+        let (cached, spare): ([UInt8]?, PBSChunkReader.Scratch?) = lock.withLock {
+            if let b = lookUp(d, length: length, pin: true) { return (b, nil) }
+            // This thread loads it; others asking for it wait in `lookUp`.
+            loading.insert(d)
+            return (nil, scratches.popLast())
+        }
+        if let bytes = cached {
+            defer { unpin(d) }
             return try Self.over(bytes, body)
         }
+        let scratch = spare ?? PBSChunkReader.Scratch()
+        // Not zero-filled first: a load writes all `length` bytes or fails (and then the
+        // buffer is dropped). The memset was 2 % of `serve pbs`'s profile.
+        var result: Result<Void, QcowPressError> = .success(())
+        let bytes = [UInt8](unsafeUninitializedCapacity: length) { p, n in
+            do throws(SourceError) {
+                try reader.load(digest: d, length: length, into: UnsafeMutableRawBufferPointer(p), scratch: scratch, what: what)
+                n = length
+            } catch {
+                result = .failure(QcowPressError(error))
+                n = 0
+            }
+        }
+        let pinned: Bool = lock.withLock {
+            scratches.append(scratch)
+            loading.remove(d)
+            var pinned = false
+            if case .success = result {
+                loads += 1
+                pinned = insert(d, bytes)
+            }
+            lock.broadcast()
+            return pinned
+        }
+        try result.get()
+        defer { if pinned { unpin(d) } }
+        return try Self.over(bytes, body)
     }
 
     private static func over<T>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws(QcowPressError) -> T) throws(QcowPressError) -> T {

@@ -125,15 +125,23 @@ public final class PBSLiveRestore: @unchecked Sendable {
         /// then loaded twice. A failed load gives the claim back (the restore or the reader
         /// that needs it loads it and reports the error).
         func readAhead(_ j: Int) {
-            var first = j
-            if case .copy(let f) = plan[j] { first = f }
-            let source = first
-            guard case .load = plan[source], lock.withLock({ claims[source] == 0 }) else { return }
-            _ = view.cache.runAhead { [self] in
-                guard claim(source) else { return }
-                aheadCount.add(1, ordering: .relaxed)
-                _ = try? loadAndWrite(source)
-            }
+            let s = source(of: j)
+            guard case .load = plan[s], lock.withLock({ claims[s] == 0 }) else { return }
+            _ = view.cache.runAhead { [self] in _ = try? loadAhead(s) }
+        }
+
+        /// The chunk whose data chunk `i` holds: its first occurrence when it repeats one.
+        func source(of i: Int) -> Int {
+            if case .copy(let f) = plan[i] { return f }
+            return i
+        }
+
+        /// Loads and writes chunk `i` ahead of the restore's order if it is one to load and nobody
+        /// claimed it yet.
+        private func loadAhead(_ i: Int) throws(QcowPressError) {
+            guard case .load = plan[i], claim(i) else { return }
+            aheadCount.add(1, ordering: .relaxed)
+            try loadAndWrite(i)
         }
 
         /// Reads guest bytes for a client: chunks of this range that the restore has not reached
@@ -146,29 +154,22 @@ public final class PBSLiveRestore: @unchecked Sendable {
             guard count > 0 else { return }
             let first = Int(offset / cs)
             let last = min(plan.count - 1, Int((offset + UInt64(count) - 1) / cs))
-            if first <= last {
-                lock.withLock {
+            let finished: Qcow2Image? = lock.withLock {
+                if first <= last {
                     for i in first...last where served[i] == 0 {
                         served[i] = 1
                         servedCount += 1
                     }
                 }
+                return finishedImage
             }
-            if let image = lock.withLock({ finishedImage }) {
-                try withContext { (c) throws(QcowPressError) in try image.read(at: offset, count: count, into: out.baseAddress!, context: c) }
-                readsBack.add(1, ordering: .relaxed)
+            if let finished {
+                try read(finished, at: offset, into: out)
                 return
             }
             if first <= last {
-                for i in first...last {
-                    // A repeated chunk reads its first occurrence's data: load that one ahead.
-                    var source = i
-                    if case .copy(let f) = plan[i] { source = f }
-                    if case .load = plan[source], claim(source) {
-                        aheadCount.add(1, ordering: .relaxed)
-                        try loadAndWrite(source)
-                    }
-                }
+                // A repeated chunk reads its first occurrence's data: load that one ahead.
+                for i in first...last { try loadAhead(source(of: i)) }
             }
             if try view.read(at: offset, count: count, into: out, cachedOnly: true) { return }
             // Chunk by chunk: a repeated chunk reads its first occurrence (the restore may not
@@ -198,30 +199,36 @@ public final class PBSLiveRestore: @unchecked Sendable {
                 memset(piece.baseAddress!, 0, piece.count)
                 return
             }
-            var source = i
-            if case .copy(let f) = plan[i] { source = f }
+            let source = source(of: i)
             let at = UInt64(source) * cs + within
-            if try view.readChunks(at: at, count: piece.count, into: piece, cachedOnly: true) { return }
-            if try readBack(at: at, count: piece.count, into: piece) { return }
-            // Claimed and not written yet: its load is running or about to start, and the loaded
-            // chunk stays cached while it is written (a cached-only read waits for a running load).
+            // While someone has the chunk claimed and not written, its load is running or about to
+            // start, and the loaded chunk stays cached while it is written (a cached-only read
+            // waits for a running load): look again every 10 ms.
             let deadline = monotonicNanoseconds() + UInt64(Self.claimWait * 1e9)
-            while lock.withLock({ claims[source] == 1 }) && monotonicNanoseconds() < deadline {
+            while true {
                 if try view.readChunks(at: at, count: piece.count, into: piece, cachedOnly: true) { return }
-                lock.withLock { if claims[source] == 1 { _ = lock.wait(seconds: 0.01) } }
+                if try readBack(at: at, count: piece.count, into: piece) { return }
+                // Claimed: wait a little, then look again (once more after the claim ends).
+                let claimed = lock.withLock { () -> Bool in
+                    guard claims[source] == 1 else { return false }
+                    _ = lock.wait(seconds: 0.01)
+                    return true
+                }
+                guard claimed && monotonicNanoseconds() < deadline else { break }
             }
-            if try view.readChunks(at: at, count: piece.count, into: piece, cachedOnly: true) { return }
-            if try readBack(at: at, count: piece.count, into: piece) { return }
             // Written, but in the image's last buffer, which is on disk only once the image is
             // finished: the finished image is moments away.
             if let image = waitForFinishedImage() {
-                try withContext { (c) throws(QcowPressError) in
-                    try image.read(at: UInt64(i) * cs + within, count: piece.count, into: piece.baseAddress!, context: c)
-                }
-                readsBack.add(1, ordering: .relaxed)
+                try read(image, at: UInt64(i) * cs + within, into: piece)
                 return
             }
             _ = try view.readChunks(at: at, count: piece.count, into: piece, cachedOnly: false)
+        }
+
+        /// Reads from the finished image.
+        private func read(_ image: Qcow2Image, at offset: UInt64, into out: UnsafeMutableRawBufferPointer) throws(QcowPressError) {
+            try withContext { (c) throws(QcowPressError) in try image.read(at: offset, count: out.count, into: out.baseAddress!, context: c) }
+            readsBack.add(1, ordering: .relaxed)
         }
 
         /// How long a read waits for another reader's (or the restore's) claim of a chunk to be

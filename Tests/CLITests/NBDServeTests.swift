@@ -215,7 +215,6 @@ struct PBSServeTests {
         #expect(!FileManager.default.fileExists(atPath: sock))
     }
 
-    /// A datastore in `dir` holding one snapshot of one drive (`drive-scsi0.img`) in 1 MiB chunks.
     /// A drive of `distinct` random 1 MiB chunks, two zero chunks and a repeat of the first
     /// chunk, and a datastore holding it.
     static func liveDrive(in dir: URL, distinct: Int) throws -> (raw: String, datastore: String) {
@@ -225,6 +224,7 @@ struct PBSServeTests {
         return (raw, try datastore(in: dir, drive: raw))
     }
 
+    /// A datastore in `dir` holding one snapshot of one drive (`drive-scsi0.img`) in 1 MiB chunks.
     static func datastore(in dir: URL, drive raw: String) throws -> String {
         try PBSFixture.datastore(in: dir, drives: ["drive-scsi0.img": raw], seed: 4)
     }
@@ -444,17 +444,4 @@ final class ConditionCounter: @unchecked Sendable {
     private var n = 0
     func add() { lock.withLock { n += 1 } }
     var value: Int { lock.withLock { n } }
-}
-
-extension PBSFixture {
-    /// A copy of `raw` (in the fixture's directory, replaced on each call) rounded up to 512 bytes:
-    /// what a guest sees of the archive, as QEMU sizes block devices.
-    func padded(_ raw: String) throws -> String {
-        let padded = dir.appendingPathComponent("padded.raw").path
-        try? FileManager.default.removeItem(atPath: padded)
-        try FileManager.default.copyItem(atPath: raw, toPath: padded)
-        let size = try FileManager.default.attributesOfItem(atPath: raw)[.size] as! UInt64
-        try FileHandle(forWritingTo: URL(fileURLWithPath: padded)).truncate(atOffset: (size + 511) & ~511)
-        return padded
-    }
 }

@@ -183,21 +183,35 @@ struct PBSFixture {
 
     func remove() { try? FileManager.default.removeItem(at: dir) }
 
-    /// A datastore `ds` in `dir` holding snapshot ``PBSRestoreTests/snapshot`` of `drives`
-    /// (archive name → raw file, in name order) in 1 MiB chunks.
+    /// Writes `snapshot` of `drives` (archive name → raw file, in name order) into datastore `ds`.
+    static func writeSnapshot(_ snapshot: String, of drives: [String: String], into ds: String, chunk: Int = 1 << 20, seed: Int) throws {
+        let r = try Harness.run("/usr/bin/python3", [script, "--datastore", ds, "--snapshot", snapshot, "--chunk-size", String(chunk)]
+                                    + drives.sorted { $0.key < $1.key }.flatMap { ["--drive", "\($0.key)=\($0.value)"] } + ["--seed", String(seed)])
+        guard r.status == 0 else { throw FixtureError(message: r.stdout + r.stderr) }
+    }
+
+    /// A datastore `ds` in `dir` holding snapshot ``PBSRestoreTests/snapshot`` of `drives` in
+    /// 1 MiB chunks.
     static func datastore(in dir: URL, drives: [String: String], seed: Int) throws -> String {
         let ds = dir.appendingPathComponent("ds").path
-        let mk = try Harness.run("/usr/bin/python3", [script, "--datastore", ds, "--snapshot", PBSRestoreTests.snapshot, "--chunk-size", String(1 << 20)]
-                                     + drives.sorted { $0.key < $1.key }.flatMap { ["--drive", "\($0.key)=\($0.value)"] } + ["--seed", String(seed)])
-        guard mk.status == 0 else { throw FixtureError(message: mk.stdout + mk.stderr) }
+        try writeSnapshot(PBSRestoreTests.snapshot, of: drives, into: ds, seed: seed)
         return ds
+    }
+
+    /// A copy of `raw` (in the fixture's directory, replaced on each call) rounded up to 512 bytes:
+    /// what a guest sees of the archive, as QEMU sizes block devices.
+    func padded(_ raw: String) throws -> String {
+        let padded = dir.appendingPathComponent("padded.raw").path
+        try? FileManager.default.removeItem(atPath: padded)
+        try FileManager.default.copyItem(atPath: raw, toPath: padded)
+        let size = try FileManager.default.attributesOfItem(atPath: raw)[.size] as! UInt64
+        try FileHandle(forWritingTo: URL(fileURLWithPath: padded)).truncate(atOffset: (size + 511) & ~511)
+        return padded
     }
 
     /// Adds a later snapshot of the same group (`vm/100`) holding drive B as `drive-scsi0.img`.
     func addLaterSnapshot(_ snapshot: String) throws {
-        let r = try Harness.run("/usr/bin/python3", [Self.script, "--datastore", datastore, "--snapshot", snapshot,
-                                                     "--chunk-size", String(chunk), "--drive", "drive-scsi0.img=\(rawB)", "--seed", "6"])
-        guard r.status == 0 else { throw FixtureError(message: r.stdout + r.stderr) }
+        try Self.writeSnapshot(snapshot, of: ["drive-scsi0.img": rawB], into: datastore, chunk: chunk, seed: 6)
     }
 }
 

@@ -42,6 +42,8 @@ let package = Package(
         .target(name: "QcowPress", dependencies: [
             "Qcow2Format", "ClusterCompression", "DirectIO", "BackupSources", "PBSRemote",
             .product(name: "Logging", package: "swift-log"),
+            // ByteBuffer only: the PBS chunk cache holds chunks in buffers an NBD reply can send.
+            .product(name: "NIOCore", package: "swift-nio"),
         ]),
         // The NBD protocol on SwiftNIO (fixed newstyle, structured replies, block status): knows
         // nothing of qcow2; what it serves comes in through the NBDExport protocol.
@@ -67,6 +69,7 @@ let package = Package(
         .executableTarget(name: "qcowpress", dependencies: [
             "QcowPress", "NBDServer", "DirectIO",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Mutation fuzzer over every input parser (fuzz/run.sh); not part of the library.

@@ -81,7 +81,30 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         context.flush()
-        if phase != .closing && canStartRequest { context.read() }
+        readMore(context)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable && phase == .transmission {
+            process(context)
+            context.flush()
+            readMore(context)
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Asks the socket for more input when another request may start and the client reads its
+    /// replies: a client that sends requests without reading replies stops being read, so the
+    /// replies waiting for it stay within the high-water mark and the in-flight limits.
+    private func readMore(_ context: ChannelHandlerContext) {
+        if phase != .closing && canStartRequest && context.channel.isWritable { context.read() }
+    }
+
+    /// Closes once every reply written so far has reached the socket (a close fails writes still
+    /// pending).
+    private func closeAfterReplies(_ context: ChannelHandlerContext) {
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(channel.allocator.buffer(capacity: 0))).whenComplete { _ in channel.close(promise: nil) }
     }
 
     private func close(_ context: ChannelHandlerContext) {
@@ -99,7 +122,9 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
             case .clientFlags: progressed = clientFlags(context, &buf)
             case .options: progressed = option(context, &buf)
             case .transmission:
-                guard canStartRequest else { return }
+                // Replies wait in the channel beyond its high-water mark: no more requests until
+                // the client has read them (channelWritabilityChanged goes on).
+                guard canStartRequest, context.channel.isWritable else { return }
                 progressed = request(context, &buf)
             case .closing: return
             }
@@ -315,26 +340,22 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
             sentDisc = true
             phase = .closing
             input = nil
-            if inFlight == 0 { context.close(promise: nil) }
+            if inFlight == 0 { closeAfterReplies(context) }
             return false
         case .read:
             guard inRange else { return error(context, cookie, NBD.EINVAL, "read beyond the end of the export") }
             guard Int(length) <= NBDServerCore.maxRequest else { return error(context, cookie, NBD.EINVAL, "read longer than \(NBDServerCore.maxRequest) bytes") }
             let structured = self.structured
-            run(context, cookie, bytes: Int(length)) { () throws(NBDError) -> ByteBuffer in
-                var b = ByteBufferAllocator().buffer(capacity: 32 + Int(length))
-                if structured {
-                    b.writeInteger(NBD.structuredReplyMagic)
-                    b.writeInteger(NBD.replyFlagDone)
-                    b.writeInteger(NBD.replyOffsetData)
-                    b.writeInteger(cookie)
-                    b.writeInteger(UInt32(8) + length)
-                    b.writeInteger(offset)
-                } else {
-                    b.writeInteger(NBD.simpleReplyMagic)
-                    b.writeInteger(UInt32(0))
-                    b.writeInteger(cookie)
-                }
+            if let data = export.readNow(at: offset, count: Int(length)) {
+                // At hand (cached): answered here, without the pool's hand-off and wake-ups.
+                context.write(wrapOutboundOut(Self.readHeader(cookie, offset, length, structured: structured)), promise: nil)
+                context.write(wrapOutboundOut(data), promise: nil)
+                return true
+            }
+            run(context, cookie, bytes: Int(length)) { () throws(NBDError) -> Reply in
+                let head = Self.readHeader(cookie, offset, length, structured: structured)
+                if let data = try export.readBuffer(at: offset, count: Int(length)) { return Reply(head, data) }
+                var b = head
                 var failure: NBDError?
                 b.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { p in
                     do throws(NBDError) {
@@ -345,13 +366,13 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
                     return Int(length)
                 }
                 if let failure { throw failure }
-                return b
+                return Reply(b)
             }
         case .blockStatus:
             guard structured && baseAllocation else { return error(context, cookie, NBD.EINVAL, "block status needs structured replies and base:allocation") }
             guard inRange, length > 0 else { return error(context, cookie, NBD.EINVAL, "block status beyond the end of the export") }
             let one = flags & NBD.cmdFlagReqOne != 0
-            run(context, cookie) { () throws(NBDError) -> ByteBuffer in
+            run(context, cookie) { () throws(NBDError) -> Reply in
                 var extents = try export.blockStatus(at: offset, length: UInt64(length))
                 if one { extents = Array(extents.prefix(1)) }
                 var b = ByteBufferAllocator().buffer(capacity: 24 + 8 * extents.count)
@@ -368,27 +389,27 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
                     b.writeInteger(x.flags)
                     left -= n
                 }
-                return b
+                return Reply(b)
             }
         case .write:
             guard !export.isReadOnly else { return error(context, cookie, NBD.EPERM, "read-only export") }
             guard inRange else { return error(context, cookie, NBD.ENOSPC, "write beyond the end of the export") }
             let data = payload!
-            run(context, cookie, bytes: Int(length)) { () throws(NBDError) -> ByteBuffer in
+            run(context, cookie, bytes: Int(length)) { () throws(NBDError) -> Reply in
                 try data.withUnsafeReadableBytes { (p) throws(NBDError) in try export.write(at: offset, p) }
-                return Self.done(cookie, structured: self.structured)
+                return Reply(Self.done(cookie, structured: self.structured))
             }
         case .writeZeroes, .trim:
             guard !export.isReadOnly else { return error(context, cookie, NBD.EPERM, "read-only export") }
             guard inRange else { return error(context, cookie, NBD.ENOSPC, "write beyond the end of the export") }
-            run(context, cookie) { () throws(NBDError) -> ByteBuffer in
+            run(context, cookie) { () throws(NBDError) -> Reply in
                 try export.writeZeroes(at: offset, length: UInt64(length))
-                return Self.done(cookie, structured: self.structured)
+                return Reply(Self.done(cookie, structured: self.structured))
             }
         case .flush:
-            run(context, cookie) { () throws(NBDError) -> ByteBuffer in
+            run(context, cookie) { () throws(NBDError) -> Reply in
                 try export.flush()
-                return Self.done(cookie, structured: self.structured)
+                return Reply(Self.done(cookie, structured: self.structured))
             }
         case .cache:
             return error(context, cookie, 0, "")
@@ -396,6 +417,35 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
             return error(context, cookie, NBD.EINVAL, "unknown command \(type)")
         }
         return true
+    }
+
+    /// A reply: its header (or all of it) and the data a read sends as is.
+    struct Reply {
+        var head: ByteBuffer
+        var data: ByteBuffer?
+        init(_ head: ByteBuffer, _ data: ByteBuffer? = nil) {
+            self.head = head
+            self.data = data
+        }
+    }
+
+    /// The header of a read's reply carrying `length` bytes of data (one structured data chunk, or
+    /// a simple reply), with room for the data behind it.
+    static func readHeader(_ cookie: UInt64, _ offset: UInt64, _ length: UInt32, structured: Bool) -> ByteBuffer {
+        var b = ByteBufferAllocator().buffer(capacity: 32)
+        if structured {
+            b.writeInteger(NBD.structuredReplyMagic)
+            b.writeInteger(NBD.replyFlagDone)
+            b.writeInteger(NBD.replyOffsetData)
+            b.writeInteger(cookie)
+            b.writeInteger(UInt32(8) + length)
+            b.writeInteger(offset)
+        } else {
+            b.writeInteger(NBD.simpleReplyMagic)
+            b.writeInteger(UInt32(0))
+            b.writeInteger(cookie)
+        }
+        return b
     }
 
     /// A reply with no data: success.
@@ -444,13 +494,13 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Runs `work` on the thread pool and writes its reply (or its error) on the event loop.
     /// `bytes`: what the request holds while it runs (its payload or its reply's data).
     private func run(_ context: ChannelHandlerContext, _ cookie: UInt64, bytes: Int = 0,
-                     _ work: @escaping @Sendable () throws(NBDError) -> ByteBuffer) {
+                     _ work: @escaping @Sendable () throws(NBDError) -> Reply) {
         inFlight += 1
         inFlightBytes += bytes
         let loop = context.eventLoop
         let structured = self.structured
         core.pool.submit { state in
-            let result: Result<ByteBuffer, NBDError>
+            let result: Result<Reply, NBDError>
             if case .active = state {
                 do throws(NBDError) { result = .success(try work()) } catch { result = .failure(error) }
             } else {
@@ -460,7 +510,7 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    private func complete(_ cookie: UInt64, bytes: Int, _ result: Result<ByteBuffer, NBDError>, structured: Bool) {
+    private func complete(_ cookie: UInt64, bytes: Int, _ result: Result<Reply, NBDError>, structured: Bool) {
         inFlight -= 1
         inFlightBytes -= bytes
         guard let context else {
@@ -468,16 +518,18 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
             return
         }
         switch result {
-        case .success(let b): context.write(wrapOutboundOut(b), promise: nil)
+        case .success(let r):
+            context.write(wrapOutboundOut(r.head), promise: nil)
+            if let d = r.data { context.write(wrapOutboundOut(d), promise: nil) }
         case .failure(let e): context.write(wrapOutboundOut(Self.errorReply(cookie, e.code, e.message, structured: structured)), promise: nil)
         }
-        context.flush()
         if phase == .closing {
-            if inFlight == 0 { context.close(promise: nil) }
+            if inFlight == 0 { closeAfterReplies(context) } else { context.flush() }
             return
         }
         // Requests that waited for a free slot, then more from the socket.
         process(context)
-        if phase != .closing && canStartRequest { context.read() }
+        context.flush()
+        readMore(context)
     }
 }

@@ -57,8 +57,11 @@ public enum NBD {
     static let baseAllocationID: UInt32 = 1
 }
 
+import NIOCore
+
 /// What the server serves. Implementations do their own I/O; the server calls them off the event
-/// loop (on its thread pool), several at once.
+/// loop (on its thread pool), several at once — all but ``readNow(at:count:)``, which runs on the
+/// event loop.
 public protocol NBDExport: AnyObject, Sendable {
     var name: String { get }
     var size: UInt64 { get }
@@ -66,6 +69,13 @@ public protocol NBDExport: AnyObject, Sendable {
     var isReadOnly: Bool { get }
     /// Reads [offset, offset + count) into `into` (count ≤ the server's maximum request).
     func read(at offset: UInt64, count: Int, into: UnsafeMutableRawBufferPointer) throws(NBDError)
+    /// [offset, offset + count) as a buffer the reply sends as is — it may share memory with the
+    /// export's cache, and nobody writes to it again — or nil to be read with
+    /// ``read(at:count:into:)`` into a buffer of the server's.
+    func readBuffer(at offset: UInt64, count: Int) throws(NBDError) -> ByteBuffer?
+    /// ``readBuffer(at:count:)`` when the bytes are at hand now (cached), on the event loop: it must
+    /// not block or do I/O. Nil sends the read to the thread pool.
+    func readNow(at offset: UInt64, count: Int) -> ByteBuffer?
     /// Extents from `offset` covering at most `length` bytes (at least one byte), each with
     /// ``NBD/stateHole``/``NBD/stateZero`` flags.
     func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)]
@@ -88,6 +98,8 @@ public protocol NBDExport: AnyObject, Sendable {
 }
 
 extension NBDExport {
+    public func readBuffer(at offset: UInt64, count: Int) throws(NBDError) -> ByteBuffer? { nil }
+    public func readNow(at offset: UInt64, count: Int) -> ByteBuffer? { nil }
     public func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws(NBDError) { throw NBDError(NBD.EPERM, "read-only export") }
     public func writeZeroes(at offset: UInt64, length: UInt64) throws(NBDError) { throw NBDError(NBD.EPERM, "read-only export") }
     public func flush() throws(NBDError) {}

@@ -21,6 +21,11 @@ final class NBDServerCore: Sendable {
     /// the one being received, instead of 16 × 32 MiB.
     static let maxInFlightBytes = 64 << 20
 
+    /// Reply bytes a connection queues before it stops taking requests (high), and where it takes
+    /// them again (low). NIO's default 64 KiB stops a connection after each 256 KiB reply of
+    /// nbdcopy's until the client has read it.
+    static let writeWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 1 << 20, high: 4 << 20)
+
     let exports: [String: any NBDExport]
     let exportOrder: [String]
     let pool: NIOThreadPool
@@ -74,6 +79,7 @@ public final class NBDServer: Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.autoRead, value: false)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: NBDServerCore.writeWaterMark)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(NBDConnection(core: core))

@@ -2,6 +2,7 @@ import ArgumentParser
 import DirectIO
 import Foundation
 import NBDServer
+import NIOCore
 import QcowPress
 import Synchronization
 
@@ -137,6 +138,13 @@ final class PBSExport: NBDExport, @unchecked Sendable {
     func read(at offset: UInt64, count: Int, into: UnsafeMutableRawBufferPointer) throws(NBDError) {
         do throws(QcowPressError) { try view.read(at: offset, count: count, into: into) } catch { throw NBDError.io(error.message) }
     }
+
+    /// A read inside one chunk is a slice of the cached chunk, sent without a copy.
+    func readBuffer(at offset: UInt64, count: Int) throws(NBDError) -> ByteBuffer? {
+        do throws(QcowPressError) { return try view.slice(at: offset, count: count) } catch { throw NBDError.io(error.message) }
+    }
+
+    func readNow(at offset: UInt64, count: Int) -> ByteBuffer? { view.cachedSlice(at: offset, count: count) }
 
     func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)] {
         let cs = UInt64(view.index.chunkSize)

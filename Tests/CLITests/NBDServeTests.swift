@@ -124,7 +124,7 @@ struct NBDServeTests {
             .appendingPathComponent("Support/nbd_hostile.py").path
         let r = try Harness.run("/usr/bin/python3", [script, sock, "disk.qcow2", String(24 << 20)])
         #expect(r.status == 0, "\(r.stdout)\(r.stderr)")
-        #expect(r.stdout.split(separator: "\n").count == 15, "\(r.stdout)")
+        #expect(r.stdout.split(separator: "\n").count == 16, "\(r.stdout)")
         let status = try String(contentsOfFile: "/proc/\(server.process.processIdentifier)/status", encoding: .utf8)
         let hwm = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") }.flatMap { $0.split(separator: " ").compactMap { Int($0) }.first } ?? 0
         #expect(hwm < 128 << 10, "peak RSS \(hwm) KiB")
@@ -406,6 +406,46 @@ struct PBSServeTests {
         #expect(cache.stats.loads == 1 + ahead, "the next chunks were loaded ahead")
         try view.read(at: at + (1 << 20), count: 1 << 19, into: buf)
         #expect(cache.stats.loads == 1 + ahead, "and the reader found chunk i + 1 in the cache")
+    }
+
+    /// Reads inside one chunk are slices of the cached chunk (what an NBD reply sends without a
+    /// copy): right bytes, loaded once; `cachedSlice` never loads; a range across chunks or in a
+    /// zero chunk is left to the copying read; a slice outlives its chunk's eviction intact.
+    @Test func slicesShareTheCachedChunk() throws {
+        let f = try PBSFixture(.init(name: "slices", chunk: 1 << 20))
+        defer { f.remove() }
+        let restore = try PBSRestore(datastore: f.datastore, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
+        let index = try restore.openArchive("drive-scsi0.img.fidx")
+        // Room for one chunk: loading another evicts the first.
+        let cache = PBSChunkCache(reader: restore.reader, capacity: 1 << 20, indexes: [index])
+        let view = PBSArchiveView(name: "drive-scsi0", index: index, cache: cache)
+        let data = (0..<index.chunkCount).filter { !view.isZeroChunk($0) }
+        guard let i = data.first, let j = data.first(where: { index.digest($0) != index.digest(i) }),
+              let z = (0..<index.chunkCount).first(where: { view.isZeroChunk($0) }) else {
+            Issue.record("the fixture needs two distinct data chunks and a zero chunk")
+            return
+        }
+        let expected = try Data(contentsOf: URL(fileURLWithPath: f.rawA))
+        func bytes(_ at: Int, _ n: Int) -> [UInt8] { Array(expected[at..<(at + n)]) }
+        let at = i << 20 + 1000
+        #expect(view.cachedSlice(at: UInt64(at), count: 5000) == nil)
+        #expect(cache.stats.loads == 0, "cachedSlice loaded a chunk")
+        let first = try #require(try view.slice(at: UInt64(at), count: 5000))
+        #expect(first.readableBytesView.elementsEqual(bytes(at, 5000)))
+        #expect(cache.stats.loads == 1)
+        let again = try #require(view.cachedSlice(at: UInt64(at), count: 5000))
+        #expect(again.readableBytesView.elementsEqual(bytes(at, 5000)))
+        #expect(cache.stats.loads == 1)
+        // Across the chunk's end, in a zero chunk, empty: the copying read's.
+        #expect(try view.slice(at: UInt64((i + 1) << 20 - 10), count: 20) == nil)
+        #expect(try view.slice(at: UInt64(z << 20), count: 4096) == nil)
+        #expect(try view.slice(at: UInt64(at), count: 0) == nil)
+        // Chunk j evicts chunk i; the slices handed out still hold chunk i's bytes.
+        let other = try #require(try view.slice(at: UInt64(j << 20), count: index.chunkLength(j)))
+        #expect(other.readableBytesView.elementsEqual(bytes(j << 20, index.chunkLength(j))))
+        #expect(view.cachedSlice(at: UInt64(at), count: 5000) == nil, "chunk i was not evicted")
+        #expect(first.readableBytesView.elementsEqual(bytes(at, 5000)))
+        #expect(again.readableBytesView.elementsEqual(bytes(at, 5000)))
     }
 
     /// Eight threads read the same chunks at once: each digest is loaded once (the others wait

@@ -199,6 +199,17 @@ def main():
         request(s, 1, 0, 0xFFFFFFFF, payload=b"y" * 4096)
         return None if expect_closed(s) else "still open after a 4 GiB write header"
 
+    def unread_replies():
+        # 64 reads of up to 8 MiB sent at once, none of their replies read for a second: the
+        # server stops taking requests while replies wait (the caller checks its peak RSS).
+        s = connect(path)
+        go(s, name)
+        n = min(size, 8 << 20)
+        s.sendall(b"".join(struct.pack(">IHHQQI", REQ, 0, 0, c, 0, n) for c in range(64)))
+        time.sleep(1)
+        s.close()
+        return None
+
     case("garbage instead of client flags", garbage)
     case("option length near 4 GiB", huge_option)
     case("unknown option", unknown_option)
@@ -214,6 +225,7 @@ def main():
     case("disconnect in the middle of a request", mid_request)
     case("bad request magic", bad_magic)
     case("write header announcing 4 GiB", huge_write)
+    case("requests whose replies are never read", unread_replies)
     sys.exit(1 if failed else 0)
 
 

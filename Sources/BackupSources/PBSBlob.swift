@@ -85,7 +85,14 @@ public enum PBSBlob {
 /// or without a content size (PBS writes both) by streaming into a fixed output.
 public final class ZstdDecoder {
     let dctx: OpaquePointer?
-    public init() { dctx = ZSTD_createDCtx() }
+    public init() {
+        dctx = ZSTD_createDCtx()
+        // Decode straight into the caller's buffer: by default a stream decodes into the context's
+        // own window buffer and copies out (that copy was 4 % of `serve pbs`'s CPU, and it
+        // page-faulted every fresh chunk buffer). The output buffer does not move during a frame:
+        // each decode is one call, or several over the same `out`.
+        ZSTD_DCtx_setParameter(dctx, ZSTD_d_experimentalParam2, 1)  // ZSTD_d_stableOutBuffer (a macro Swift does not import)
+    }
     deinit { ZSTD_freeDCtx(dctx) }
 
     func decode(_ src: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer, path: String, what: String) throws(SourceError) -> Int {

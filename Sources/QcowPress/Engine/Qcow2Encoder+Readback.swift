@@ -12,15 +12,17 @@ extension Qcow2Encoder {
     ///
     /// With `wait` > 0, a range whose every cluster was written to the encoder but is still being
     /// compressed or written waits up to `wait` seconds for the disk (cheaper than loading the data
-    /// again); a range with a cluster nobody wrote returns false at once.
+    /// again), but gives up sooner when the disk makes no progress for `stall` seconds (default:
+    /// `wait`); a range with a cluster nobody wrote returns false at once.
     ///
     /// Not for images over a backing file (an unallocated cluster would read the backing file):
     /// those always return false. Thread-safe; `context` is the calling thread's.
     public func readWritten(at offset: UInt64, count: Int, into: UnsafeMutableRawPointer, context: ReadContext,
-                            wait: Double = 0) throws(QcowPressError) -> Bool {
+                            wait: Double = 0, stall: Double? = nil) throws(QcowPressError) -> Bool {
         guard count > 0 else { return true }
         guard options.backingFile == nil, offset + UInt64(count) <= options.virtualSize else { return false }
         let deadline = monotonicNanoseconds() + UInt64(max(0, wait) * 1e9)
+        let stallNanos = UInt64(max(0, stall ?? wait) * 1e9)
         while !lifecycle.isFailed {
             // One look at the durable end per attempt: it only grows, so an attempt that found
             // something above it waits for it to move past.
@@ -29,7 +31,8 @@ extension Qcow2Encoder {
             case .done: return true
             case .never: return false
             case .later:
-                if !written.waitForProgress(beyond: durable, deadline: deadline) { return false }
+                let now = monotonicNanoseconds()
+                if !written.waitForProgress(beyond: durable, deadline: min(deadline, now + stallNanos)) { return false }
             }
         }
         return false

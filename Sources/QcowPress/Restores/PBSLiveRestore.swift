@@ -236,16 +236,22 @@ public final class PBSLiveRestore: @unchecked Sendable {
         static let claimWait = 5.0
 
         /// How long a read of chunks already written to the encoder waits for them to reach the
-        /// disk before it loads them again. The encoder's backlog (its slots: 48 MiB with two
-        /// workers) reaches the disk in about 0.1 s on the bench machine (3 GiB restored in 6.6 s);
-        /// waiting there removed the last 2-14 repeated loads of the live bench. The end of a drive
-        /// (its last buffer is written only when it is finished) stops the wait at once.
-        static let readBackWait = 1.0
+        /// disk before it loads them again: while the disk makes progress, up to `readBackWait`;
+        /// after `readBackStall` without progress, at once. The encoder's backlog (its slots:
+        /// 48 MiB with two workers) reaches the disk in about 0.1 s on the bench machine (3 GiB
+        /// restored in 6.6 s); waiting there removed the last 2-14 repeated loads of the live
+        /// bench. With a 1 s limit, `liveRestoreServesWhileItWrites` (every write 100 ms late)
+        /// loaded 25-27 chunks for 24 when three busy loops shared the machine's two cores: the
+        /// disk was moving, only slower. The end of a drive (its last buffer is written only
+        /// when it is finished) stops the wait at once.
+        static let readBackWait = 5.0
+        static let readBackStall = 1.0
 
         /// Reads from the image being written when all of the range is on disk there; false otherwise.
         private func readBack(at offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer) throws(QcowPressError) -> Bool {
             guard try withContext({ (c) throws(QcowPressError) in
-                try encoder.readWritten(at: offset, count: count, into: out.baseAddress!, context: c, wait: Self.readBackWait)
+                try encoder.readWritten(at: offset, count: count, into: out.baseAddress!, context: c, wait: Self.readBackWait,
+                                        stall: Self.readBackStall)
             }) else { return false }
             readsBack.add(1, ordering: .relaxed)
             return true

@@ -398,14 +398,50 @@ struct PBSServeTests {
         // Two sequential reads, the second ending in the chunk's second half: the next
         // `PBSChunkCache.depth` chunks (those with data) load ahead.
         // (distinct digests: a repeated chunk loads once)
-        let ahead = Set((i + 1..<min(index.chunkCount, i + 1 + PBSChunkCache.depth))
-            .filter { !view.isZeroChunk($0) }.map { index.digest($0) }).subtracting([index.digest(i)]).count
+        let ahead = Self.distinctAhead(after: i, in: view)
         try view.read(at: at, count: 1 << 19, into: buf)
         try view.read(at: at + (1 << 19), count: 1 << 19, into: buf)
         for _ in 0..<250 where cache.stats.loads < 1 + ahead { usleep(20_000) }
         #expect(cache.stats.loads == 1 + ahead, "the next chunks were loaded ahead")
         try view.read(at: at + (1 << 20), count: 1 << 19, into: buf)
         #expect(cache.stats.loads == 1 + ahead, "and the reader found chunk i + 1 in the cache")
+    }
+
+    /// Distinct digests of the `PBSChunkCache.depth` chunks with data after chunk `i` (what a
+    /// sequential reader of chunk `i` loads ahead), chunk `i`'s own left out.
+    static func distinctAhead(after i: Int, in view: PBSArchiveView) -> Int {
+        let next = (i + 1..<view.index.chunkCount).filter { !view.isZeroChunk($0) }.prefix(PBSChunkCache.depth)
+        return Set(next.map { view.index.digest($0) }).subtracting([view.index.digest(i)]).count
+    }
+
+    /// A copying client skips zero chunks (holes in block status): a read that ends where zero
+    /// chunks begin, then one at the next chunk with data, is a sequential reader going on, and
+    /// gets the chunks after it loaded ahead.
+    @Test func sequentialReadersGoOnAfterZeroChunks() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        // Chunk 0 with data, chunks 1 and 2 zero, then 3 + depth distinct chunks with data.
+        let raw = dir.appendingPathComponent("a.raw").path
+        let data = SourceImage.noise((4 + PBSChunkCache.depth) << 20, seed: 9)
+        try (data.prefix(1 << 20) + Data(count: 2 << 20) + data.dropFirst(1 << 20)).write(to: URL(fileURLWithPath: raw))
+        let ds = try PBSFixture.datastore(in: dir, drives: ["drive-scsi0.img": raw], seed: 4)
+        let restore = try PBSRestore(datastore: ds, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
+        let index = try restore.openArchive("drive-scsi0.img.fidx")
+        let cache = PBSChunkCache(reader: restore.reader, capacity: 64 << 20, indexes: [index])
+        let view = PBSArchiveView(name: "drive-scsi0", index: index, cache: cache)
+        #expect(index.chunkSize == 1 << 20 && !view.isZeroChunk(0) && view.isZeroChunk(1) && view.isZeroChunk(2) && !view.isZeroChunk(3))
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 3 << 18, alignment: 4096)
+        defer { buf.deallocate() }
+        // The end of chunk 0 (not sequential itself: no read-ahead), then the first three
+        // quarters of chunk 3, past its middle: chunks 4 ... 3 + depth load ahead.
+        try view.read(at: (1 << 20) - 4096, count: 4096, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<4096]))
+        try view.read(at: 3 << 20, count: 3 << 18, into: buf)
+        let expected = 2 + PBSChunkCache.depth
+        for _ in 0..<250 where cache.stats.loads < expected { usleep(20_000) }
+        #expect(cache.stats.loads == expected, "\(cache.stats.loads) loads")
+        // Each chunk read ahead is in the cache now.
+        try view.read(at: UInt64(3 + PBSChunkCache.depth) << 20, count: 4096, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<4096]))
+        #expect(cache.stats.loads == expected)
     }
 
     /// Reads inside one chunk are slices of the cached chunk (what an NBD reply sends without a

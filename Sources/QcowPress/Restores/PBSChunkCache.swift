@@ -47,12 +47,15 @@ public final class PBSChunkCache: @unchecked Sendable {
 
     /// Chunk loads running ahead of sequential readers at once, and how many chunks ahead of a
     /// sequential reader they go. Each load holds one chunk buffer beyond the cache's capacity
-    /// while it runs (four: 16 MiB with PBS's 4 MiB chunks). Measured on this 2-core machine
-    /// (`serve pbs` + `nbdcopy --connections=4` of the 3 GiB bench disk, /tmp/serve.sh of the
-    /// stop-20 note): 2 loads, 1 ahead: 3.58-3.74 s; 4 loads, 2 ahead: 2.72-3.24 s; 8 loads,
-    /// 3 ahead: 2.90 s. With one chunk ahead, four readers kept waiting on their own loads.
-    public static let maxPrefetches = 4
-    public static let depth = 2
+    /// while it runs (six: 24 MiB with PBS's 4 MiB chunks). Measured on this 2-core machine
+    /// (`serve pbs` + `nbdcopy --connections=4` of the 3 GiB bench disk, page cache dropped,
+    /// /tmp/serveab.sh of the stop-22 note, alternating): stop 20: 2 loads, 1 ahead: 3.58-3.74 s;
+    /// 4 loads, 2 ahead: 2.72-3.24 s. Stop 22 (zero-copy replies): 4 loads, 2 ahead: 2.73-2.93 s
+    /// (six runs, mean 2.84); 6 loads, 2 ahead: 2.62-2.76 s; 6 loads, 3 ahead: 2.44-2.87 s (six
+    /// runs, mean 2.61); 8 loads, 3 or 4 ahead: 2.37-3.11 s. With fewer, readers of four
+    /// connections kept waiting on their own loads while a core idled.
+    public static let maxPrefetches = 6
+    public static let depth = 3
     private var prefetching = 0
 
     /// Starts loading a chunk in the background (read-ahead for a sequential reader) unless it is
@@ -223,26 +226,32 @@ public final class PBSArchiveView: @unchecked Sendable {
     public let name: String
     public let index: PBSFixedIndex
     public let cache: PBSChunkCache
-    private let zeroFull: [UInt8]
-    private let zeroLast: [UInt8]
+    /// Per chunk: the first chunk at or after it that is not the all-zero chunk (`chunkCount` when
+    /// none); zero chunks are recognised by their digest. Clients that copy a drive skip what block
+    /// status calls holes, so a sequential reader goes on after a run of zero chunks at the next
+    /// chunk with data.
+    private let nextData: [Int32]
 
     public init(name: String, index: PBSFixedIndex, cache: PBSChunkCache) {
         self.name = name
         self.index = index
         self.cache = cache
-        zeroFull = cache.reader.zeroDigest(length: index.chunkSize)
+        let full = cache.reader.zeroDigest(length: index.chunkSize)
         let last = index.chunkLength(max(0, index.chunkCount - 1))
-        zeroLast = last == index.chunkSize ? zeroFull : cache.reader.zeroDigest(length: last)
+        let lastZero = last == index.chunkSize ? full : cache.reader.zeroDigest(length: last)
+        var next = [Int32](repeating: Int32(index.chunkCount), count: index.chunkCount + 1)
+        for i in stride(from: index.chunkCount - 1, through: 0, by: -1) {
+            let zero = index.digest(i).elementsEqual(index.chunkLength(i) == index.chunkSize ? full : lastZero)
+            next[i] = zero ? next[i + 1] : Int32(i)
+        }
+        nextData = next
     }
 
     /// Guest size: the archive's size rounded up to 512 bytes, as QEMU sizes block devices.
     public var size: UInt64 { (index.size + 511) & ~511 }
 
-    /// True when chunk `i` is the all-zero chunk (recognised by its digest).
-    public func isZeroChunk(_ i: Int) -> Bool {
-        let len = index.chunkLength(i)
-        return index.digest(i).elementsEqual(len == index.chunkSize ? zeroFull : zeroLast)
-    }
+    /// True when chunk `i` is the all-zero chunk.
+    public func isZeroChunk(_ i: Int) -> Bool { Int(nextData[i]) != i }
 
     /// Where the last few reads ended: a read that starts at one of them is sequential, and
     /// reading on into the next chunk makes it load that chunk ahead. Eight: a copy over 4
@@ -305,23 +314,34 @@ public final class PBSArchiveView: @unchecked Sendable {
         "chunk \(i) of \(name) (guest offset \(UInt64(i) * UInt64(index.chunkSize)))"
     }
 
-    /// Records a read; true when it is sequential (it starts where a recent one ended).
+    /// Records a read; true when it is sequential (it starts where a recent one ended, or at the
+    /// next chunk with data after a read that ended where zero chunks begin).
     private func noteRead(at offset: UInt64, count: Int) -> Bool {
-        recentEnds.withLock { r in
+        let cs = UInt64(index.chunkSize)
+        var end = offset + UInt64(count)
+        if end % cs == 0, end / cs < UInt64(index.chunkCount) {
+            end = UInt64(nextData[Int(end / cs)]) * cs
+        }
+        return recentEnds.withLock { r in
             let hit = r.ends.contains(offset)
-            r.ends[r.next] = offset + UInt64(count)
+            r.ends[r.next] = end
             r.next = (r.next + 1) % r.ends.count
             return hit
         }
     }
 
-    /// Loads the next ``PBSChunkCache/depth`` chunks after a sequential read ending at `end`, once
-    /// the read is past the middle of its chunk.
+    /// Loads the next ``PBSChunkCache/depth`` chunks with data after a sequential read ending at
+    /// `end`, once the read is past the middle of its chunk.
     private func loadAhead(after end: UInt64) {
         let cs = UInt64(index.chunkSize)
         let next = Int((end + cs - 1) / cs)
         guard end + cs / 2 > UInt64(next) * cs else { return }
-        for j in next..<min(index.chunkCount, next + PBSChunkCache.depth) where !isZeroChunk(j) {
+        var j = next
+        for _ in 0..<PBSChunkCache.depth {
+            guard j < index.chunkCount else { return }
+            j = Int(nextData[j])
+            guard j < index.chunkCount else { return }
+            defer { j += 1 }
             if let readAhead {
                 readAhead(j)
             } else {

@@ -279,6 +279,7 @@ final class LiveExport: NBDExport, @unchecked Sendable {
     func read(at offset: UInt64, count: Int, into: UnsafeMutableRawBufferPointer) throws(NBDError) {
         do throws(QcowPressError) { try drive.read(at: offset, count: count, into: into) } catch { throw NBDError.io(error.message) }
     }
+    func readNow(at offset: UInt64, count: Int) -> ByteBuffer? { drive.cachedSlice(at: offset, count: count) }
     func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)] {
         try pbs.blockStatus(at: offset, length: length)
     }

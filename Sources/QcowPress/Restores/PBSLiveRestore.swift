@@ -1,6 +1,7 @@
 import BackupSources
 import DirectIO
 import Glibc
+import NIOCore
 import Synchronization
 
 /// A restore whose drives can be read while they are written (live restore): every drive's
@@ -11,7 +12,7 @@ import Synchronization
 /// The cache is the restore's chunk cache (``PBSRestore/Options/cacheBytes``, out of the memory
 /// limit, of which it may take a third); chunks used more than once stay longest. A client
 /// reading what the restore has passed finds it there while the cache holds it, and otherwise
-/// reads it back from the image being written (``Qcow2Encoder/readWritten(at:count:into:context:wait:)``:
+/// reads it back from the image being written (``Qcow2Encoder/readWritten(at:count:into:context:wait:stall:)``:
 /// no chunk is loaded twice), or from the finished image once the drive is complete.
 public final class PBSLiveRestore: @unchecked Sendable {
     /// One drive: readable at any offset from the start, written in the background.
@@ -142,6 +143,25 @@ public final class PBSLiveRestore: @unchecked Sendable {
             guard case .load = plan[i], claim(i) else { return }
             aheadCount.add(1, ordering: .relaxed)
             try loadAndWrite(i)
+        }
+
+        /// A read inside one chunk as a slice of the cached chunk, when the cache holds it and its
+        /// load was claimed already (there is nothing to load ahead) and the drive is not finished;
+        /// never waits, never loads (an NBD event loop answers such reads itself). Nil otherwise:
+        /// ``read(at:count:into:)`` then.
+        public func cachedSlice(at offset: UInt64, count: Int) -> ByteBuffer? {
+            let i = Int(offset / UInt64(view.index.chunkSize))
+            guard count > 0, i < plan.count else { return nil }
+            let s = source(of: i)
+            guard lock.withLock({ finishedImage == nil && claims[s] != 0 }),
+                  let bytes = view.cachedSlice(at: offset, count: count) else { return nil }
+            lock.withLock {
+                if served[i] == 0 {
+                    served[i] = 1
+                    servedCount += 1
+                }
+            }
+            return bytes
         }
 
         /// Reads guest bytes for a client: chunks of this range that the restore has not reached

@@ -430,7 +430,7 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     /// The header of a read's reply carrying `length` bytes of data (one structured data chunk, or
-    /// a simple reply), with room for the data behind it.
+    /// a simple reply); the data follows as a buffer of its own or is appended to this one.
     static func readHeader(_ cookie: UInt64, _ offset: UInt64, _ length: UInt32, structured: Bool) -> ByteBuffer {
         var b = ByteBufferAllocator().buffer(capacity: 32)
         if structured {

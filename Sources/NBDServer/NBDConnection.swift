@@ -352,6 +352,20 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
                 context.write(wrapOutboundOut(data), promise: nil)
                 return true
             }
+            // Not at hand yet: the export hands it over when it has it (a load to wait for costs no
+            // pool thread), or the pool reads it.
+            beginRequest(bytes: Int(length))
+            let loop = context.eventLoop
+            let core = self.core
+            core.handOverStarted()
+            let accepted = export.read(at: offset, count: Int(length)) { result in
+                let reply = result.map { Reply(Self.readHeader(cookie, offset, length, structured: structured), $0) }
+                loop.execute { self.complete(cookie, bytes: Int(length), reply, structured: structured) }
+                core.handOverEnded()
+            }
+            if accepted { return true }
+            core.handOverEnded()
+            endRequest(bytes: Int(length))
             run(context, cookie, bytes: Int(length)) { () throws(NBDError) -> Reply in
                 let head = Self.readHeader(cookie, offset, length, structured: structured)
                 if let data = try export.readBuffer(at: offset, count: Int(length)) { return Reply(head, data) }
@@ -495,8 +509,7 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
     /// `bytes`: what the request holds while it runs (its payload or its reply's data).
     private func run(_ context: ChannelHandlerContext, _ cookie: UInt64, bytes: Int = 0,
                      _ work: @escaping @Sendable () throws(NBDError) -> Reply) {
-        inFlight += 1
-        inFlightBytes += bytes
+        beginRequest(bytes: bytes)
         let loop = context.eventLoop
         let structured = self.structured
         core.pool.submit { state in
@@ -510,9 +523,18 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    private func complete(_ cookie: UInt64, bytes: Int, _ result: Result<Reply, NBDError>, structured: Bool) {
+    /// A request starts running (counted against the connection's limits) or ends.
+    private func beginRequest(bytes: Int) {
+        inFlight += 1
+        inFlightBytes += bytes
+    }
+    private func endRequest(bytes: Int) {
         inFlight -= 1
         inFlightBytes -= bytes
+    }
+
+    private func complete(_ cookie: UInt64, bytes: Int, _ result: Result<Reply, NBDError>, structured: Bool) {
+        endRequest(bytes: bytes)
         guard let context else {
             detachIfDone()
             return

@@ -60,8 +60,8 @@ public enum NBD {
 import NIOCore
 
 /// What the server serves. Implementations do their own I/O; the server calls them off the event
-/// loop (on its thread pool), several at once — all but ``readNow(at:count:)``, which runs on the
-/// event loop.
+/// loop (on its thread pool), several at once — all but ``readNow(at:count:)`` and
+/// ``read(at:count:then:)``, which run on the event loop and must not block.
 public protocol NBDExport: AnyObject, Sendable {
     var name: String { get }
     var size: UInt64 { get }
@@ -76,6 +76,10 @@ public protocol NBDExport: AnyObject, Sendable {
     /// ``readBuffer(at:count:)`` when the bytes are at hand now (cached), on the event loop: it must
     /// not block or do I/O. Nil sends the read to the thread pool.
     func readNow(at offset: UInt64, count: Int) -> ByteBuffer?
+    /// ``readBuffer(at:count:)`` without blocking the event loop that calls it: `then` gets the
+    /// buffer (on any thread, or before this returns) once the export has it. False, without
+    /// calling `then`, to have the read run on the server's thread pool instead.
+    func read(at offset: UInt64, count: Int, then: @escaping @Sendable (Result<ByteBuffer, NBDError>) -> Void) -> Bool
     /// Extents from `offset` covering at most `length` bytes (at least one byte), each with
     /// ``NBD/stateHole``/``NBD/stateZero`` flags.
     func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)]
@@ -100,6 +104,7 @@ public protocol NBDExport: AnyObject, Sendable {
 extension NBDExport {
     public func readBuffer(at offset: UInt64, count: Int) throws(NBDError) -> ByteBuffer? { nil }
     public func readNow(at offset: UInt64, count: Int) -> ByteBuffer? { nil }
+    public func read(at offset: UInt64, count: Int, then: @escaping @Sendable (Result<ByteBuffer, NBDError>) -> Void) -> Bool { false }
     public func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws(NBDError) { throw NBDError(NBD.EPERM, "read-only export") }
     public func writeZeroes(at offset: UInt64, length: UInt64) throws(NBDError) { throw NBDError(NBD.EPERM, "read-only export") }
     public func flush() throws(NBDError) {}

@@ -52,6 +52,15 @@ final class NBDServerCore: Sendable {
         withdrawn.withLock { $0.contains(name) } ? nil : exports[name]
     }
 
+    /// Reads handed to an export's ``NBDExport/read(at:count:then:)`` whose callback has not yet
+    /// passed the reply to its event loop: the loops outlive them (``NBDServer/shutdown()``).
+    private let handedOver = Mutex(0)
+    func handOverStarted() { handedOver.withLock { $0 += 1 } }
+    func handOverEnded() { handedOver.withLock { $0 -= 1 } }
+    func waitForHandOvers() {
+        while handedOver.withLock({ $0 }) > 0 { usleep(1000) }
+    }
+
     func connectionOpened() { stats.withLock { $0.connections += 1; $0.open += 1 } }
     func connectionClosed() { stats.withLock { $0.open -= 1 } }
     func countRequest() { stats.withLock { $0.requests += 1 } }
@@ -113,10 +122,12 @@ public final class NBDServer: Sendable {
     public func withdraw(export name: String) { core.withdraw(name) }
 
     /// Stops listening and closes every connection. Requests still running finish first (their
-    /// replies go nowhere), so the event loop outlives every task that reports to it.
+    /// replies go nowhere) — on the pool or handed to an export — so the event loop outlives every
+    /// task that reports to it.
     public func shutdown() {
         for ch in channels.withLock({ $0 }) { try? ch.close().wait() }
         try? core.pool.syncShutdownGracefully()
+        core.waitForHandOvers()
         try? group.syncShutdownGracefully()
     }
 }

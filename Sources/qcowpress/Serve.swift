@@ -146,6 +146,10 @@ final class PBSExport: NBDExport, @unchecked Sendable {
 
     func readNow(at offset: UInt64, count: Int) -> ByteBuffer? { view.cachedSlice(at: offset, count: count) }
 
+    func read(at offset: UInt64, count: Int, then: @escaping @Sendable (Result<ByteBuffer, NBDError>) -> Void) -> Bool {
+        view.slice(at: offset, count: count) { r in then(r.mapError { NBDError.io($0.message) }) }
+    }
+
     func blockStatus(at offset: UInt64, length: UInt64) throws(NBDError) -> [(length: UInt64, flags: UInt32)] {
         let cs = UInt64(view.index.chunkSize)
         return NBD.extents(from: offset, to: min(offset + length, size), granule: cs) { at, _ in

@@ -172,6 +172,22 @@ struct PBSServeTests {
         #expect(server.stop() == 0)
     }
 
+    /// A chunk that fails verification: a client copying the drive gets an I/O error (not wrong
+    /// bytes, not a hang), and the server goes on serving.
+    @Test func damagedChunksAreReadErrors() throws {
+        let f = try PBSFixture(.init(name: "serve damaged", chunk: 1 << 20, corrupt: "chunk-digest"))
+        defer { f.remove() }
+        let sock = f.dir.appendingPathComponent("d.sock").path
+        let server = try NBDServeTests.Server(["pbs"] + f.datastoreArgs + ["--socket", sock, PBSRestoreTests.snapshot], exports: 2)
+        let out = f.dir.appendingPathComponent("copy.raw").path
+        let copy = try Harness.run("/usr/bin/timeout", ["60", "/usr/bin/nbdcopy", "--connections=4", server.urls[0], out])
+        #expect(copy.status != 0 && copy.status != 124, "status \(copy.status): \(copy.stderr)")
+        #expect(copy.stderr.contains("Input/output error"), "\(copy.stderr)")
+        let size = try Harness.run("/usr/bin/nbdinfo", ["--size", server.urls[0]])
+        #expect(size.status == 0 && !size.stdout.isEmpty, "\(size.stderr)")
+        #expect(server.stop() == 0)
+    }
+
     /// `restore pbs --live`: the drives are readable over NBD from the start; a client copying a
     /// whole drive during the restore reads it right, makes the restore load chunks ahead of its
     /// order, and no chunk is fetched twice; the images end complete and clean.
@@ -484,6 +500,71 @@ struct PBSServeTests {
         #expect(again.readableBytesView.elementsEqual(bytes(at, 5000)))
     }
 
+    /// Readers that must not block (an NBD event loop) hand over a callback: eight asking for one
+    /// chunk at once share one load and get the right bytes; a cached chunk calls back before
+    /// returning; ranges across chunks or in zero chunks are declined (read on a thread then).
+    @Test func handedOverReadsShareOneLoad() throws {
+        let f = try PBSFixture(.init(name: "handed over", chunk: 1 << 20))
+        defer { f.remove() }
+        let restore = try PBSRestore(datastore: f.datastore, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
+        let index = try restore.openArchive("drive-scsi0.img.fidx")
+        let cache = PBSChunkCache(reader: restore.reader, capacity: 64 << 20, indexes: [index])
+        let view = PBSArchiveView(name: "drive-scsi0", index: index, cache: cache)
+        let expected = try Data(contentsOf: URL(fileURLWithPath: f.rawA))
+        guard let i = (0..<index.chunkCount).first(where: { !view.isZeroChunk($0) }),
+              let z = (0..<index.chunkCount).first(where: { view.isZeroChunk($0) }) else {
+            Issue.record("the fixture needs a data chunk and a zero chunk")
+            return
+        }
+        let good = ConditionCounter(), bad = ConditionCounter()
+        for k in 0..<8 {
+            let at = i << 20 + k * 4096
+            let accepted = view.slice(at: UInt64(at), count: 4096) { r in
+                if case .success(let b) = r, b.readableBytesView.elementsEqual(expected[at..<(at + 4096)]) { good.add() } else { bad.add() }
+            }
+            #expect(accepted)
+        }
+        for _ in 0..<500 where good.value + bad.value < 8 { usleep(10_000) }
+        #expect(good.value == 8 && bad.value == 0)
+        #expect(cache.stats.loads == 1)
+        // Cached now: called back before `slice` returns.
+        let now = ConditionCounter()
+        #expect(view.slice(at: UInt64(i << 20), count: 512) { r in if case .success = r { now.add() } })
+        #expect(now.value == 1)
+        #expect(!view.slice(at: UInt64((i + 1) << 20 - 10), count: 20) { _ in Issue.record("called back for a range across chunks") })
+        #expect(!view.slice(at: UInt64(z << 20), count: 4096) { _ in Issue.record("called back for a zero chunk") })
+        #expect(cache.stats.loads == 1)
+    }
+
+    /// A chunk that fails verification: every reader handed over for it gets the error (none is
+    /// left waiting), the next asks load it again and fail the same way, and other chunks read.
+    @Test func handedOverReadsOfADamagedChunkFail() throws {
+        let f = try PBSFixture(.init(name: "handed over, damaged", chunk: 1 << 20, corrupt: "chunk-digest"))
+        defer { f.remove() }
+        let restore = try PBSRestore(datastore: f.datastore, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
+        let index = try restore.openArchive("drive-scsi0.img.fidx")
+        let cache = PBSChunkCache(reader: restore.reader, capacity: 64 << 20, indexes: [index])
+        let view = PBSArchiveView(name: "drive-scsi0", index: index, cache: cache)
+        let data = (0..<index.chunkCount).filter { !view.isZeroChunk($0) }
+        let failed = ConditionCounter(), fine = ConditionCounter(), messages = Messages()
+        for i in data {
+            for k in 0..<3 {
+                #expect(view.slice(at: UInt64(i << 20 + k * 4096), count: 4096) { r in
+                    switch r {
+                    case .success: fine.add()
+                    case .failure(let e):
+                        failed.add()
+                        messages.add(e.message)
+                    }
+                })
+            }
+        }
+        for _ in 0..<500 where failed.value + fine.value < 3 * data.count { usleep(10_000) }
+        #expect(failed.value + fine.value == 3 * data.count, "a reader was left waiting")
+        #expect(failed.value >= 3 && fine.value >= 3, "\(failed.value) failed, \(fine.value) fine")
+        #expect(messages.all.allSatisfy { $0.contains("digest mismatch") }, "\(messages.all)")
+    }
+
     /// Eight threads read the same chunks at once: each digest is loaded once (the others wait
     /// for that load), and hot chunks stay while single-use ones are evicted.
     @Test func concurrentReadersShareOneLoad() throws {
@@ -513,6 +594,13 @@ struct PBSServeTests {
         #expect(cache.stats.loads == distinct, "\(cache.stats.loads) loads for \(distinct) distinct chunks")
         #expect(cache.stats.hits >= 7 * distinct)
     }
+}
+
+final class Messages: @unchecked Sendable {
+    private let lock = NSLock()
+    private var list: [String] = []
+    func add(_ m: String) { lock.withLock { list.append(m) } }
+    var all: [String] { lock.withLock { list } }
 }
 
 final class ConditionCounter: @unchecked Sendable {

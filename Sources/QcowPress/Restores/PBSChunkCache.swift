@@ -27,7 +27,12 @@ public final class PBSChunkCache: @unchecked Sendable {
     private var entries: [ArraySlice<UInt8>: Entry] = [:]
     private var used = 0
     private var clock: UInt64 = 0
-    private var loading = Set<ArraySlice<UInt8>>()
+    /// Chunks being loaded, each with the callbacks waiting for it (``chunk(_:length:what:then:)``);
+    /// threads waiting for one wait in `lookUp`.
+    private var loading: [ArraySlice<UInt8>: [Waiter]] = [:]
+    public typealias Waiter = @Sendable (Result<ByteBuffer, QcowPressError>) -> Void
+    /// Loads started for ``chunk(_:length:what:then:)`` running now, each on a thread of its own.
+    private var demandLoads = 0
     private var hot = Set<ArraySlice<UInt8>>()
     private var scratches: [PBSChunkReader.Scratch] = []
     private(set) var hits = 0
@@ -65,7 +70,7 @@ public final class PBSChunkCache: @unchecked Sendable {
     public func prefetch(_ digest: ArraySlice<UInt8>, length: Int, what: String) {
         let d = ArraySlice(digest)
         let go: Bool = lock.withLock {
-            loading.contains(d) || entries[d]?.bytes.readableBytes == length ? false : reserveAhead()
+            loading[d] != nil || entries[d]?.bytes.readableBytes == length ? false : reserveAhead()
         }
         if go { startAhead { _ = try? self.withChunk(d, length: length, what: what) { _ in () } } }
     }
@@ -118,7 +123,7 @@ public final class PBSChunkCache: @unchecked Sendable {
     /// Takes `d` from the cache (a hit; pinned when `pin`), after waiting for a running load of
     /// it when `wait`; nil when it is not held. Caller holds the lock.
     private func lookUp(_ d: ArraySlice<UInt8>, length: Int, pin: Bool, wait: Bool) -> ByteBuffer? {
-        while wait && loading.contains(d) { lock.wait() }
+        while wait && loading[d] != nil { lock.wait() }
         guard var e = entries[d], e.bytes.readableBytes == length else { return nil }
         clock += 1
         e.lastUse = clock
@@ -147,42 +152,88 @@ public final class PBSChunkCache: @unchecked Sendable {
         try chunk(ArraySlice(digest), length: length, what: what, pin: false).bytes
     }
 
+    /// Loads started by ``chunk(_:length:what:then:)`` at once; beyond this it declines and the
+    /// caller reads on a thread of its own. 16: the NBD server's pool threads, which bounded
+    /// these loads before they stopped blocking a thread each.
+    public static let maxDemandLoads = 16
+
+    /// Chunk `digest` for a caller that must not block (an NBD event loop): `then` gets it — at
+    /// once when it is cached, else when the load of it that is running, or that this starts on a
+    /// thread of its own, ends. False, without calling `then`, when ``maxDemandLoads`` such loads
+    /// run already. Readers waiting for one chunk then cost no thread each.
+    public func chunk(_ digest: ArraySlice<UInt8>, length: Int, what: String, then: @escaping Waiter) -> Bool {
+        let d = ArraySlice(digest)
+        enum Next { case cached(ByteBuffer), waiting, load, declined }
+        let next: Next = lock.withLock {
+            if let b = lookUp(d, length: length, pin: false, wait: false) { return .cached(b) }
+            if loading[d] != nil {
+                loading[d]!.append(then)
+                return .waiting
+            }
+            guard demandLoads < Self.maxDemandLoads else { return .declined }
+            demandLoads += 1
+            loading[d] = [then]
+            return .load
+        }
+        switch next {
+        case .cached(let b): then(.success(b))
+        case .waiting: break
+        case .declined: return false
+        case .load:
+            startThread(name: "qp-load") {
+                let spare = self.lock.withLock { self.scratches.popLast() }
+                self.load(d, length: length, what: what, scratch: spare, pin: false)
+                self.lock.withLock { self.demandLoads -= 1 }
+            }
+        }
+        return true
+    }
+
     /// The chunk, from the cache or loaded; `pinned`: it is pinned for the caller (who unpins).
     private func chunk(_ d: ArraySlice<UInt8>, length: Int, what: String, pin: Bool) throws(QcowPressError) -> (bytes: ByteBuffer, pinned: Bool) {
         let (cached, spare): (ByteBuffer?, PBSChunkReader.Scratch?) = lock.withLock {
             if let b = lookUp(d, length: length, pin: pin, wait: true) { return (b, nil) }
-            // This thread loads it; others asking for it wait in `lookUp`.
-            loading.insert(d)
+            // This thread loads it; others asking for it wait in `lookUp` or in `loading`.
+            loading[d] = []
             return (nil, scratches.popLast())
         }
         if let cached { return (cached, pin) }
+        let (result, pinned) = load(d, length: length, what: what, scratch: spare, pin: pin)
+        return (try result.get(), pinned)
+    }
+
+    /// Loads chunk `d` (the caller put it in `loading`), keeps it, and hands it to every waiter.
+    @discardableResult
+    private func load(_ d: ArraySlice<UInt8>, length: Int, what: String, scratch spare: PBSChunkReader.Scratch?,
+                      pin: Bool) -> (Result<ByteBuffer, QcowPressError>, pinned: Bool) {
         let scratch = spare ?? PBSChunkReader.Scratch()
         // Not zero-filled first: a load writes all `length` bytes or fails (and then the
         // buffer is dropped). The memset was 2 % of `serve pbs`'s profile.
-        var result: Result<Void, QcowPressError> = .success(())
+        var failure: QcowPressError?
         var bytes = ByteBufferAllocator().buffer(capacity: length)
         bytes.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { p in
             do throws(SourceError) {
                 try reader.load(digest: d, length: length, into: UnsafeMutableRawBufferPointer(rebasing: p[0..<length]), scratch: scratch, what: what)
                 return length
             } catch {
-                result = .failure(QcowPressError(error))
+                failure = QcowPressError(error)
                 return 0
             }
         }
-        let pinned: Bool = lock.withLock {
+        let result: Result<ByteBuffer, QcowPressError> = failure.map { .failure($0) } ?? .success(bytes)
+        let (pinned, waiters): (Bool, [Waiter]) = lock.withLock {
             scratches.append(scratch)
-            loading.remove(d)
+            let waiters = loading.removeValue(forKey: d) ?? []
             var pinned = false
-            if case .success = result {
+            if failure == nil {
                 loads += 1
                 pinned = insert(d, bytes, pin: pin)
             }
             lock.broadcast()
-            return pinned
+            return (pinned, waiters)
         }
-        try result.get()
-        return (bytes, pinned)
+        for w in waiters { w(result) }
+        return (result, pinned)
     }
 
     private func unpin(_ d: ArraySlice<UInt8>) {
@@ -289,6 +340,24 @@ public final class PBSArchiveView: @unchecked Sendable {
         let chunk = try cache.chunk(index.digest(i), length: index.chunkLength(i), what: chunkName(i))
         if sequential { loadAhead(after: offset + UInt64(count)) }
         return chunk.getSlice(at: chunk.readerIndex + within, length: count)
+    }
+
+    /// ``slice(at:count:)`` for a caller that must not block (an NBD event loop): `then` gets the
+    /// slice — at once when the chunk is cached, else when its load ends (loads run on threads of
+    /// the cache). False, without calling `then`, when the range is not inside one chunk with data
+    /// or the cache has as many such loads running as it allows: read on a thread of your own then.
+    public func slice(at offset: UInt64, count: Int, then: @escaping @Sendable (Result<ByteBuffer, QcowPressError>) -> Void) -> Bool {
+        guard let (i, within) = singleChunk(offset, count) else { return false }
+        let what = chunkName(i)
+        let accepted = cache.chunk(index.digest(i), length: index.chunkLength(i), what: what) { r in
+            then(r.flatMap { chunk in
+                chunk.getSlice(at: chunk.readerIndex + within, length: count).map { .success($0) }
+                    ?? .failure(.misuse("\(what): the cached chunk is shorter than its index says"))
+            })
+        }
+        guard accepted else { return false }
+        if noteRead(at: offset, count: count) { loadAhead(after: offset + UInt64(count)) }
+        return true
     }
 
     /// ``slice(at:count:)`` only when the chunk is cached now: never waits, never loads (an event

@@ -389,12 +389,8 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
             run(context, cookie) { () throws(NBDError) -> Reply in
                 var extents = try export.blockStatus(at: offset, length: UInt64(length))
                 if one { extents = Array(extents.prefix(1)) }
-                var b = ByteBufferAllocator().buffer(capacity: 24 + 8 * extents.count)
-                b.writeInteger(NBD.structuredReplyMagic)
-                b.writeInteger(NBD.replyFlagDone)
-                b.writeInteger(NBD.replyBlockStatus)
-                b.writeInteger(cookie)
-                b.writeInteger(UInt32(4 + 8 * extents.count))
+                var b = Self.header(cookie, type: NBD.replyBlockStatus, length: UInt32(4 + 8 * extents.count),
+                                    structured: true, capacity: 24 + 8 * extents.count)
                 b.writeInteger(NBD.baseAllocationID)
                 var left = UInt64(length)
                 for x in extents where left > 0 {
@@ -443,60 +439,51 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    /// The header of a read's reply carrying `length` bytes of data (one structured data chunk, or
-    /// a simple reply); the data follows as a buffer of its own or is appended to this one.
-    static func readHeader(_ cookie: UInt64, _ offset: UInt64, _ length: UInt32, structured: Bool) -> ByteBuffer {
-        var b = ByteBufferAllocator().buffer(capacity: 32)
+    /// The header of a reply: a structured reply's one chunk (`type`, flagged done, `length` bytes
+    /// of payload to follow), or a simple reply (success; a read's data follows).
+    static func header(_ cookie: UInt64, type: UInt16, length: UInt32, structured: Bool, capacity: Int = 20) -> ByteBuffer {
+        var b = ByteBufferAllocator().buffer(capacity: capacity)
         if structured {
             b.writeInteger(NBD.structuredReplyMagic)
             b.writeInteger(NBD.replyFlagDone)
-            b.writeInteger(NBD.replyOffsetData)
+            b.writeInteger(type)
             b.writeInteger(cookie)
-            b.writeInteger(UInt32(8) + length)
-            b.writeInteger(offset)
+            b.writeInteger(length)
         } else {
             b.writeInteger(NBD.simpleReplyMagic)
             b.writeInteger(UInt32(0))
             b.writeInteger(cookie)
         }
+        return b
+    }
+
+    /// The header of a read's reply carrying `length` bytes of data (one structured data chunk, or
+    /// a simple reply); the data follows as a buffer of its own or is appended to this one.
+    static func readHeader(_ cookie: UInt64, _ offset: UInt64, _ length: UInt32, structured: Bool) -> ByteBuffer {
+        var b = header(cookie, type: NBD.replyOffsetData, length: 8 + length, structured: structured, capacity: 32)
+        if structured { b.writeInteger(offset) }
         return b
     }
 
     /// A reply with no data: success.
     static func done(_ cookie: UInt64, structured: Bool) -> ByteBuffer {
-        var b = ByteBufferAllocator().buffer(capacity: 20)
-        if structured {
-            b.writeInteger(NBD.structuredReplyMagic)
-            b.writeInteger(NBD.replyFlagDone)
-            b.writeInteger(NBD.replyNone)
-            b.writeInteger(cookie)
-            b.writeInteger(UInt32(0))
-        } else {
-            b.writeInteger(NBD.simpleReplyMagic)
-            b.writeInteger(UInt32(0))
-            b.writeInteger(cookie)
-        }
-        return b
+        header(cookie, type: NBD.replyNone, length: 0, structured: structured)
     }
 
     static func errorReply(_ cookie: UInt64, _ code: UInt32, _ message: String, structured: Bool) -> ByteBuffer {
         if code == 0 { return done(cookie, structured: structured) }
-        var b = ByteBufferAllocator().buffer(capacity: 32 + message.utf8.count)
-        if structured {
-            let msg = String(message.utf8.prefix(4096)) ?? ""
-            b.writeInteger(NBD.structuredReplyMagic)
-            b.writeInteger(NBD.replyFlagDone)
-            b.writeInteger(NBD.replyError)
-            b.writeInteger(cookie)
-            b.writeInteger(UInt32(6 + msg.utf8.count))
-            b.writeInteger(code)
-            b.writeInteger(UInt16(msg.utf8.count))
-            b.writeString(msg)
-        } else {
+        guard structured else {
+            var b = ByteBufferAllocator().buffer(capacity: 16)
             b.writeInteger(NBD.simpleReplyMagic)
             b.writeInteger(code)
             b.writeInteger(cookie)
+            return b
         }
+        let msg = String(message.utf8.prefix(4096)) ?? ""
+        var b = header(cookie, type: NBD.replyError, length: UInt32(6 + msg.utf8.count), structured: true, capacity: 32 + msg.utf8.count)
+        b.writeInteger(code)
+        b.writeInteger(UInt16(msg.utf8.count))
+        b.writeString(msg)
         return b
     }
 

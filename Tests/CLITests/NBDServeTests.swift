@@ -395,10 +395,7 @@ struct PBSServeTests {
     @Test func sequentialReadersLoadTheNextChunkAhead() throws {
         let f = try PBSFixture(.init(name: "read-ahead", chunk: 1 << 20))
         defer { f.remove() }
-        let restore = try PBSRestore(datastore: f.datastore, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
-        let index = try restore.openArchive("drive-scsi0.img.fidx")
-        let cache = PBSChunkCache(reader: restore.reader, capacity: 64 << 20, indexes: [index])
-        let view = PBSArchiveView(name: "drive-scsi0", index: index, cache: cache)
+        let (index, cache, view) = try Self.view(of: f.datastore)
         // Two neighbouring chunks with data.
         guard let i = (0..<(index.chunkCount - 1)).first(where: { !view.isZeroChunk($0) && !view.isZeroChunk($0 + 1) }) else {
             Issue.record("the fixture has no two neighbouring data chunks")
@@ -423,6 +420,14 @@ struct PBSServeTests {
         #expect(cache.stats.loads == 1 + ahead, "and the reader found chunk i + 1 in the cache")
     }
 
+    /// drive-scsi0 of the test snapshot in `datastore`, read through a chunk cache of `capacity` bytes.
+    static func view(of datastore: String, capacity: Int = 64 << 20) throws -> (PBSFixedIndex, PBSChunkCache, PBSArchiveView) {
+        let restore = try PBSRestore(datastore: datastore, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
+        let index = try restore.openArchive("drive-scsi0.img.fidx")
+        let cache = PBSChunkCache(reader: restore.reader, capacity: capacity, indexes: [index])
+        return (index, cache, PBSArchiveView(name: "drive-scsi0", index: index, cache: cache))
+    }
+
     /// Distinct digests of the `PBSChunkCache.depth` chunks with data after chunk `i` (what a
     /// sequential reader of chunk `i` loads ahead), chunk `i`'s own left out.
     static func distinctAhead(after i: Int, in view: PBSArchiveView) -> Int {
@@ -441,10 +446,7 @@ struct PBSServeTests {
         let data = SourceImage.noise((4 + PBSChunkCache.depth) << 20, seed: 9)
         try (data.prefix(1 << 20) + Data(count: 2 << 20) + data.dropFirst(1 << 20)).write(to: URL(fileURLWithPath: raw))
         let ds = try PBSFixture.datastore(in: dir, drives: ["drive-scsi0.img": raw], seed: 4)
-        let restore = try PBSRestore(datastore: ds, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
-        let index = try restore.openArchive("drive-scsi0.img.fidx")
-        let cache = PBSChunkCache(reader: restore.reader, capacity: 64 << 20, indexes: [index])
-        let view = PBSArchiveView(name: "drive-scsi0", index: index, cache: cache)
+        let (index, cache, view) = try Self.view(of: ds)
         #expect(index.chunkSize == 1 << 20 && !view.isZeroChunk(0) && view.isZeroChunk(1) && view.isZeroChunk(2) && !view.isZeroChunk(3))
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 3 << 18, alignment: 4096)
         defer { buf.deallocate() }
@@ -466,11 +468,8 @@ struct PBSServeTests {
     @Test func slicesShareTheCachedChunk() throws {
         let f = try PBSFixture(.init(name: "slices", chunk: 1 << 20))
         defer { f.remove() }
-        let restore = try PBSRestore(datastore: f.datastore, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
-        let index = try restore.openArchive("drive-scsi0.img.fidx")
         // Room for one chunk: loading another evicts the first.
-        let cache = PBSChunkCache(reader: restore.reader, capacity: 1 << 20, indexes: [index])
-        let view = PBSArchiveView(name: "drive-scsi0", index: index, cache: cache)
+        let (index, cache, view) = try Self.view(of: f.datastore, capacity: 1 << 20)
         let data = (0..<index.chunkCount).filter { !view.isZeroChunk($0) }
         guard let i = data.first, let j = data.first(where: { index.digest($0) != index.digest(i) }),
               let z = (0..<index.chunkCount).first(where: { view.isZeroChunk($0) }) else {
@@ -506,10 +505,7 @@ struct PBSServeTests {
     @Test func handedOverReadsShareOneLoad() throws {
         let f = try PBSFixture(.init(name: "handed over", chunk: 1 << 20))
         defer { f.remove() }
-        let restore = try PBSRestore(datastore: f.datastore, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
-        let index = try restore.openArchive("drive-scsi0.img.fidx")
-        let cache = PBSChunkCache(reader: restore.reader, capacity: 64 << 20, indexes: [index])
-        let view = PBSArchiveView(name: "drive-scsi0", index: index, cache: cache)
+        let (index, cache, view) = try Self.view(of: f.datastore)
         let expected = try Data(contentsOf: URL(fileURLWithPath: f.rawA))
         guard let i = (0..<index.chunkCount).first(where: { !view.isZeroChunk($0) }),
               let z = (0..<index.chunkCount).first(where: { view.isZeroChunk($0) }) else {
@@ -541,10 +537,7 @@ struct PBSServeTests {
     @Test func handedOverReadsOfADamagedChunkFail() throws {
         let f = try PBSFixture(.init(name: "handed over, damaged", chunk: 1 << 20, corrupt: "chunk-digest"))
         defer { f.remove() }
-        let restore = try PBSRestore(datastore: f.datastore, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
-        let index = try restore.openArchive("drive-scsi0.img.fidx")
-        let cache = PBSChunkCache(reader: restore.reader, capacity: 64 << 20, indexes: [index])
-        let view = PBSArchiveView(name: "drive-scsi0", index: index, cache: cache)
+        let (index, _, view) = try Self.view(of: f.datastore)
         let data = (0..<index.chunkCount).filter { !view.isZeroChunk($0) }
         let failed = ConditionCounter(), fine = ConditionCounter(), messages = Messages()
         for i in data {
@@ -570,10 +563,7 @@ struct PBSServeTests {
     @Test func concurrentReadersShareOneLoad() throws {
         let f = try PBSFixture(.init(name: "single flight", chunk: 1 << 20))
         defer { f.remove() }
-        let restore = try PBSRestore(datastore: f.datastore, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
-        let index = try restore.openArchive("drive-scsi0.img.fidx")
-        let cache = PBSChunkCache(reader: restore.reader, capacity: 64 << 20, indexes: [index])
-        let view = PBSArchiveView(name: "drive-scsi0", index: index, cache: cache)
+        let (index, cache, view) = try Self.view(of: f.datastore)
         let distinct = Set((0..<index.chunkCount).filter { !view.isZeroChunk($0) }.map { Array(index.digest($0)) }).count
         let expected = try Data(contentsOf: URL(fileURLWithPath: f.rawA))
         let failures = ConditionCounter()

@@ -72,14 +72,14 @@ public final class PBSChunkCache: @unchecked Sendable {
         let go: Bool = lock.withLock {
             loading[d] != nil || entries[d]?.bytes.readableBytes == length ? false : reserveAhead()
         }
-        if go { startAhead { _ = try? self.withChunk(d, length: length, what: what) { _ in () } } }
+        if go { startCounted("qp-prefetch", \.prefetching) { _ = try? self.chunk(d, length: length, what: what) } }
     }
 
     /// Runs `body` (a load ahead of a reader) on a thread of its own unless `maxPrefetches` run
     /// already; false when it did not start.
     func runAhead(_ body: @escaping @Sendable () -> Void) -> Bool {
         let go = lock.withLock { reserveAhead() }
-        if go { startAhead(body) }
+        if go { startCounted("qp-prefetch", \.prefetching, body) }
         return go
     }
 
@@ -90,13 +90,14 @@ public final class PBSChunkCache: @unchecked Sendable {
         return true
     }
 
-    /// Starts a counted read-ahead thread (the caller counted it in `prefetching`). A thread of
-    /// its own: Dispatch's shared pool could sit behind blocked work of other clients of the
-    /// process for seconds (seen in the test suite).
-    private func startAhead(_ body: @escaping @Sendable () -> Void) {
-        startThread(name: "qp-prefetch") {
+    /// Starts a load on a thread of its own that `counter` counts (the caller counted it, under
+    /// the lock; the thread takes it off when done). Not on Dispatch: its shared pool could sit
+    /// behind blocked work of other clients of the process for seconds (seen in the test suite).
+    private func startCounted(_ name: String, _ counter: any ReferenceWritableKeyPath<PBSChunkCache, Int> & Sendable,
+                              _ body: @escaping @Sendable () -> Void) {
+        startThread(name: name) {
             body()
-            self.lock.withLock { self.prefetching -= 1 }
+            self.lock.withLock { self[keyPath: counter] -= 1 }
         }
     }
 
@@ -180,10 +181,9 @@ public final class PBSChunkCache: @unchecked Sendable {
         case .waiting: break
         case .declined: return false
         case .load:
-            startThread(name: "qp-load") {
+            startCounted("qp-load", \.demandLoads) {
                 let spare = self.lock.withLock { self.scratches.popLast() }
                 self.load(d, length: length, what: what, scratch: spare, pin: false)
-                self.lock.withLock { self.demandLoads -= 1 }
             }
         }
         return true
@@ -339,7 +339,7 @@ public final class PBSArchiveView: @unchecked Sendable {
         let sequential = noteRead(at: offset, count: count)
         let chunk = try cache.chunk(index.digest(i), length: index.chunkLength(i), what: chunkName(i))
         if sequential { loadAhead(after: offset + UInt64(count)) }
-        return chunk.getSlice(at: chunk.readerIndex + within, length: count)
+        return Self.piece(of: chunk, within, count)
     }
 
     /// ``slice(at:count:)`` for a caller that must not block (an NBD event loop): `then` gets the
@@ -351,7 +351,7 @@ public final class PBSArchiveView: @unchecked Sendable {
         let what = chunkName(i)
         let accepted = cache.chunk(index.digest(i), length: index.chunkLength(i), what: what) { r in
             then(r.flatMap { chunk in
-                chunk.getSlice(at: chunk.readerIndex + within, length: count).map { .success($0) }
+                Self.piece(of: chunk, within, count).map { .success($0) }
                     ?? .failure(.misuse("\(what): the cached chunk is shorter than its index says"))
             })
         }
@@ -366,7 +366,12 @@ public final class PBSArchiveView: @unchecked Sendable {
         guard let (i, within) = singleChunk(offset, count),
               let chunk = cache.cachedChunk(index.digest(i), length: index.chunkLength(i)) else { return nil }
         if noteRead(at: offset, count: count) { loadAhead(after: offset + UInt64(count)) }
-        return chunk.getSlice(at: chunk.readerIndex + within, length: count)
+        return Self.piece(of: chunk, within, count)
+    }
+
+    /// `count` bytes at `within` of a chunk, sharing its memory.
+    private static func piece(of chunk: ByteBuffer, _ within: Int, _ count: Int) -> ByteBuffer? {
+        chunk.getSlice(at: chunk.readerIndex + within, length: count)
     }
 
     /// The chunk holding all of [offset, offset + count) and where the range starts in it; nil

@@ -145,6 +145,14 @@ public final class PBSLiveRestore: @unchecked Sendable {
             try loadAndWrite(i)
         }
 
+        /// Counts chunks clients read from (each once). Caller holds `lock`.
+        private func markServed(_ chunks: ClosedRange<Int>) {
+            for i in chunks where served[i] == 0 {
+                served[i] = 1
+                servedCount += 1
+            }
+        }
+
         /// A read inside one chunk as a slice of the cached chunk, when the cache holds it and its
         /// load was claimed already (there is nothing to load ahead) and the drive is not finished;
         /// never waits, never loads (an NBD event loop answers such reads itself). Nil otherwise:
@@ -155,12 +163,7 @@ public final class PBSLiveRestore: @unchecked Sendable {
             let s = source(of: i)
             guard lock.withLock({ finishedImage == nil && claims[s] != 0 }),
                   let bytes = view.cachedSlice(at: offset, count: count) else { return nil }
-            lock.withLock {
-                if served[i] == 0 {
-                    served[i] = 1
-                    servedCount += 1
-                }
-            }
+            lock.withLock { markServed(i...i) }
             return bytes
         }
 
@@ -175,12 +178,7 @@ public final class PBSLiveRestore: @unchecked Sendable {
             let first = Int(offset / cs)
             let last = min(plan.count - 1, Int((offset + UInt64(count) - 1) / cs))
             let finished: Qcow2Image? = lock.withLock {
-                if first <= last {
-                    for i in first...last where served[i] == 0 {
-                        served[i] = 1
-                        servedCount += 1
-                    }
-                }
+                if first <= last { markServed(first...last) }
                 return finishedImage
             }
             if let finished {

@@ -33,9 +33,9 @@ let package = Package(
         .target(name: "ClusterCompression", dependencies: ["CZstd", "CZlib", "CISAL"]),
         .target(name: "DirectIO", dependencies: ["CURing"]),
         // Backup formats (PBS datastore, VMA archives): parsing, verification, decryption. Knows
-        // nothing of qcow2 allocation; zstd/zlib enter here for whole-blob and whole-stream decoding.
+        // nothing of qcow2 allocation; zstd/zlib enter here for whole-blob and whole-stream decoding, ISA-L for the blobs' CRC.
         .target(name: "BackupSources", dependencies: [
-            "DirectIO", "CZstd", "CZlib",
+            "DirectIO", "CZstd", "CZlib", "CISAL",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "_CryptoExtras", package: "swift-crypto"),
         ]),
@@ -74,7 +74,7 @@ let package = Package(
         ]),
         // Mutation fuzzer over every input parser (fuzz/run.sh); not part of the library.
         .executableTarget(name: "qcowpress-fuzz", dependencies: [
-            "QcowPress", "Qcow2Format", "BackupSources", "DirectIO", "CZlib",
+            "QcowPress", "Qcow2Format", "BackupSources", "DirectIO",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         .testTarget(name: "Qcow2FormatTests", dependencies: ["Qcow2Format"]),

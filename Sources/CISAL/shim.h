@@ -3,6 +3,7 @@
 #include <stdint.h>
 #if __has_include(<isa-l/igzip_lib.h>)
 #include <isa-l/igzip_lib.h>
+#include <isa-l/crc.h>
 #else
 #error "isa-l/igzip_lib.h not found: install libisal-dev, or run scripts/bootstrap.sh"
 #endif

@@ -7,7 +7,6 @@
 // the expected outcome; a trap, a crash or an iteration longer than 10 s kills the process, and the
 // input that did it is written to ./fuzz-crash-TARGET.bin first (signal-safe).
 import BackupSources
-import CZlib
 import Crypto
 import DirectIO
 import Foundation
@@ -190,7 +189,7 @@ func fixChecksums(_ b: inout [UInt8]) {
         guard b.count >= 12, let kind = b.withUnsafeBytes({ PBSBlob.kind(of: $0) }) else { return }
         let h = (kind == .encrypted || kind == .encryptedZstd) ? 44 : 12
         guard b.count >= h else { return }
-        let crc = b[h...].withUnsafeBytes { UInt32(truncatingIfNeeded: crc32(0, $0.baseAddress?.assumingMemoryBound(to: Bytef.self), uInt($0.count))) }
+        let crc = b[h...].withUnsafeBytes { PBSBlob.crc32($0) }
         for k in 0..<4 { b[8 + k] = UInt8(truncatingIfNeeded: crc >> UInt32(8 * k)) }
     case "fidx":
         guard b.count >= 4096 else { return }

@@ -79,6 +79,11 @@ struct ServePBS: ParsableCommand {
         let exports: [any NBDExport] = indexes.map { n, idx in
             PBSExport(view: PBSArchiveView(name: PBSRestore.driveName(n), index: idx, cache: cache))
         }
+        // At the stop, what the cache did (one line on stderr: stdout holds only the URLs).
+        SignalWatcher.onExit {
+            let s = cache.stats
+            writeStderr("qcowpress serve: \(s.loads) chunk loads, \(s.hits) cache hits\n")
+        }
         try serveForever(exports, socket: socket, listen: listen)
     }
 }

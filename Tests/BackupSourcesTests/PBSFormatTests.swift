@@ -29,6 +29,30 @@ import Testing
         #expect(hexString(out) == "120fb6cffcf8b32c43e7225256c4f837a86548c92ccc35480805987cb70be17b")
     }
 
+    /// The blobs' CRC is CRC-32/IEEE as zlib and PBS (crc32fast) compute it: the catalogue check
+    /// value, and every length up to 300 and some long odd ones (ISA-L folds 16/64/256-byte
+    /// blocks, tails separately) at odd start addresses, against a bitwise reference.
+    @Test func blobCRCIsCRC32IEEE() {
+        #expect(Array("123456789".utf8).withUnsafeBytes { PBSBlob.crc32($0) } == 0xCBF4_3926)
+        #expect(PBSBlob.crc32(UnsafeRawBufferPointer(start: nil, count: 0)) == 0)
+        func reference(_ b: ArraySlice<UInt8>) -> UInt32 {
+            var c: UInt32 = 0xFFFF_FFFF
+            for x in b {
+                c ^= UInt32(x)
+                for _ in 0..<8 { c = c & 1 == 1 ? (c >> 1) ^ 0xEDB8_8320 : c >> 1 }
+            }
+            return ~c
+        }
+        var g = SystemRandomNumberGenerator()
+        let data = (0..<70_000).map { _ in UInt8.random(in: 0...255, using: &g) }
+        var wrong: [Int] = []
+        for n in Array(0...300) + [1023, 4097, 65_537, 69_999] {
+            let b = data[1..<(1 + n)]
+            if b.withUnsafeBytes({ PBSBlob.crc32($0) }) != reference(b) { wrong.append(n) }
+        }
+        #expect(wrong.isEmpty, "lengths with a wrong CRC: \(wrong)")
+    }
+
     func blobs() throws -> [(String, [UInt8])] {
         let dir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("Fixtures/fuzz/blob")

@@ -11,13 +11,19 @@ struct NBDServeTests {
     final class Server {
         let process = Process()
         let urls: [String]
-        init(_ args: [String], exports: Int? = nil, env: [String: String] = [:]) throws {
+        /// `stderr`: a file that gets the server's stderr (else it is dropped).
+        init(_ args: [String], exports: Int? = nil, env: [String: String] = [:], stderr: String? = nil) throws {
             process.executableURL = URL(fileURLWithPath: Harness.binary)
             process.arguments = ["serve"] + (exports == nil ? ["image"] : []) + args
             if !env.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(env) { $1 } }
             let out = Pipe()
             process.standardOutput = out
-            process.standardError = FileHandle.nullDevice
+            if let stderr {
+                FileManager.default.createFile(atPath: stderr, contents: nil)
+                process.standardError = FileHandle(forWritingAtPath: stderr)
+            } else {
+                process.standardError = FileHandle.nullDevice
+            }
             try process.run()
             var text = ""
             let wanted = exports ?? args.filter { !$0.hasPrefix("-") }.count - (args.contains("--socket") || args.contains("--listen") ? 1 : 0)
@@ -155,7 +161,9 @@ struct PBSServeTests {
         let f = try PBSFixture(.init(name: "serve", chunk: 1 << 20))
         defer { f.remove() }
         let sock = f.dir.appendingPathComponent("p.sock").path
-        let server = try NBDServeTests.Server(["pbs"] + f.datastoreArgs + ["--socket", sock, "--cache-size", "4M", PBSRestoreTests.snapshot], exports: 2)
+        let log = f.dir.appendingPathComponent("serve.err").path
+        let server = try NBDServeTests.Server(["pbs"] + f.datastoreArgs + ["--socket", sock, "--cache-size", "4M", PBSRestoreTests.snapshot],
+                                              exports: 2, stderr: log)
         #expect(server.urls == ["nbd+unix:///drive-scsi0?socket=\(sock)", "nbd+unix:///drive-virtio1?socket=\(sock)"], "\(server.urls)")
         for (url, raw) in zip(server.urls, [f.rawA, f.rawB]) {
             let padded = try f.padded(raw)
@@ -170,6 +178,11 @@ struct PBSServeTests {
         let map = try Harness.run("/usr/bin/nbdinfo", ["--map", server.urls[0]])
         #expect(map.stdout.contains("hole,zero"), "\(map.stdout)")
         #expect(server.stop() == 0)
+        // Both drives hold three distinct chunks with data (text, noise, the short last one; the
+        // second drive repeats two of them) and the 4 MiB cache holds all three: every chunk was
+        // loaded once, whatever read it, through whichever export.
+        let said = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        #expect(said.hasPrefix("qcowpress serve: 3 chunk loads, ") && said.hasSuffix(" cache hits\n"), "\(said)")
     }
 
     /// A chunk that fails verification: a client copying the drive gets an I/O error (not wrong

@@ -33,7 +33,8 @@ let package = Package(
         .target(name: "ClusterCompression", dependencies: ["CZstd", "CZlib", "CISAL"]),
         .target(name: "DirectIO", dependencies: ["CURing"]),
         // Backup formats (PBS datastore, VMA archives): parsing, verification, decryption. Knows
-        // nothing of qcow2 allocation; zstd/zlib enter here for whole-blob and whole-stream decoding, ISA-L for the blobs' CRC.
+        // nothing of qcow2 allocation; zstd/zlib enter here for whole-blob and whole-stream
+        // decoding, ISA-L for the blobs' CRC.
         .target(name: "BackupSources", dependencies: [
             "DirectIO", "CZstd", "CZlib", "CISAL",
             .product(name: "Crypto", package: "swift-crypto"),

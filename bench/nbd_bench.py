@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """NBD serving and live restore: QcowPress against qemu-nbd and against its own restore, same run.
 
-Usage: bench/nbd_bench.py RAW_IMAGE [--work DIR] [--random N] [--pairs N]
+Usage: bench/nbd_bench.py RAW_IMAGE [--work DIR] [--random N] [--pairs N] [--pinned-pairs N]
 Builds (once, in --work) a PBS datastore of RAW_IMAGE (one drive) and one of three 1 GiB slices
 of it (three drives) with the test-data writer (Tests/Support/pbs_datastore.py), then measures:
   compute:   restore pbs --verify-only (read + CRC + zstd decode + SHA-256 on every loader): the
@@ -10,7 +10,9 @@ of it (three drives) with the test-data writer (Tests/Support/pbs_datastore.py),
              bytes as a raw file served by qemu-nbd (page cache dropped before each).
              Target: serve >= 0.8 x compute. compute and serve run in --pairs alternating pairs
              (default 3); medians, every pair's ratio, and the CPU split (server, its event
-             loop, nbdcopy) are reported.
+             loop, nbdcopy) are reported. Then --pinned-pairs (default 3) the same with nbdcopy
+             on the last core and verify-only and the server on the others (taskset): the
+             client takes none of the server's cores, as from another machine.
   random:    4 KiB reads at random offsets inside 64 MiB of the served archive, after one pass
              that loads those chunks into the cache (one client, one request at a time):
              p50 / p99 latency. Target: p99 <= 1 ms.
@@ -36,6 +38,13 @@ def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def steal_seconds():
+    """CPU seconds the hypervisor has taken from this VM so far, all cores (/proc/stat "steal")."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def loop_seconds(pid):
@@ -67,10 +76,10 @@ def wait_socket(path, proc, timeout=60):
         time.sleep(0.05)
 
 
-def serve(args, sock):
+def serve(args, sock, pin=()):
     if os.path.exists(sock):
         os.unlink(sock)
-    p = subprocess.Popen([QP, "serve"] + args + ["--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(list(pin) + [QP, "serve"] + args + ["--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_socket(sock, p)
     return p
 
@@ -94,9 +103,9 @@ def peak_rss_mib(pid):
     return 0.0
 
 
-def nbdcopy(url):
+def nbdcopy(url, pin=()):
     t = time.monotonic()
-    run(["nbdcopy", "--connections=4", url, "null:"])
+    run(list(pin) + ["nbdcopy", "--connections=4", url, "null:"])
     return time.monotonic() - t
 
 
@@ -146,6 +155,7 @@ def main():
     ap.add_argument("--work", default=None)
     ap.add_argument("--random", type=int, default=20000, help="random 4 KiB reads")
     ap.add_argument("--pairs", type=int, default=3, help="alternating verify-only / serve runs")
+    ap.add_argument("--pinned-pairs", type=int, default=3, help="the same with nbdcopy on a core of its own (0: none)")
     a = ap.parse_args()
     raw = os.path.abspath(a.raw)
     work = a.work or os.path.join(os.path.dirname(raw), "nbd-bench")
@@ -171,30 +181,43 @@ def main():
 
     # The restore compute limit against serving, in alternating pairs (the machine's noise moves
     # single runs by 10 % within minutes; a pair sees the same conditions): medians reported.
-    pairs = []
-    for _ in range(a.pairs):
-        drop()
-        t = time.monotonic()
-        before = os.times()
-        run([QP, "restore", "pbs", "--datastore", ds, "--verify-only", SNAP, "drive-scsi0.img"])
-        compute = time.monotonic() - t
-        after = os.times()
-        compute_cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-        drop()
-        p = serve(["pbs", "--datastore", ds, SNAP], sock)
-        before = os.times()
-        served = nbdcopy(f"nbd+unix:///drive-scsi0?socket={sock}")
-        after = os.times()
-        client_cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-        server_cpu, loop_cpu = cpu_seconds(p.pid), loop_seconds(p.pid)
-        stop(p)
-        pairs.append((compute, compute_cpu, served, server_cpu, loop_cpu, client_cpu))
-        print(f"pair: verify-only {compute:.2f} s ({compute_cpu:.2f} CPU s), serve {served:.2f} s: {compute / served:.2f} x; "
-              f"server {server_cpu:.2f} CPU s (event loop {loop_cpu:.2f}), nbdcopy {client_cpu:.2f} CPU s", file=sys.stderr)
+    def pairs_of(count, server_pin=(), client_pin=(), label=""):
+        pairs = []
+        for _ in range(count):
+            drop()
+            t, st = time.monotonic(), steal_seconds()
+            before = os.times()
+            run(list(server_pin) + [QP, "restore", "pbs", "--datastore", ds, "--verify-only", SNAP, "drive-scsi0.img"])
+            compute, compute_steal = time.monotonic() - t, steal_seconds() - st
+            after = os.times()
+            compute_cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+            drop()
+            p = serve(["pbs", "--datastore", ds, SNAP], sock, server_pin)
+            before, st = os.times(), steal_seconds()
+            served = nbdcopy(f"nbd+unix:///drive-scsi0?socket={sock}", client_pin)
+            after, served_steal = os.times(), steal_seconds() - st
+            client_cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+            server_cpu, loop_cpu = cpu_seconds(p.pid), loop_seconds(p.pid)
+            stop(p)
+            pairs.append((compute, compute_cpu, served, server_cpu, loop_cpu, client_cpu))
+            # Steal: time the hypervisor gave other guests; a pair with much of it measured the host.
+            print(f"pair{label}: verify-only {compute:.2f} s ({compute_cpu:.2f} CPU s, steal {compute_steal:.2f} s), "
+                  f"serve {served:.2f} s (steal {served_steal:.2f} s): {compute / served:.2f} x; "
+                  f"server {server_cpu:.2f} CPU s (event loop {loop_cpu:.2f}), nbdcopy {client_cpu:.2f} CPU s", file=sys.stderr)
+        return pairs
+
     med = lambda xs: sorted(xs)[len(xs) // 2]
+    pairs = pairs_of(a.pairs)
     compute, compute_cpu = med([x[0] for x in pairs]), med([x[1] for x in pairs])
     served, server_cpu = med([x[2] for x in pairs]), med([x[3] for x in pairs])
     ratios = [x[0] / x[2] for x in pairs]
+    # The same with the client on a core of its own (taskset): verify-only and the server get the
+    # other cores, so both sides of the ratio have the same cores and the client takes none of
+    # them, as when it runs on another machine.
+    cores = os.cpu_count() or 1
+    pinned = []
+    if cores >= 2 and shutil.which("taskset") and a.pinned_pairs > 0:
+        pinned = pairs_of(a.pinned_pairs, ["taskset", "-c", f"0-{cores - 2}"], ["taskset", "-c", str(cores - 1)], " (client on its own core)")
     drop()
     q = subprocess.Popen(["qemu-nbd", "-r", "-f", "raw", "-k", sock, "-x", "raw", "-e", "4", raw], stderr=subprocess.PIPE)
     wait_socket(sock, q)
@@ -206,6 +229,11 @@ def main():
     rows.append((f"serve pbs + nbdcopy -C 4, median of {len(pairs)}", f"{served:.2f} s", f"{mb / served:.0f} MB/s",
                  f"{med(ratios):.2f} x compute (target >= 0.8; pairs {', '.join(f'{r:.2f}' for r in ratios)}); "
                  f"server {server_cpu:.2f} CPU s, event loop {med([x[4] for x in pairs]):.2f}, nbdcopy {med([x[5] for x in pairs]):.2f}"))
+    if pinned:
+        pr = [x[0] / x[2] for x in pinned]
+        rows.append((f"serve pbs on {cores - 1} core(s), nbdcopy on its own core, median of {len(pinned)}", f"{med([x[2] for x in pinned]):.2f} s",
+                     f"verify-only on the same cores {med([x[0] for x in pinned]):.2f} s",
+                     f"{med(pr):.2f} x compute (pairs {', '.join(f'{r:.2f}' for r in pr)})"))
     rows.append(("qemu-nbd raw + nbdcopy -C 4", f"{qn:.2f} s", f"{mb / qn:.0f} MB/s", f"serve/qemu-nbd time {served / qn:.2f}"))
 
     # Random 4 KiB reads of cached chunks.

@@ -14,6 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QP = os.environ.get("QCOWPRESS_BIN") or os.path.join(ROOT, ".build", "release", "qcowpress")
 CORES = os.cpu_count() or 1
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from restore_bench import steal_seconds, steal_note  # noqa: E402  (one definition)
+
 
 def cached_kib():
     with open("/proc/meminfo") as f:
@@ -76,6 +79,7 @@ def check(dst, raw):
 
 
 def main():
+    steal0, t0 = steal_seconds(), time.monotonic()
     ap = argparse.ArgumentParser()
     ap.add_argument("raw")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
@@ -138,6 +142,7 @@ def main():
                      f"{pr['size']/qr['size']:.3f} | {qr['rss']/mib:.0f} | {pr['rss']/mib:.0f} | "
                      f"{qr['files_cache']/mib:.0f} | {pr['files_cache']/mib:.0f} | {pr['cache']/mib:.0f} | {eff} | "
                      f"{100*r['stall']:.1f} | {100*r['disk']:.2f} |")
+    lines += ["", steal_note(steal0, t0)]
     md = "\n".join(lines) + "\n"
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md)

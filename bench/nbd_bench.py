@@ -31,7 +31,7 @@ QP = os.environ.get("QCOWPRESS_BIN", os.path.join(ROOT, ".build", "release", "qc
 SNAP = "vm/100/2026-11-20T10:00:00Z"
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from restore_bench import drop  # noqa: E402  (sync + drop the page cache, one definition)
+from restore_bench import drop, steal_seconds, steal_note  # noqa: E402  (one definition each)
 
 
 def cpu_seconds(pid):
@@ -39,13 +39,6 @@ def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def steal_seconds():
-    """CPU seconds the hypervisor has taken from this VM so far, all cores (/proc/stat "steal")."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def loop_seconds(pid):
@@ -151,6 +144,7 @@ class NBDClient:
 
 
 def main():
+    steal0, t0 = steal_seconds(), time.monotonic()
     ap = argparse.ArgumentParser()
     ap.add_argument("raw")
     ap.add_argument("--work", default=None)
@@ -311,6 +305,7 @@ def main():
     lines = [f"# NBD bench ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, {size >> 20} MiB image)", "",
              "| measurement | time | rate | ratio |", "|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
+    lines += ["", steal_note(steal0, t0)]
     text = "\n".join(lines) + "\n"
     open(os.path.join(ROOT, "bench", "results", "nbd.md"), "w").write(text)
     print(text)

@@ -27,6 +27,23 @@ def drop():
         pass
 
 
+def steal_seconds():
+    """CPU seconds the hypervisor has taken from this VM so far, all cores (/proc/stat "steal"):
+    on a shared host a run that lost much of its time to it measured the host, not the code."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
+def steal_note(since, started):
+    """One line: the steal since `since` against the cores' time since `started` (monotonic)."""
+    stolen, span = steal_seconds() - since, (time.monotonic() - started) * CORES
+    return f"Steal during the bench: {stolen:.1f} s of {span:.0f} core-seconds ({100 * stolen / max(span, 1e-9):.1f} %)."
+
+
 def timed(cmd, sync=False):
     drop()
     t = time.monotonic()
@@ -40,6 +57,7 @@ def timed(cmd, sync=False):
 
 
 def main():
+    steal0, t0 = steal_seconds(), time.monotonic()
     ap = argparse.ArgumentParser()
     ap.add_argument("raw")
     ap.add_argument("--work", default=None)
@@ -102,6 +120,7 @@ def main():
     lines = [f"Source `{raw}` ({size/2**20:.0f} MiB), {CORES} cores. PBS: {vinfo['chunks']} distinct non-zero 4 MiB chunks.", "",
              "| case | seconds | throughput | reference |", "|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]} | {r[3]} |" for r in rows]
+    lines += ["", steal_note(steal0, t0)]
     md = "\n".join(lines) + "\n"
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     open(os.path.join(ROOT, "bench", "results", "restore.md"), "w").write(md)

@@ -31,7 +31,7 @@ QP = os.environ.get("QCOWPRESS_BIN", os.path.join(ROOT, ".build", "release", "qc
 SNAP = "vm/100/2026-11-20T10:00:00Z"
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from restore_bench import drop, steal_seconds, steal_note  # noqa: E402  (one definition each)
+from restore_bench import CORES, drop, steal_seconds, steal_note  # noqa: E402  (one definition each)
 
 
 def cpu_seconds(pid):
@@ -39,6 +39,11 @@ def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_cpu(before, after):
+    """User + system CPU seconds of the children waited for between two os.times()."""
+    return (after.children_user - before.children_user) + (after.children_system - before.children_system)
 
 
 def loop_seconds(pid):
@@ -179,7 +184,6 @@ def main():
     # A pair counts only when the hypervisor took under 5 % of the cores' time from either run
     # (steal in /proc/stat); on a shared host it took up to 85 % of a run's (11:13, 12.8 s of
     # 2 x 7.5 s), which measures the host, not QcowPress. At most 4 x count attempts.
-    cores = os.cpu_count() or 1
 
     def pairs_of(count, server_pin=(), client_pin=(), label=""):
         pairs = []
@@ -192,16 +196,16 @@ def main():
             run(list(server_pin) + [QP, "restore", "pbs", "--datastore", ds, "--verify-only", SNAP, "drive-scsi0.img"])
             compute, compute_steal = time.monotonic() - t, steal_seconds() - st
             after = os.times()
-            compute_cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+            compute_cpu = child_cpu(before, after)
             drop()
             p = serve(["pbs", "--datastore", ds, SNAP], sock, server_pin)
             before, st = os.times(), steal_seconds()
             served = nbdcopy(f"nbd+unix:///drive-scsi0?socket={sock}", client_pin)
             after, served_steal = os.times(), steal_seconds() - st
-            client_cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+            client_cpu = child_cpu(before, after)
             server_cpu, loop_cpu = cpu_seconds(p.pid), loop_seconds(p.pid)
             stop(p)
-            quiet = compute_steal <= 0.05 * cores * compute and served_steal <= 0.05 * cores * served
+            quiet = compute_steal <= 0.05 * CORES * compute and served_steal <= 0.05 * CORES * served
             if quiet:
                 pairs.append((compute, compute_cpu, served, server_cpu, loop_cpu, client_cpu))
             print(f"pair{label}{'' if quiet else ' (dropped: steal)'}: verify-only {compute:.2f} s ({compute_cpu:.2f} CPU s, steal {compute_steal:.2f} s), "
@@ -220,8 +224,8 @@ def main():
     # other cores, so both sides of the ratio have the same cores and the client takes none of
     # them, as when it runs on another machine.
     pinned = []
-    if cores >= 2 and shutil.which("taskset") and a.pinned_pairs > 0:
-        pinned = pairs_of(a.pinned_pairs, ["taskset", "-c", f"0-{cores - 2}"], ["taskset", "-c", str(cores - 1)], " (client on its own core)")
+    if CORES >= 2 and shutil.which("taskset") and a.pinned_pairs > 0:
+        pinned = pairs_of(a.pinned_pairs, ["taskset", "-c", f"0-{CORES - 2}"], ["taskset", "-c", str(CORES - 1)], " (client on its own core)")
     drop()
     q = subprocess.Popen(["qemu-nbd", "-r", "-f", "raw", "-k", sock, "-x", "raw", "-e", "4", raw], stderr=subprocess.PIPE)
     wait_socket(sock, q)
@@ -235,7 +239,7 @@ def main():
                  f"server {server_cpu:.2f} CPU s, event loop {med([x[4] for x in pairs]):.2f}, nbdcopy {med([x[5] for x in pairs]):.2f}"))
     if pinned:
         pr = [x[0] / x[2] for x in pinned]
-        rows.append((f"serve pbs on {cores - 1} core(s), nbdcopy on its own core, median of {len(pinned)}", f"{med([x[2] for x in pinned]):.2f} s",
+        rows.append((f"serve pbs on {CORES - 1} core(s), nbdcopy on its own core, median of {len(pinned)}", f"{med([x[2] for x in pinned]):.2f} s",
                      f"verify-only on the same cores {med([x[0] for x in pinned]):.2f} s",
                      f"{med(pr):.2f} x compute (pairs {', '.join(f'{r:.2f}' for r in pr)})"))
     rows.append(("qemu-nbd raw + nbdcopy -C 4", f"{qn:.2f} s", f"{mb / qn:.0f} MB/s", f"serve/qemu-nbd time {served / qn:.2f}"))
@@ -302,7 +306,7 @@ def main():
     rows.append(("serve pbs --cache-size 16M, 3 drives read at once", f"{three:.2f} s", f"peak RSS {rss:.0f} MiB", "target <= 192 MiB"))
 
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    lines = [f"# NBD bench ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, {size >> 20} MiB image)", "",
+    lines = [f"# NBD bench ({time.strftime('%Y-%m-%d %H:%M')}, {CORES} cores, {size >> 20} MiB image)", "",
              "| measurement | time | rate | ratio |", "|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
     lines += ["", steal_note(steal0, t0)]

@@ -4,9 +4,12 @@ import PackageDescription
 // Boundaries (enforced by the dependency graph below):
 //   Qcow2Format        pure value types, no I/O, no C
 //   ClusterCompression codecs; the only place zlib/zstd/ISA-L enter
-//   DirectIO           the only target that talks to the kernel (files, io_uring, pwrite)
+//   DirectIO           the only target that talks to the kernel (files, io_uring, pwrite, unix sockets)
 //   QcowPress          the engine, image readers, and the public library API
 //   NBDServer          the NBD protocol on SwiftNIO (serves anything behind NBDExport)
+//   NBDExports         the engine's images, PBS snapshots, live restores and backup sink as exports
+//   QEMUControl        QEMU's monitor (QMP): a client with a deadline on every exchange, and the
+//                      switch of a VM's block nodes onto restored images
 //   qcowpress          the command line, a thin layer over QcowPress
 let package = Package(
     name: "QcowPress",
@@ -52,6 +55,14 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
+        // The engine's NBD exports: images, PBS snapshots and live restores served read-only, and the
+        // backup sink (a writable export whose writes go into an encoder, and the policy deciding
+        // whether the backup is complete). The command line sees export sets and servers, never
+        // the adapters or the protocol.
+        .target(name: "NBDExports", dependencies: [
+            "QcowPress", "NBDServer",
+            .product(name: "NIOCore", package: "swift-nio"),
+        ]),
         // A Proxmox Backup Server client (HTTPS login, the reader protocol over HTTP/2): fetches
         // manifests, indexes and raw chunk blobs; verification stays in BackupSources.
         .target(name: "PBSRemote", dependencies: [
@@ -65,12 +76,14 @@ let package = Package(
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
+        // QEMU's monitor (QMP) on a unix socket: knows nothing of qcow2, NBD or the command line;
+        // its socket calls go through DirectIO's seam.
+        .target(name: "QEMUControl", dependencies: ["DirectIO"]),
         // Examples of the public API (built and run by the tests; README's snippet is one of them).
         .executableTarget(name: "qcowpress-examples", dependencies: ["QcowPress"], path: "Examples"),
         .executableTarget(name: "qcowpress", dependencies: [
-            "QcowPress", "NBDServer", "DirectIO",
+            "QcowPress", "NBDExports", "DirectIO", "QEMUControl",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Mutation fuzzer over every input parser (fuzz/run.sh); not part of the library.
@@ -81,6 +94,7 @@ let package = Package(
         .testTarget(name: "Qcow2FormatTests", dependencies: ["Qcow2Format"]),
         .testTarget(name: "ClusterCompressionTests", dependencies: ["ClusterCompression"]),
         .testTarget(name: "DirectIOTests", dependencies: ["DirectIO"]),
+        .testTarget(name: "QEMUControlTests", dependencies: ["QEMUControl"]),
         .testTarget(name: "BackupSourcesTests", dependencies: ["BackupSources"]),
         .testTarget(name: "QcowPressTests", dependencies: ["QcowPress", "Qcow2Format", "ClusterCompression", "DirectIO"]),
         .testTarget(name: "CLITests", dependencies: ["Qcow2Format", "QcowPress", "qcowpress", "qcowpress-fuzz", "qcowpress-examples"]),

@@ -65,6 +65,7 @@ public enum FileNames {
 
     /// Replaces `to` with `from` (rename(2)).
     public static func rename(_ from: String, _ to: String) throws(IOError) {
+        if case .fail(let e) = FaultInjection.check(.rename, fd: -1) { throw IOError(errno: e, operation: "rename to \(to)", path: from) }
         if Glibc.rename(from, to) < 0 { throw IOError(errno: errno, operation: "rename to \(to)", path: from) }
     }
 
@@ -86,6 +87,11 @@ public enum FileNames {
 
     public static func unlink(_ path: String) {
         _ = Glibc.unlink(path)
+    }
+
+    /// Makes `to` a second name of `from` (link(2)); false when it could not (errno says why).
+    public static func link(_ from: String, _ to: String) -> Bool {
+        Glibc.link(from, to) == 0
     }
 
     /// Removes an empty directory; false if it is not empty or cannot be removed.

@@ -61,8 +61,21 @@ final class NBDServerCore: Sendable {
         while handedOver.withLock({ $0 }) > 0 { usleep(1000) }
     }
 
+    /// Broadcast whenever a connection closes (``waitUntilNoConnections()``).
+    private let closings = NSCondition()
     func connectionOpened() { stats.withLock { $0.connections += 1; $0.open += 1 } }
-    func connectionClosed() { stats.withLock { $0.open -= 1 } }
+    func connectionClosed() {
+        stats.withLock { $0.open -= 1 }
+        closings.lock()
+        closings.broadcast()
+        closings.unlock()
+    }
+    /// Returns once no connection is open.
+    func waitUntilNoConnections() {
+        closings.lock()
+        while stats.withLock({ $0.open }) > 0 { closings.wait() }
+        closings.unlock()
+    }
     func countRequest() { stats.withLock { $0.requests += 1 } }
     var counts: (connections: Int, open: Int, requests: Int) { stats.withLock { $0 } }
 }
@@ -116,6 +129,9 @@ public final class NBDServer: Sendable {
 
     /// Connections so far, open now, and requests served.
     public var counts: (connections: Int, open: Int, requests: Int) { core.counts }
+
+    /// Returns once no client is connected (at once when none is).
+    public func waitUntilNoConnections() { core.waitUntilNoConnections() }
 
     /// Stops offering an export to new connections (`NBD_OPT_LIST` leaves it out, `NBD_OPT_GO`
     /// finds no such export); connections already on it go on until they disconnect.

@@ -45,3 +45,10 @@ func encodeJSON<T: Encodable>(_ v: T) throws -> String {
     e.outputFormatting = [.prettyPrinted, .sortedKeys]
     return String(decoding: try e.encode(v), as: UTF8.self)
 }
+
+/// One JSON value on one line (JSON lines: a command that prints several values as it goes).
+func encodeJSONLine<T: Encodable>(_ v: T) throws -> String {
+    let e = JSONEncoder()
+    e.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+    return String(decoding: try e.encode(v), as: UTF8.self)
+}

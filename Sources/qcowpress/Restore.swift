@@ -29,6 +29,12 @@ struct RestorePBS: ParsableCommand {
     var live: String?
     @Option(help: ArgumentHelp("With --live: QEMU's QMP socket, to switch its block nodes onto the restored images.", valueName: "path"))
     var qmp: String?
+    @Option(name: .customLong("qmp-timeout"), help: ArgumentHelp("With --qmp: seconds QEMU may take to answer each QMP exchange (default 30). Waiting for the socket and the node to appear is separate (up to 10 minutes).", valueName: "seconds"),
+            transform: { s in
+                guard let v = Double(s), v > 0, v <= 86400 else { throw ValidationError("--qmp-timeout \(s): expected seconds, more than 0") }
+                return v
+            })
+    var qmpTimeout: Double = 30
     @Option(help: ArgumentHelp("With --qmp: the QEMU node (an overlay backed by the live export) to switch when EXPORT is restored.", valueName: "export=node"))
     var node: [String] = []
     @OptionGroup var encoder: EncoderArguments
@@ -87,18 +93,20 @@ struct RestorePBS: ParsableCommand {
                 ro.cacheBytes = 128 << 20
                 if encoder.memoryLimit == nil { eo.memoryLimit += 128 << 20 }
             }
-            var jobs: [(archive: String, destination: String)] = []
+            eo.overwrite = encoder.force
+            let liveRestore: PBSLiveRestore
             if let all {
                 guard archive == nil, destination == nil else { throw QcowPressError.invalidArgument("--all OUTDIR takes no ARCHIVE or DST") }
-                try FileManager.default.createDirectory(atPath: all, withIntermediateDirectories: true)
-                jobs = restore.archives.map { ($0.name, all + "/" + PBSRestore.driveName($0.name) + ".qcow2") }
+                warnAboutLeftovers(in: all)
+                liveRestore = try PBSLiveRestore(restore, allInto: all, encoder: eo, options: ro)
             } else {
                 guard let archive, let destination else {
                     throw QcowPressError.invalidArgument("restore pbs --live needs SNAPSHOT ARCHIVE DST or --all OUTDIR")
                 }
-                jobs = [(archive, destination)]
+                warnAboutLeftovers(besides: destination)
+                liveRestore = try PBSLiveRestore(restore, jobs: [(archive, destination)], encoder: eo, options: ro)
             }
-            try runLive(restore, jobs: jobs, encoder: eo, options: ro, socket: live)
+            try runLive(liveRestore, socket: live)
             return
         }
         var bar: ProgressBar? = nil

@@ -5,7 +5,7 @@ import Testing
 /// into QcowPress, full and incremental; nbdcopy writes into it as another real client; a small
 /// raw client checks the edges (a client that vanishes, a cluster written twice, partial clusters
 /// over a base).
-@Suite(.enabled(if: Harness.haveQemuImg && FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"), "needs qemu-img and python3"))
+@Suite(.tags(.e2e, .nbd), .enabled(if: Harness.haveQemuImg && FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"), "needs qemu-img and python3"))
 struct NBDSinkTests {
     static let support = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .appendingPathComponent("Support")
@@ -36,7 +36,13 @@ struct NBDSinkTests {
                 if d.isEmpty { break }
                 first += String(decoding: d, as: UTF8.self)
             }
-            url = first.split(separator: "\n").first.map(String.init) ?? ""
+            // With --output json the URL comes as a JSON line {"export":…,"uri":…}.
+            let line = first.split(separator: "\n").first.map(String.init) ?? ""
+            if line.hasPrefix("{"), let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] {
+                url = o["uri"] as? String ?? ""
+            } else {
+                url = line
+            }
         }
         /// Waits for the exit; returns status, the rest of stdout, stderr.
         func wait() -> (status: Int32, stdout: String, stderr: String) {
@@ -74,7 +80,10 @@ struct NBDSinkTests {
             _ = FileManager.default.createFile(atPath: err.path, contents: nil)
             process.standardError = try FileHandle(forWritingTo: err)
             try process.run()
-            for _ in 0..<200 where !FileManager.default.fileExists(atPath: guest) { usleep(50_000) }
+            // Its NBD socket appears once it listens (or it ends, failing).
+            _ = Wait.until(watching: [dir.path], orExitOf: process.processIdentifier, timeout: 30) {
+                FileManager.default.fileExists(atPath: guest)
+            }
         }
         func stop() {
             kill(process.processIdentifier, SIGKILL)

@@ -122,11 +122,21 @@ public struct PBSRestore: Sendable {
         snapshot.images.map { ($0.filename, $0.size) }
     }
 
-    /// Restores `archives` (name, destination) one after another, sharing one chunk cache.
+    /// Restores `archives` (name, destination) one after another, sharing one chunk cache. All or
+    /// nothing (``OutputSet``): the images appear together at the end; after a failure every
+    /// destination is as it was.
     public func restore(_ jobs: [(archive: String, destination: String)], encoder: EncoderOptions,
                         options: Options = Options(),
                         started: (Qcow2Encoder, OrderedProgress) -> Void = { _, _ in }) throws(QcowPressError) -> [Summary] {
-        try restore(jobs, encoder: encoder, options: options, outputs: nil, started: started)
+        let outputs = OutputSet(overwrite: encoder.overwrite)
+        do throws(QcowPressError) {
+            let images = try restore(jobs, encoder: encoder, options: options, outputs: outputs, started: started)
+            try outputs.commitAll()
+            return images
+        } catch {
+            outputs.rollback()
+            throw error
+        }
     }
 
     /// What ``restoreAll(into:overwrite:encoder:options:started:)`` wrote.
@@ -136,27 +146,29 @@ public struct PBSRestore: Sendable {
         public var configs: [String]
     }
 
-    /// Restores every drive of the snapshot into `outdir` (`drive-scsi0.img.fidx` →
-    /// `drive-scsi0.qcow2`) and writes its config blobs decoded (`qemu-server.conf`). All or
-    /// nothing: names are checked and configs decoded before anything is written; the images and
-    /// configs appear together at the end; after a failure no output of the run is left, nor a
-    /// directory it created.
-    public func restoreAll(into outdir: String, overwrite: Bool, encoder: EncoderOptions, options: Options = Options(),
-                           started: (Qcow2Encoder, OrderedProgress) -> Void = { _, _ in }) throws(QcowPressError) -> AllSummary {
+    /// The outputs of a restore of every drive into `outdir`: one image per drive
+    /// (`drive-scsi0.img.fidx` → `drive-scsi0.qcow2`) and each config blob decoded
+    /// (`qemu-server.conf`), checked before anything is written (distinct names, `outdir` not a
+    /// file, no destination that exists without `overwrite`).
+    struct AllOutputs {
         var jobs: [(archive: String, destination: String)] = []
+        var configs: [(path: String, bytes: [UInt8])] = []
+    }
+
+    func allOutputs(into outdir: String, overwrite: Bool) throws(QcowPressError) -> AllOutputs {
+        var all = AllOutputs()
         var names: [(name: String, what: String)] = []
         for a in archives {
             // drive-scsi0.img.fidx -> drive-scsi0.qcow2 (names were checked: no '/', no '..').
             let base = Self.driveName(a.name)
             names.append((base + ".qcow2", "the image of \(a.name)"))
-            jobs.append((a.name, outdir + "/" + base + ".qcow2"))
+            all.jobs.append((a.name, outdir + "/" + base + ".qcow2"))
         }
-        var configs: [(path: String, bytes: [UInt8])] = []
         do throws(SourceError) {
             for b in snapshot.configBlobs {
                 let name = String(b.filename.dropLast(5))
                 names.append((name, "config '\(name)'"))
-                configs.append((outdir + "/" + name, try snapshot.readBlob(b.filename, key: reader.key)))
+                all.configs.append((outdir + "/" + name, try snapshot.readBlob(b.filename, key: reader.key)))
             }
         } catch {
             throw QcowPressError(error)
@@ -165,18 +177,28 @@ public struct PBSRestore: Sendable {
         if FileNames.exists(outdir) && !FileNames.isDirectory(outdir) {
             throw .invalidArgument("\(outdir): is not a directory")
         }
-        for p in jobs.map(\.destination) + configs.map(\.path) {
+        for p in all.jobs.map(\.destination) + all.configs.map(\.path) {
             _ = try OutputTarget(destination: p, overwrite: overwrite, protecting: [])
         }
+        return all
+    }
+
+    /// Restores every drive of the snapshot into `outdir` (``allOutputs(into:overwrite:)``). All
+    /// or nothing (``OutputSet``): names are checked and configs decoded before anything is
+    /// written; the images and configs appear together at the end; after a failure every file in
+    /// `outdir` is as it was, and no directory the run created is left.
+    public func restoreAll(into outdir: String, overwrite: Bool, encoder: EncoderOptions, options: Options = Options(),
+                           started: (Qcow2Encoder, OrderedProgress) -> Void = { _, _ in }) throws(QcowPressError) -> AllSummary {
+        let all = try allOutputs(into: outdir, overwrite: overwrite)
         let outputs = OutputSet(overwrite: overwrite)
         do throws(QcowPressError) {
             try outputs.makeDirectory(outdir)
             var eo = encoder
             eo.overwrite = overwrite
-            let images = try restore(jobs, encoder: eo, options: options, outputs: outputs, started: started)
-            for c in configs { try outputs.stage(c.bytes, as: c.path) }
+            let images = try restore(all.jobs, encoder: eo, options: options, outputs: outputs, started: started)
+            for c in all.configs { try outputs.stage(c.bytes, as: c.path) }
             try outputs.commitAll()
-            return AllSummary(images: images, configs: configs.map(\.path))
+            return AllSummary(images: images, configs: all.configs.map(\.path))
         } catch {
             outputs.rollback()
             throw error
@@ -184,7 +206,7 @@ public struct PBSRestore: Sendable {
     }
 
     func restore(_ jobs: [(archive: String, destination: String)], encoder: EncoderOptions, options: Options,
-                 outputs: OutputSet?, started: (Qcow2Encoder, OrderedProgress) -> Void) throws(QcowPressError) -> [Summary] {
+                 outputs: OutputSet, started: (Qcow2Encoder, OrderedProgress) -> Void) throws(QcowPressError) -> [Summary] {
         var indexes: [PBSFixedIndex] = []
         do throws(SourceError) {
             for j in jobs { indexes.append(try snapshot.openImage(j.archive).0) }
@@ -288,10 +310,10 @@ public struct PBSRestore: Sendable {
     }
 
     func restoreOne(index: PBSFixedIndex, archive: String, destination: String, encoder eo: EncoderOptions,
-                    options: Options, cache: ChunkCache, outputs: OutputSet?,
+                    options: Options, cache: ChunkCache, outputs: OutputSet,
                     started: (Qcow2Encoder, OrderedProgress) -> Void) throws(QcowPressError) -> Summary {
         let enc = try Qcow2Encoder(destination: destination, options: eo)
-        outputs?.add(enc)
+        outputs.add(enc)
         let counters = RestoreCounters()
         counters.ordered = OrderedProgress(chunks: index.chunkCount, chunkSize: UInt64(index.chunkSize), total: eo.virtualSize)
         started(enc, counters.ordered!)

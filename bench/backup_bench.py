@@ -75,7 +75,8 @@ def run_sink(q, work, src, size, n):
     err = open(os.path.join(work, "sink.err"), "w")
     p = subprocess.Popen([QP, "export", "--nbd-sink", sock, "--size", str(size), "--output", "json", dst],
                          stdout=subprocess.PIPE, stderr=err, text=True)
-    url = p.stdout.readline()
+    line = p.stdout.readline()  # JSON lines: {"export","uri"}, then the summary
+    url = json.loads(line).get("uri", "") if line.startswith("{") else ""
     if not url.startswith("nbd+unix://"):
         sys.exit(f"qcowpress did not start: {open(err.name).read()}")
     node, job = f"sink{n}", f"jsink{n}"
@@ -91,7 +92,7 @@ def run_sink(q, work, src, size, n):
     wall = time.monotonic() - t0
     if rc != 0:
         sys.exit(f"qcowpress exit {rc}: {open(err.name).read()}")
-    summary = json.loads(out)
+    summary = json.loads(out.strip().splitlines()[-1])
     return {"wall": wall, "job": t_job, "size": os.stat(dst).st_size, "dst": dst,
             "rss": summary["image"]["peakRSSBytes"], "requests": summary["nbd"]["writeRequests"]}
 

@@ -285,7 +285,7 @@ def main():
     live = time.monotonic() - t
     if lp.returncode != 0:
         sys.exit(f"live restore failed: {lerr}")
-    lj = json.loads(lout[lout.index("{"):])
+    lj = json.loads(lout.strip().splitlines()[-1])  # JSON lines: the URL, then the summary
     os.unlink(out)
     loaded = alone_json.get("chunksRead", 0)
     rows.append(("restore pbs -c zstd alone", f"{alone:.2f} s", f"{mb / alone:.0f} MB/s", f"{loaded} chunks loaded"))

@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import Testing
 
 /// Runs the real `qcowpress` binary and the qemu-img oracle.
@@ -143,5 +144,115 @@ enum SourceImage {
         }
         try h.seek(toOffset: UInt64(blocks * block))
         try h.write(contentsOf: text(tail, seed: seed))
+    }
+}
+
+/// Waits for events with a deadline instead of polling: inotify for files and directories, a
+/// pidfd for the end of a process or of one of this process's threads.
+enum Wait {
+    private typealias PidfdOpen = @convention(c) (pid_t, UInt32) -> Int32
+    private static let pidfdOpen: PidfdOpen? = dlsym(nil, "pidfd_open").map { unsafeBitCast($0, to: PidfdOpen.self) }
+
+    /// A pidfd for process `pid` (or, with `thread`, thread `pid` of this process: PIDFD_THREAD,
+    /// Linux 6.9); -1 with errno set when there is none.
+    static func pidfd(_ pid: pid_t, thread: Bool = false) -> Int32 {
+        guard let pidfdOpen else { errno = ENOSYS; return -1 }
+        return pidfdOpen(pid, thread ? UInt32(O_EXCL) : 0)
+    }
+
+    static func now() -> Double {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
+    }
+
+    /// Polls `fds` for input until `deadline`; the revents, or nil on timeout.
+    static func poll(_ fds: [Int32], until deadline: Double) -> [Int16]? {
+        var p = fds.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        while true {
+            let left = deadline - now()
+            if left <= 0 { return nil }
+            let r = Glibc.poll(&p, nfds_t(p.count), Int32(min(left * 1000 + 1, 3_600_000)))
+            if r > 0 { return p.map(\.revents) }
+            if r < 0 && errno != EINTR { fatalError("poll: \(String(cString: strerror(errno)))") }
+        }
+    }
+
+    /// Waits until `ready()` holds, checking it again whenever inotify reports a change in one of
+    /// `paths` (a file written or closed, a directory entry created or moved in) and when process
+    /// `pid` ends. Returns `ready()`'s last value: false when `timeout` seconds passed first.
+    static func until(watching paths: [String], orExitOf pid: pid_t? = nil, timeout: Double = 60,
+                      _ ready: () throws -> Bool) rethrows -> Bool {
+        let deadline = now() + timeout
+        let ino = inotify_init1(Int32(IN_CLOEXEC | IN_NONBLOCK))
+        precondition(ino >= 0, "inotify_init1: \(errno)")
+        defer { close(ino) }
+        for p in paths {
+            precondition(inotify_add_watch(ino, p, UInt32(IN_CREATE | IN_MODIFY | IN_MOVED_TO | IN_CLOSE_WRITE | IN_ATTRIB)) >= 0,
+                         "inotify_add_watch \(p): \(errno)")
+        }
+        let exitFD = pid.map { pidfd($0) } ?? -1
+        defer { if exitFD >= 0 { close(exitFD) } }
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            if try ready() { return true }
+            guard let revents = poll(exitFD >= 0 ? [ino, exitFD] : [ino], until: deadline) else { return try ready() }
+            while read(ino, &buffer, buffer.count) > 0 {}
+            if revents.count > 1 && revents[1] != 0 { return try ready() }  // the process ended
+        }
+    }
+
+    /// Waits for process `pid` to end; false when `timeout` seconds passed first.
+    static func exit(of pid: pid_t, timeout: Double) -> Bool {
+        let fd = pidfd(pid)
+        if fd < 0 { return errno == ESRCH }  // gone already
+        defer { close(fd) }
+        return poll([fd], until: now() + timeout) != nil
+    }
+
+    /// IDs of this process's threads whose name starts with `prefix`.
+    static func threads(named prefix: String) -> [pid_t] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+        return tasks.filter { (try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8))?.hasPrefix(prefix) == true }
+            .compactMap { pid_t($0) }
+    }
+
+    /// Runs `body` and returns the threads it started that are still there, told by their names:
+    /// those named with one of `prefixes`, and those not named yet (a thread names itself once it
+    /// runs; until then it bears its creator's name, which this thread takes for the call).
+    static func threadsStarted(named prefixes: [String], by body: () throws -> Void) rethrows -> [pid_t] {
+        let comm = "/proc/thread-self/comm"
+        let own = ((try? String(contentsOfFile: comm, encoding: .utf8)) ?? "").trimmingCharacters(in: .newlines)
+        let mark = "qp-t\(UInt32.random(in: 0..<1_000_000))"
+        try? mark.write(toFile: comm, atomically: false, encoding: .utf8)
+        defer { try? own.write(toFile: comm, atomically: false, encoding: .utf8) }
+        let before = Set(threads(named: ""))
+        try body()
+        return threads(named: "").filter { t in
+            guard !before.contains(t), let name = try? String(contentsOfFile: "/proc/self/task/\(t)/comm", encoding: .utf8) else { return false }
+            return name.hasPrefix(mark) || prefixes.contains { name.hasPrefix($0) }
+        }
+    }
+
+    /// True when the kernel can wait for a thread's end (pidfd_open with PIDFD_THREAD, Linux 6.9).
+    static let canWaitForThreads: Bool = {
+        let fd = pidfd(getpid(), thread: true)
+        if fd >= 0 { close(fd) }
+        return fd >= 0
+    }()
+
+    /// Waits for each thread in `tids` (of this process) to end; false when `timeout` seconds passed first.
+    static func end(ofThreads tids: [pid_t], timeout: Double) -> Bool {
+        let deadline = now() + timeout
+        for t in tids {
+            let fd = pidfd(t, thread: true)
+            if fd < 0 {
+                precondition(errno == ESRCH, "pidfd_open(PIDFD_THREAD): \(errno)")
+                continue  // ended already
+            }
+            defer { close(fd) }
+            if poll([fd], until: deadline) == nil { return false }
+        }
+        return true
     }
 }

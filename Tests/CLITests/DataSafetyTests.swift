@@ -61,7 +61,7 @@ struct LoopDevice {
 /// character devices refused, symlinks written through, --force never destroying an input, the
 /// no-replace rename at the end, every stop signal cleaning up, leftovers named, and restores that
 /// refuse colliding names and leave nothing after a failure.
-@Suite(.enabled(if: Harness.haveQemuImg, "qemu-img is the oracle"))
+@Suite(.tags(.e2e, .faults), .enabled(if: Harness.haveQemuImg, "qemu-img is the oracle"))
 struct DataSafetyTests {
     static func lines(_ s: String) -> Int { s.split(separator: "\n").count }
 
@@ -253,10 +253,8 @@ struct DataSafetyTests {
         let err = Pipe()
         p.standardError = err
         try p.run()
-        var sawTemp = false
-        for _ in 0..<800 {
-            if try Harness.strayFiles(in: dir, except: keep).contains(where: { $0.hasSuffix(".tmp") }) { sawTemp = true; break }
-            usleep(10_000)
+        let sawTemp = try Wait.until(watching: [dir.path], orExitOf: p.processIdentifier) {
+            try Harness.strayFiles(in: dir, except: keep).contains(where: { $0.hasSuffix(".tmp") })
         }
         try Data("appeared during the run\n".utf8).write(to: URL(fileURLWithPath: dst))
         let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
@@ -320,10 +318,8 @@ struct DataSafetyTests {
         env["QCOWPRESS_FAULT"] = "write:1:delay100:sticky"
         p.environment = env
         try p.run()
-        var sawTemp = false
-        for _ in 0..<800 {
-            if !(try Harness.strayFiles(in: dir, except: ["src.raw"])).isEmpty { sawTemp = true; break }
-            usleep(10_000)
+        let sawTemp = try Wait.until(watching: [dir.path], orExitOf: p.processIdentifier) {
+            !(try Harness.strayFiles(in: dir, except: ["src.raw"])).isEmpty
         }
         #expect(sawTemp)
         kill(p.processIdentifier, signal)
@@ -355,76 +351,5 @@ struct DataSafetyTests {
         FileManager.default.createFile(atPath: out.appendingPathComponent(dead).path, contents: nil)
         let v = try Harness.qcowpress(["restore", "vma", "/nonexistent.vma", out.path])
         #expect(v.stderr.contains("warning") && v.stderr.contains(dead), "\(v.stderr)")
-    }
-}
-
-// MARK: restores
-
-extension DataSafetyTests {
-    @Test(.enabled(if: PBSFixture.available, "needs python3"))
-    func vmaConfigThatCollidesWithAnImageIsRefused() throws {
-        let dir = try Harness.tempDir()
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let disks = try VMARestoreTests.makeDisks(in: dir, count: 2)
-        let evil = dir.appendingPathComponent("evil.conf")
-        try Data("not a disk\n".utf8).write(to: evil)
-        for name in ["drive-scsi0.qcow2", "drive-scsi1.qcow2"] {
-            let archive = try VMARestoreTests.makeArchive(dir, disks: disks, name: "a-\(name).vma", extra: ["--config", "\(name)=\(evil.path)"])
-            let out = dir.appendingPathComponent("out").path
-            for extra in [[String](), ["--force"], ["--device", "drive-scsi0"]] {
-                let r = try Harness.qcowpress(["restore", "vma"] + extra + [archive, out])
-                #expect(r.status == 1 && Self.lines(r.stderr) == 1, "\(name) \(extra): \(r.status) \(r.stderr)")
-                #expect(r.stderr.contains(name), "\(r.stderr)")
-                #expect(!FileManager.default.fileExists(atPath: out), "\(name) \(extra): OUTDIR was created")
-            }
-        }
-        // Into an existing directory with a restored disk: the disk survives.
-        let archive = try VMARestoreTests.makeArchive(dir, disks: disks, name: "good.vma")
-        let out = dir.appendingPathComponent("kept").path
-        #expect(try Harness.qcowpress(["restore", "vma", archive, out]).status == 0)
-        let bad = try VMARestoreTests.makeArchive(dir, disks: disks, name: "bad.vma", extra: ["--config", "drive-scsi0.qcow2=\(evil.path)"])
-        let r = try Harness.qcowpress(["restore", "vma", "--force", bad, out])
-        #expect(r.status == 1)
-        try Harness.expectGood(out + "/drive-scsi0.qcow2", equals: disks[0].path)
-    }
-
-    @Test(.enabled(if: PBSFixture.available, "needs python3"))
-    func pbsAllWritesConfigsAndIsAllOrNothing() throws {
-        let f = try PBSFixture(.init(name: "two drives", chunk: 1 << 20))
-        defer { f.remove() }
-        let out = f.dir.appendingPathComponent("all").path
-        let r = try Harness.qcowpress(["restore", "pbs"] + f.datastoreArgs + [PBSRestoreTests.snapshot, "--all", out])
-        #expect(r.status == 0, "\(r.stderr)")
-        try Harness.expectGood(out + "/drive-scsi0.qcow2", equals: f.rawA)
-        try Harness.expectGood(out + "/drive-virtio1.qcow2", equals: f.rawB)
-        let conf = try String(contentsOfFile: out + "/qemu-server.conf", encoding: .utf8)
-        #expect(conf.contains("memory: 2048") && conf.contains("scsi0:"), "\(conf)")
-        #expect(try Harness.strayFiles(in: URL(fileURLWithPath: out), except: ["drive-scsi0.qcow2", "drive-virtio1.qcow2", "qemu-server.conf"]).isEmpty)
-
-        // A second datastore whose second drive has a chunk of its own, then deleted: the first
-        // drive is restored completely before the second fails.
-        let dir = try Harness.tempDir()
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let unique = SourceImage.noise(1 << 20, seed: 1234)
-        let rawC = dir.appendingPathComponent("c.raw").path
-        try (Data(count: 1 << 20) + unique).write(to: URL(fileURLWithPath: rawC))
-        let ds = try PBSFixture.datastore(in: dir, drives: ["drive-scsi0.img": f.rawA, "drive-virtio1.img": rawC], seed: 5)
-        let chunkFile = dir.appendingPathComponent("unique.bin").path
-        try unique.write(to: URL(fileURLWithPath: chunkFile))
-        let hex = try Harness.run("/usr/bin/sha256sum", [chunkFile]).stdout.prefix(64)
-        try FileManager.default.removeItem(atPath: "\(ds)/.chunks/\(hex.prefix(4))/\(hex)")
-
-        let nested = dir.appendingPathComponent("new/outdir").path
-        let failed = try Harness.qcowpress(["restore", "pbs", "--datastore", ds, PBSRestoreTests.snapshot, "--all", nested])
-        #expect(failed.status == 1 && Self.lines(failed.stderr) == 1 && failed.stderr.contains(String(hex)), "\(failed.stderr)")
-        #expect(!FileManager.default.fileExists(atPath: dir.appendingPathComponent("new").path), "a directory the run created was left")
-
-        // Into an existing directory holding an earlier restore, with --force: the earlier files stay.
-        let failedForce = try Harness.qcowpress(["restore", "pbs", "--datastore", ds, PBSRestoreTests.snapshot, "--all", out, "--force"])
-        #expect(failedForce.status == 1, "\(failedForce.stderr)")
-        try Harness.expectGood(out + "/drive-scsi0.qcow2", equals: f.rawA)
-        try Harness.expectGood(out + "/drive-virtio1.qcow2", equals: f.rawB)
-        #expect(try String(contentsOfFile: out + "/qemu-server.conf", encoding: .utf8) == conf)
-        #expect(try Harness.strayFiles(in: URL(fileURLWithPath: out), except: ["drive-scsi0.qcow2", "drive-virtio1.qcow2", "qemu-server.conf"]).isEmpty)
     }
 }

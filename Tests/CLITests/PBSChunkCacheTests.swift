@@ -4,11 +4,13 @@ import Testing
 
 /// The PBS chunk cache and archive view that `serve pbs` and live restore read through, driven
 /// directly: read-ahead, slices shared with replies, readers handed over to a load, single flight.
-@Suite(.enabled(if: PBSFixture.available, "needs python3"))
+// Serialized: the read-ahead tests tell this suite's loading threads by their names.
+@Suite(.tags(.pbs), .serialized, .enabled(if: PBSFixture.available, "needs python3"))
 struct PBSChunkCacheTests {
     /// A sequential reader gets the next chunk loaded ahead of it (once); random reads do not
     /// make loads of their own.
-    @Test func sequentialReadersLoadTheNextChunkAhead() throws {
+    @Test(.enabled(if: Wait.canWaitForThreads, "waits for the read-ahead threads: needs pidfd_open(PIDFD_THREAD), Linux 6.9"))
+    func sequentialReadersLoadTheNextChunkAhead() throws {
         let f = try PBSFixture(.init(name: "read-ahead", chunk: 1 << 20))
         defer { f.remove() }
         let (index, cache, view) = try Self.view(of: f.datastore)
@@ -20,17 +22,21 @@ struct PBSChunkCacheTests {
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 19, alignment: 4096)
         defer { buf.deallocate() }
         let at = UInt64(i) << 20
-        // A random read in the second half of chunk i: no read-ahead.
-        try view.read(at: at + (700 << 10), count: 4096, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<4096]))
-        usleep(300_000)
-        #expect(cache.stats.loads == 1)
+        // A random read in the second half of chunk i: no read-ahead (a load ahead would run on a
+        // thread started before `read` returns).
+        let none = try Wait.threadsStarted(named: ["qp-prefetch"]) {
+            try view.read(at: at + (700 << 10), count: 4096, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<4096]))
+        }
+        #expect(none.isEmpty && cache.stats.loads == 1, "a random read loaded ahead")
         // Two sequential reads, the second ending in the chunk's second half: the next
-        // `PBSChunkCache.depth` chunks (those with data) load ahead.
+        // `PBSChunkCache.depth` chunks (those with data) load ahead, each on a thread of its own.
         // (distinct digests: a repeated chunk loads once)
         let ahead = Self.distinctAhead(after: i, in: view)
-        try view.read(at: at, count: 1 << 19, into: buf)
-        try view.read(at: at + (1 << 19), count: 1 << 19, into: buf)
-        for _ in 0..<250 where cache.stats.loads < 1 + ahead { usleep(20_000) }
+        let loaders = try Wait.threadsStarted(named: ["qp-prefetch"]) {
+            try view.read(at: at, count: 1 << 19, into: buf)
+            try view.read(at: at + (1 << 19), count: 1 << 19, into: buf)
+        }
+        #expect(Wait.end(ofThreads: loaders, timeout: 30), "the loads ahead did not end")
         #expect(cache.stats.loads == 1 + ahead, "the next chunks were loaded ahead")
         try view.read(at: at + (1 << 20), count: 1 << 19, into: buf)
         #expect(cache.stats.loads == 1 + ahead, "and the reader found chunk i + 1 in the cache")
@@ -39,9 +45,9 @@ struct PBSChunkCacheTests {
     /// drive-scsi0 of the test snapshot in `datastore`, read through a chunk cache of `capacity` bytes.
     static func view(of datastore: String, capacity: Int = 64 << 20) throws -> (PBSFixedIndex, PBSChunkCache, PBSArchiveView) {
         let restore = try PBSRestore(datastore: datastore, namespace: nil, snapshot: PBSRestoreTests.snapshot, keyFile: nil) { () throws(QcowPressError) -> String in "" }
-        let index = try restore.openArchive("drive-scsi0.img.fidx")
-        let cache = PBSChunkCache(reader: restore.reader, capacity: capacity, indexes: [index])
-        return (index, cache, PBSArchiveView(name: "drive-scsi0", index: index, cache: cache))
+        let drive = try restore.drive("drive-scsi0")
+        let cache = PBSChunkCache(reader: restore.reader, capacity: capacity, indexes: [drive.index])
+        return (drive.index, cache, PBSArchiveView(drive: drive, cache: cache))
     }
 
     /// Distinct digests of the `PBSChunkCache.depth` chunks with data after chunk `i` (what a
@@ -54,7 +60,8 @@ struct PBSChunkCacheTests {
     /// A copying client skips zero chunks (holes in block status): a read that ends where zero
     /// chunks begin, then one at the next chunk with data, is a sequential reader going on, and
     /// gets the chunks after it loaded ahead.
-    @Test func sequentialReadersGoOnAfterZeroChunks() throws {
+    @Test(.enabled(if: Wait.canWaitForThreads, "waits for the read-ahead threads: needs pidfd_open(PIDFD_THREAD), Linux 6.9"))
+    func sequentialReadersGoOnAfterZeroChunks() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
         // Chunk 0 with data, chunks 1 and 2 zero, then 3 + depth distinct chunks with data.
@@ -68,10 +75,12 @@ struct PBSChunkCacheTests {
         defer { buf.deallocate() }
         // The end of chunk 0 (not sequential itself: no read-ahead), then the first three
         // quarters of chunk 3, past its middle: chunks 4 ... 3 + depth load ahead.
-        try view.read(at: (1 << 20) - 4096, count: 4096, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<4096]))
-        try view.read(at: 3 << 20, count: 3 << 18, into: buf)
+        let loaders = try Wait.threadsStarted(named: ["qp-prefetch"]) {
+            try view.read(at: (1 << 20) - 4096, count: 4096, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<4096]))
+            try view.read(at: 3 << 20, count: 3 << 18, into: buf)
+        }
+        #expect(Wait.end(ofThreads: loaders, timeout: 30), "the loads ahead did not end")
         let expected = 2 + PBSChunkCache.depth
-        for _ in 0..<250 where cache.stats.loads < expected { usleep(20_000) }
         #expect(cache.stats.loads == expected, "\(cache.stats.loads) loads")
         // Each chunk read ahead is in the cache now.
         try view.read(at: UInt64(3 + PBSChunkCache.depth) << 20, count: 4096, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<4096]))
@@ -128,7 +137,8 @@ struct PBSChunkCacheTests {
             Issue.record("the fixture needs a data chunk and a zero chunk")
             return
         }
-        let good = ConditionCounter(), bad = ConditionCounter()
+        let good = ConditionCounter()
+        let bad = ConditionCounter(sharing: good)
         for k in 0..<8 {
             let at = i << 20 + k * 4096
             let accepted = view.slice(at: UInt64(at), count: 4096) { r in
@@ -136,7 +146,7 @@ struct PBSChunkCacheTests {
             }
             #expect(accepted)
         }
-        for _ in 0..<500 where good.value + bad.value < 8 { usleep(10_000) }
+        #expect(good.wait(until: 8, plus: bad), "a reader was left waiting")
         #expect(good.value == 8 && bad.value == 0)
         #expect(cache.stats.loads == 1)
         // Cached now: called back before `slice` returns.
@@ -155,7 +165,8 @@ struct PBSChunkCacheTests {
         defer { f.remove() }
         let (index, _, view) = try Self.view(of: f.datastore)
         let data = (0..<index.chunkCount).filter { !view.isZeroChunk($0) }
-        let failed = ConditionCounter(), fine = ConditionCounter(), messages = Messages()
+        let failed = ConditionCounter(), messages = Messages()
+        let fine = ConditionCounter(sharing: failed)
         for i in data {
             for k in 0..<3 {
                 #expect(view.slice(at: UInt64(i << 20 + k * 4096), count: 4096) { r in
@@ -168,7 +179,7 @@ struct PBSChunkCacheTests {
                 })
             }
         }
-        for _ in 0..<500 where failed.value + fine.value < 3 * data.count { usleep(10_000) }
+        _ = failed.wait(until: 3 * data.count, plus: fine)
         #expect(failed.value + fine.value == 3 * data.count, "a reader was left waiting")
         #expect(failed.value >= 3 && fine.value >= 3, "\(failed.value) failed, \(fine.value) fine")
         #expect(messages.all.allSatisfy { $0.contains("digest mismatch") }, "\(messages.all)")
@@ -209,9 +220,20 @@ final class Messages: @unchecked Sendable {
     var all: [String] { lock.withLock { list } }
 }
 
+/// A count that callbacks raise and a test waits on (no polling: each `add` signals).
 final class ConditionCounter: @unchecked Sendable {
-    private let lock = NSLock()
+    private let condition: NSCondition
     private var n = 0
-    func add() { lock.withLock { n += 1 } }
-    var value: Int { lock.withLock { n } }
+    init(sharing other: ConditionCounter? = nil) { condition = other?.condition ?? NSCondition() }
+    func add() { condition.withLock { n += 1; condition.broadcast() } }
+    var value: Int { condition.withLock { n } }
+    /// Waits until this count plus `other`'s (made `sharing:` this one) reaches `target`;
+    /// false after `timeout` seconds.
+    func wait(until target: Int, plus other: ConditionCounter? = nil, timeout: Double = 30) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        return condition.withLock {
+            while n + (other?.n ?? 0) < target { if !condition.wait(until: deadline) { break } }
+            return n + (other?.n ?? 0) >= target
+        }
+    }
 }

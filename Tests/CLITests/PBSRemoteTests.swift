@@ -5,7 +5,7 @@ import Testing
 /// proxmox-backup's sources (PBS-PROTOCOL-NOTES.md) that serves datastores made by
 /// pbs_datastore.py over HTTPS (self-signed certificate) and the reader protocol on HTTP/2.
 /// Every restore is checked by qemu-img (check clean, compare equal to the source).
-@Suite(.enabled(if: Harness.haveQemuImg && PBSTestServer.available, "needs qemu-img, python3 with h2, openssl"))
+@Suite(.tags(.e2e, .pbs), .enabled(if: Harness.haveQemuImg && PBSTestServer.available, "needs qemu-img, python3 with h2, openssl"))
 struct PBSRemoteTests {
     static let snapshot = PBSRestoreTests.snapshot
     static let token = "root@pam!backup"
@@ -309,22 +309,20 @@ final class PBSTestServer {
         process.standardError = try FileHandle(forWritingTo: logFile)
         process.standardInput = FileHandle.nullDevice
         try process.run()
-        let deadline = Date().addingTimeInterval(20)
-        while true {
+        // Its line "LISTENING PORT FINGERPRINT" on stdout (a file: inotify says when it grows).
+        var listening: [Substring]?
+        _ = Wait.until(watching: [outFile.path], orExitOf: process.processIdentifier, timeout: 20) {
             let text = (try? String(contentsOf: outFile, encoding: .utf8)) ?? ""
-            if let line = text.split(separator: "\n").first(where: { $0.hasPrefix("LISTENING ") }) {
-                let parts = line.split(separator: " ")
-                port = Int(parts[1]) ?? 0
-                fingerprint = String(parts[2])
-                break
-            }
-            if !process.isRunning || Date() > deadline {
-                if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-                process.waitUntilExit()
-                throw FixtureError(message: "pbs_server.py did not start: \((try? String(contentsOf: logFile, encoding: .utf8)) ?? "")")
-            }
-            usleep(50_000)
+            listening = text.split(separator: "\n").first(where: { $0.hasPrefix("LISTENING ") })?.split(separator: " ")
+            return listening != nil
         }
+        guard let parts = listening, parts.count >= 3 else {
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+            process.waitUntilExit()
+            throw FixtureError(message: "pbs_server.py did not start: \((try? String(contentsOf: logFile, encoding: .utf8)) ?? "")")
+        }
+        port = Int(parts[1]) ?? 0
+        fingerprint = String(parts[2])
     }
 
     func repository(_ auth: String) -> String { "\(auth)@127.0.0.1:\(port):store" }

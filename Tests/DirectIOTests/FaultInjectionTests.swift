@@ -5,7 +5,7 @@ import Testing
 
 /// The syscall seam forces ENOSPC, EIO, EINTR and short writes; the I/O layer reports the first
 /// two with errno, path and offset, and retries or completes the others.
-@Suite(.serialized) struct FaultInjectionTests {
+@Suite(.tags(.faults, .fast), .serialized) struct FaultInjectionTests {
     func withFile(_ body: (OutputFile, String) throws -> Void) throws {
         let path = "/tmp/qp-fault-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { unlink(path) }
@@ -95,35 +95,80 @@ import Testing
     }
 
     /// Releasing a pwrite writer ends its thread (it used to hold the writer, so neither ever went).
-    @Test func pwriteWriterThreadEndsWithTheWriter() throws {
-        // Threads named qp-pwrite in this process (other suites may run threads of other names).
-        func threads() -> Int {
-            let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
-            return tasks.filter { (try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8))?.hasPrefix("qp-pwrite") == true }.count
-        }
+    @Test(.enabled(if: ThreadEnd.supported, "waits for the thread's end: needs pidfd_open(PIDFD_THREAD), Linux 6.9"))
+    func pwriteWriterThreadEndsWithTheWriter() throws {
         try withFile { f, _ in
-            // Writers of earlier tests may still be winding down: wait for them first.
-            var before = threads()
-            for _ in 0..<200 where before > 0 {
-                usleep(10_000)
-                before = threads()
-            }
             weak var weakWriter: PwriteWriter?
+            var started: [pid_t] = []
             do {
-                let w = PwriteWriter(file: f)
+                var w: PwriteWriter?
+                started = ThreadEnd.started(named: "qp-pwrite") { w = PwriteWriter(file: f) }
                 weakWriter = w
                 let b = AlignedBuffer(capacity: 4096)
-                try w.submit(b, length: 4096, offset: 0, tag: 0)
-                try w.drain()
-                #expect(threads() == before + 1)
+                try w!.submit(b, length: 4096, offset: 0, tag: 0)
+                try w!.drain()
+                #expect(started.count == 1, "one thread per writer: \(started)")
             }
             #expect(weakWriter == nil)
-            var after = threads()
-            for _ in 0..<100 where after > before {
-                usleep(10_000)
-                after = threads()
-            }
-            #expect(after == before)
+            #expect(ThreadEnd.wait(for: started, timeout: 30), "the writer's thread is still there")
         }
+    }
+}
+
+/// Waiting for threads of this process to end, without polling: a pidfd for a thread
+/// (PIDFD_THREAD, Linux 6.9) becomes readable when it ends.
+enum ThreadEnd {
+    private typealias PidfdOpen = @convention(c) (pid_t, UInt32) -> Int32
+    private static let pidfdOpen: PidfdOpen? = dlsym(nil, "pidfd_open").map { unsafeBitCast($0, to: PidfdOpen.self) }
+    private static func pidfd(thread: pid_t) -> Int32 {
+        guard let pidfdOpen else { errno = ENOSYS; return -1 }
+        return pidfdOpen(thread, UInt32(O_EXCL))  // PIDFD_THREAD
+    }
+
+    static let supported: Bool = {
+        let fd = pidfd(thread: getpid())
+        if fd >= 0 { close(fd) }
+        return fd >= 0
+    }()
+
+    static func threads() -> [pid_t: String] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+        var out: [pid_t: String] = [:]
+        for t in tasks {
+            if let id = pid_t(t), let name = try? String(contentsOfFile: "/proc/self/task/\(t)/comm", encoding: .utf8) { out[id] = name }
+        }
+        return out
+    }
+
+    /// The threads `body` started, named `prefix` or not named yet (a thread names itself once it
+    /// runs; until then it bears its creator's name, which this thread takes for the call).
+    static func started(named prefix: String, by body: () throws -> Void) rethrows -> [pid_t] {
+        let comm = "/proc/thread-self/comm"
+        let own = ((try? String(contentsOfFile: comm, encoding: .utf8)) ?? "").trimmingCharacters(in: .newlines)
+        let mark = "qp-t\(UInt32.random(in: 0..<1_000_000))"
+        try? mark.write(toFile: comm, atomically: false, encoding: .utf8)
+        defer { try? own.write(toFile: comm, atomically: false, encoding: .utf8) }
+        let before = Set(threads().keys)
+        try body()
+        return threads().filter { !before.contains($0.key) && ($0.value.hasPrefix(mark) || $0.value.hasPrefix(prefix)) }.map(\.key)
+    }
+
+    /// Waits for each of `tids` to end; false when `timeout` seconds passed first.
+    static func wait(for tids: [pid_t], timeout: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        for t in tids {
+            let fd = pidfd(thread: t)
+            if fd < 0 { continue }  // ended already (ESRCH)
+            defer { close(fd) }
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            while true {
+                let left = deadline.timeIntervalSinceNow
+                if left <= 0 { return false }
+                let r = poll(&p, 1, Int32(left * 1000) + 1)
+                if r > 0 { break }
+                if r < 0 && errno != EINTR { return false }
+            }
+        }
+        return true
     }
 }

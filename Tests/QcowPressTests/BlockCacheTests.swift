@@ -6,7 +6,7 @@ import Testing
 /// `BlockCache` (serve image --cache-size): what it returns equals the image, a cached block is
 /// decoded once, the budget is kept by evicting the least recently used block, two readers of one
 /// block share one decode, and large requests go straight to the image.
-@Suite struct BlockCacheTests {
+@Suite(.tags(.fast)) struct BlockCacheTests {
     /// A guest image of pattern bytes (byte at offset o is o*7 mod 251) that counts its reads.
     final class CountingImage: GuestImage, @unchecked Sendable {
         let path = "counting"
@@ -16,7 +16,7 @@ import Testing
         func isKnownZero(at offset: UInt64, count: Int) throws(QcowPressError) -> Bool { false }
         func read(at offset: UInt64, count: Int, into: UnsafeMutableRawPointer, context: ReadContext) throws(QcowPressError) {
             reads.add(1, ordering: .relaxed)
-            usleep(2000)  // a decode takes time: concurrent readers overlap
+            usleep(2000)  // Time is the subject: a slow decode, so concurrent readers of one block overlap.
             let p = into.assumingMemoryBound(to: UInt8.self)
             for i in 0..<count {
                 let o = offset + UInt64(i)

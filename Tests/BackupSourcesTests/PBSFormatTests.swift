@@ -3,7 +3,7 @@ import Crypto
 import Foundation
 import Testing
 
-@Suite struct PBSFormatTests {
+@Suite(.tags(.pbs, .fast)) struct PBSFormatTests {
     /// Upstream test vector (pbs-key-config/src/lib.rs fingerprint_checks).
     @Test func keyFingerprintMatchesProxmox() {
         let key = PBSKey(rawKey: Array(0..<32))
@@ -86,7 +86,7 @@ import Testing
 }
 
 /// Regressions found by the fuzzer.
-@Suite struct FuzzRegressionTests {
+@Suite(.tags(.faults, .fast)) struct FuzzRegressionTests {
     /// size 0x7fff_ffff_ffff_ffff with 4 KiB chunks overflowed the digest count (trap).
     @Test func fidxHugeSizeIsAnError() throws {
         let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()

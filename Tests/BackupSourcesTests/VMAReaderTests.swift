@@ -4,7 +4,7 @@ import DirectIO
 import Foundation
 import Testing
 
-@Suite struct VMAReaderTests {
+@Suite(.tags(.fast)) struct VMAReaderTests {
     static var archive: String {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("Fixtures/fuzz/vma/one.vma").path

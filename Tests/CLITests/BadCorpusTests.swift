@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// Fixtures/bad: every damaged file gives exactly its expected one-line error, exit 1, no output.
-@Suite struct BadCorpusTests {
+@Suite(.tags(.e2e, .faults)) struct BadCorpusTests {
     static var dir: URL {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("Fixtures/bad")
@@ -44,7 +44,7 @@ import Testing
 }
 
 /// Every parser under the mutation fuzzer for a few seconds (fuzz/run.sh runs them for longer).
-@Suite struct FuzzSmokeTests {
+@Suite(.tags(.e2e, .faults)) struct FuzzSmokeTests {
     static var fuzzer: String { URL(fileURLWithPath: Harness.binary).deletingLastPathComponent().appendingPathComponent("qcowpress-fuzz").path }
 
     @Test(arguments: ["qcow2-header", "qcow2-entries", "qcow2-image", "fidx", "blob", "manifest", "keyfile", "vma"])
@@ -74,7 +74,7 @@ import Testing
 }
 
 /// SIGKILL at random moments never leaves a complete-looking DST (scripts/crash-test.sh; CI runs 8).
-@Suite(.enabled(if: Harness.haveQemuImg && FileManager.default.isExecutableFile(atPath: "/usr/bin/python3")))
+@Suite(.tags(.e2e, .faults), .enabled(if: Harness.haveQemuImg && FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"), "needs qemu-img and python3"))
 struct CrashTests {
     @Test func killNineLeavesNoCompleteLookingImage() throws {
         let root = BadCorpusTests.dir.deletingLastPathComponent().deletingLastPathComponent()

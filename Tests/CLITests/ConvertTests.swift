@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 
-@Suite(.enabled(if: Harness.haveQemuImg, "qemu-img is the oracle"))
+@Suite(.tags(.e2e), .enabled(if: Harness.haveQemuImg, "qemu-img is the oracle"))
 struct ConvertTests {
     static let clusterSizes = ["512", "4096", "65536", "2M"]
     static let codecs: [[String]] = [[], ["-c"], ["-c", "-o", "compression_type=zstd"]]

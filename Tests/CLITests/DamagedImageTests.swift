@@ -3,7 +3,7 @@ import Testing
 
 /// Images damaged on purpose: `check` agrees with `qemu-img check`; the reader refuses unsafe
 /// metadata with one line naming the field and offset (where qemu-img would read on).
-@Suite(.enabled(if: Harness.haveQemuImg, "qemu-img is the oracle"))
+@Suite(.tags(.e2e, .faults), .enabled(if: Harness.haveQemuImg, "qemu-img is the oracle"))
 struct DamagedImageTests {
     /// A small image with data in several L2 tables (4 KiB clusters: 2 MiB per L2 table).
     func makeImage(_ dir: URL, compressed: Bool = false) throws -> (path: String, bytes: [UInt8]) {
@@ -129,7 +129,7 @@ struct DamagedImageTests {
 }
 
 /// Backing files are followed only to regular files, never in a loop.
-@Suite(.enabled(if: Harness.haveQemuImg, "qemu-img makes the images"))
+@Suite(.tags(.e2e), .enabled(if: Harness.haveQemuImg, "qemu-img makes the images"))
 struct BackingSafetyTests {
     func image(_ dir: URL, _ name: String, backing: String) throws -> String {
         let p = dir.appendingPathComponent(name).path

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// The Examples target (public API only) runs, and README's snippet is exactly the compiled one.
-@Suite(.enabled(if: Harness.haveQemuImg && PBSFixture.available))
+@Suite(.tags(.e2e), .enabled(if: Harness.haveQemuImg && PBSFixture.available, "needs qemu-img and python3"))
 struct ExamplesTests {
     static var root: URL { BadCorpusTests.dir.deletingLastPathComponent().deletingLastPathComponent() }
     static var examples: String { URL(fileURLWithPath: Harness.binary).deletingLastPathComponent().appendingPathComponent("qcowpress-examples").path }

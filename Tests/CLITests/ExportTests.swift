@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// Full and incremental compressed backup exports.
-@Suite(.enabled(if: Harness.haveQemuImg, "qemu-img is the oracle"))
+@Suite(.tags(.e2e), .enabled(if: Harness.haveQemuImg, "qemu-img is the oracle"))
 struct ExportTests {
     @Test func chainOfThreeIncrementals() throws {
         let dir = try Harness.tempDir()

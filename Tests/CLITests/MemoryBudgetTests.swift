@@ -3,7 +3,7 @@ import Testing
 
 /// The memory limit bounds the whole engine: what cannot fit is cut (fewer workers, smaller write
 /// buffers) or refused with one line, never exceeded.
-@Suite(.enabled(if: Harness.haveQemuImg, "needs qemu-img"))
+@Suite(.tags(.e2e), .enabled(if: Harness.haveQemuImg, "needs qemu-img"))
 struct MemoryBudgetTests {
     @Test func tooSmallALimitIsRefused() throws {
         let dir = try Harness.tempDir()

@@ -3,7 +3,7 @@ import Testing
 
 /// `restore pbs` against datastores made by Tests/Support/pbs_datastore.py (an independent writer
 /// that follows proxmox-backup's sources; see PBS-FORMAT-NOTES.md).
-@Suite(.enabled(if: Harness.haveQemuImg && PBSFixture.available, "needs qemu-img and python3"))
+@Suite(.tags(.e2e, .pbs), .enabled(if: Harness.haveQemuImg && PBSFixture.available, "needs qemu-img and python3"))
 struct PBSRestoreTests {
     static let snapshot = "vm/100/2026-11-20T10:00:00Z"
 

@@ -8,7 +8,7 @@ private let haveDpkgDeb = FileManager.default.isExecutableFile(atPath: "/usr/bin
 /// binary it installs runs with an empty environment on a machine that has no Swift runtime in
 /// its library path. The package build is a static release build in .build-pkg (minutes when
 /// cold, seconds when warm); the tests share one run of the script.
-@Suite(.enabled(if: haveDpkgDeb, "needs dpkg-deb (Debian's dpkg) to build and inspect the .deb"))
+@Suite(.tags(.e2e), .enabled(if: haveDpkgDeb, "needs dpkg-deb (Debian's dpkg) to build and inspect the .deb"))
 struct PackageTests {
     static var root: URL { BadCorpusTests.dir.deletingLastPathComponent().deletingLastPathComponent() }
 

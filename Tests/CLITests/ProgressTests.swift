@@ -3,7 +3,7 @@ import Testing
 
 /// `-p`: progress that moves with finished work, with rate and time left; plain lines in logs,
 /// a bar that fits the terminal on a TTY, bytes and rate for a stream of unknown length.
-@Suite struct ProgressTests {
+@Suite(.tags(.e2e)) struct ProgressTests {
     func source(_ dir: URL) throws -> URL {
         let src = dir.appendingPathComponent("src.raw")
         FileManager.default.createFile(atPath: src.path, contents: SourceImage.noise(48 << 20, seed: 5) + SourceImage.text(16 << 20, seed: 6))
@@ -33,7 +33,7 @@ import Testing
     }
 
     /// A TTY 50 columns wide (script(1) gives the command a pseudo-terminal): every redraw fits.
-    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/script"))) func barFitsTheTerminal() throws {
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/script"), "needs script(1) for a pseudo-terminal")) func barFitsTheTerminal() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
         let src = try source(dir)
@@ -50,7 +50,7 @@ import Testing
 
     /// A VMA archive from standard input: no total is known, so bytes read and the rate, never a
     /// percentage stuck at 100.
-    @Test(.enabled(if: Harness.haveQemuImg && PBSFixture.available)) func streamOfUnknownLength() throws {
+    @Test(.enabled(if: Harness.haveQemuImg && PBSFixture.available, "needs qemu-img and python3")) func streamOfUnknownLength() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
         let archive = try VMARestoreTests.makeArchive(dir, disks: try VMARestoreTests.makeDisks(in: dir, count: 2), name: "a.vma")

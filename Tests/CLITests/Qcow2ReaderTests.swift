@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// Reading every image kind qemu-img 7.x makes, judged by qemu-img compare against qemu's own view.
-@Suite(.enabled(if: Harness.haveQemuImg, "qemu-img is the oracle"))
+@Suite(.tags(.e2e), .enabled(if: Harness.haveQemuImg, "qemu-img is the oracle"))
 struct Qcow2ReaderTests {
     static let kinds: [[String]] = [
         ["-o", "compat=0.10"],

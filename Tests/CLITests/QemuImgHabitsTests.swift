@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// qemu-img spellings a Proxmox/QEMU administrator types without thinking.
-@Suite(.enabled(if: Harness.haveQemuImg, "qemu-img is the oracle"))
+@Suite(.tags(.e2e), .enabled(if: Harness.haveQemuImg, "qemu-img is the oracle"))
 struct QemuImgHabitsTests {
     @Test func convertTakesDashFAndDashU() throws {
         let dir = try Harness.tempDir()
@@ -149,9 +149,13 @@ struct QemuImgHabitsTests {
             #expect(o.stdout == t.stdout && oj.stdout.isEmpty && o.stdout.isEmpty, "\(o.stdout)")
         }
         #expect(try Harness.qcowpress(["check", "-q", leaky]).status == 3)
+    }
 
-        // restore vma: the same.
-        guard PBSFixture.available else { return }
+    /// restore vma: -q quiet as convert's, -p progress without it.
+    @Test(.enabled(if: PBSFixture.available, "needs python3 to make the VMA archive"))
+    func quietIsQuietForRestoreVMA() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
         let archive = try VMARestoreTests.makeArchive(dir, disks: try VMARestoreTests.makeDisks(in: dir, count: 1), name: "a.vma")
         let v = try Harness.qcowpress(["restore", "vma", "-q", "-p", archive, dir.appendingPathComponent("vma").path])
         #expect(v.status == 0 && v.stderr.isEmpty && v.stdout.isEmpty, "\(v.stderr)")
@@ -299,7 +303,7 @@ struct QcowBytes {
 }
 
 /// Mistyped commands, usage errors and the --help texts themselves.
-@Suite struct CommandLineTests {
+@Suite(.tags(.e2e)) struct CommandLineTests {
     @Test func typosGetASuggestion() throws {
         let cases: [([String], String)] = [
             (["conver", "a", "b"], "qcowpress: 'conver' is not a command. Did you mean 'convert'?\n"),

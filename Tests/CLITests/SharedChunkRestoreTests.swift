@@ -4,7 +4,7 @@ import Testing
 /// `restore pbs` of backups shaped like real disks: 4 MiB chunks that repeat (within a drive and
 /// across the drives of one snapshot) and hold zero clusters, partly zero clusters and data; a
 /// short last chunk. Every cluster size and codec; qemu-img judges every image.
-@Suite(.enabled(if: Harness.haveQemuImg && PBSFixture.available, "needs qemu-img and python3"))
+@Suite(.tags(.e2e, .pbs), .enabled(if: Harness.haveQemuImg && PBSFixture.available, "needs qemu-img and python3"))
 struct SharedChunkRestoreTests {
     static let snapshot = "vm/100/2026-11-20T10:00:00Z"
     static let chunk = 4 << 20

@@ -3,7 +3,7 @@ import QcowPress
 import Testing
 
 /// Every kind of source is a value that pipes into a destination in one call.
-@Suite(.enabled(if: Harness.haveQemuImg && PBSFixture.available))
+@Suite(.tags(.e2e), .enabled(if: Harness.haveQemuImg && PBSFixture.available, "needs qemu-img and python3"))
 struct SourcePipeTests {
     @Test func pbsArchiveAndVMADeviceConvertInOneCall() async throws {
         let f = try PBSFixture(.init(name: "pipe", chunk: 1 << 20))

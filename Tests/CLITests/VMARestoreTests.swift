@@ -3,7 +3,7 @@ import Testing
 
 /// `restore vma` against archives made by Tests/Support/make_vma.py (an independent writer that
 /// follows pve-qemu's vma-writer.c; see VMA-FORMAT-NOTES.md).
-@Suite(.enabled(if: Harness.haveQemuImg && PBSFixture.available, "needs qemu-img and python3"))
+@Suite(.tags(.e2e), .enabled(if: Harness.haveQemuImg && PBSFixture.available, "needs qemu-img and python3"))
 struct VMARestoreTests {
     static var script: String {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()

@@ -2,7 +2,7 @@ import ClusterCompression
 import Foundation
 import Testing
 
-@Suite struct CodecTests {
+@Suite(.tags(.fast)) struct CodecTests {
     static let settings: [CompressionSettings] = [
         .init(algorithm: .zlib), .init(algorithm: .zlib, level: 1), .init(algorithm: .zlib, level: 9),
         .init(algorithm: .zstd), .init(algorithm: .zstd, level: 1), .init(algorithm: .zstd, level: 19),

@@ -1,7 +1,7 @@
 import Qcow2Format
 import Testing
 
-@Suite struct HeaderTests {
+@Suite(.tags(.fast)) struct HeaderTests {
     @Test func parsesQemuCreated64kHeader() throws {
         let bytes = try fixture("header-64k.bin")
         let h = try bytes.withUnsafeBytes { try Qcow2Header(parsing: $0) }
@@ -89,7 +89,7 @@ import Testing
 }
 
 /// Offsets near 2^64 in a damaged header are errors, never arithmetic traps.
-@Suite struct HeaderOverflowTests {
+@Suite(.tags(.fast)) struct HeaderOverflowTests {
     func parse(_ patch: (inout [UInt8]) -> Void) throws -> FormatError? {
         var b = try fixture("header-64k-zstd-backing.bin")
         patch(&b)

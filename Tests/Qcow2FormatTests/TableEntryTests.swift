@@ -1,7 +1,7 @@
 import Qcow2Format
 import Testing
 
-@Suite struct TableEntryTests {
+@Suite(.tags(.fast)) struct TableEntryTests {
     /// L2 entries of `compressed-zlib-4k.qcow2`, as qemu-img wrote them.
     @Test func decodesQemuCompressedDescriptors() throws {
         let bytes = try fixture("compressed-zlib-4k.qcow2")

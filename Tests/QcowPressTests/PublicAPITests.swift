@@ -3,7 +3,7 @@ import QcowPress
 import Testing
 
 /// The library's public API only (no @testable): progress, one-call conversion, typed errors.
-@Suite struct PublicAPITests {
+@Suite(.tags(.fast)) struct PublicAPITests {
     func tempDir() throws -> URL {
         let url = URL(fileURLWithPath: "/tmp").appendingPathComponent("qp-api-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)

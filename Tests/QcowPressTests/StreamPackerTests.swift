@@ -5,7 +5,7 @@ import Testing
 /// Property tests of the compressed write cache's placement: random mixes of compressed and
 /// cluster-aligned items never overlap, stay inside their buffer, aligned items are aligned, and
 /// refcounts computed from the placements equal the number of references per host cluster.
-@Suite struct StreamPackerTests {
+@Suite(.tags(.property)) struct StreamPackerTests {
     struct Placed { var start: UInt64; var length: Int; var aligned: Bool }
 
     @Test(arguments: [9, 12, 16, 21])

@@ -31,7 +31,7 @@ struct RestorePBS: ParsableCommand {
     var qmp: String?
     @Option(name: .customLong("qmp-timeout"), help: ArgumentHelp("With --qmp: seconds QEMU may take to answer each QMP exchange (default 30). Waiting for the socket and the node to appear is separate (up to 10 minutes).", valueName: "seconds"),
             transform: { s in
-                guard let v = Double(s), v > 0, v <= 86400 else { throw ValidationError("--qmp-timeout \(s): expected seconds, more than 0") }
+                guard let v = Double(s), v > 0, v <= 86400 else { throw ValidationError("expected a number of seconds greater than 0") }
                 return v
             })
     var qmpTimeout: Double = 30

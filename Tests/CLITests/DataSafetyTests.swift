@@ -268,9 +268,10 @@ struct DataSafetyTests {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
         let src = dir.appendingPathComponent("src.raw")
-        FileManager.default.createFile(atPath: src.path, contents: SourceImage.noise(16 << 20, seed: 8))
+        FileManager.default.createFile(atPath: src.path, contents: SourceImage.noise(4 << 20, seed: 8))
         let dst = dir.appendingPathComponent("dst.img").path
-        // Every write is slow, so the run is still writing when the destination appears.
+        // Every write is slow, so the run is still writing when the destination appears (at once:
+        // the test waits for the temporary file and then creates it).
         let (status, stderr) = try Self.destinationAppears(args: args + [src.path, dst], dir: dir, dst: dst, keep: ["src.raw", "dst.img"],
                                                            env: ["QCOWPRESS_FAULT": "write:1:delay100:sticky"])
         #expect(status == 1 && Self.lines(stderr) == 1, "\(status) \(stderr)")

@@ -54,7 +54,7 @@ import Testing
         defer { try? FileManager.default.removeItem(at: dir) }
         let src = dir.appendingPathComponent("src.raw")
         // Text only: slow enough at zlib level 9 with one thread to be caught mid-way.
-        FileManager.default.createFile(atPath: src.path, contents: SourceImage.text(48 << 20, seed: 9))
+        FileManager.default.createFile(atPath: src.path, contents: SourceImage.text(8 << 20, seed: 9))
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Harness.binary)
         p.arguments = ["convert", "-c", "-o", "compression_level=9", "--threads", "1", src.path, dir.appendingPathComponent("dst.qcow2").path]
@@ -82,7 +82,7 @@ extension FaultTests {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
         let src = dir.appendingPathComponent("src.raw")
-        FileManager.default.createFile(atPath: src.path, contents: SourceImage.noise(96 << 20, seed: 3))
+        FileManager.default.createFile(atPath: src.path, contents: SourceImage.noise(48 << 20, seed: 3))
         let dst = dir.appendingPathComponent("dst.qcow2").path
         let r = try Harness.qcowpress(["convert", "--io", io, "--memory-limit", "16M", "--output", "json", src.path, dst],
                                       env: ["QCOWPRESS_FAULT": "write:1:delay30:sticky"])

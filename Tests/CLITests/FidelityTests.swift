@@ -329,7 +329,7 @@ struct FidelityTests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let src = try Self.makeSources(dir)
         var rng = SplitMix(seed: UInt64(ProcessInfo.processInfo.environment["QCOWPRESS_PROPERTY_SEED"] ?? "") ?? 14)
-        let cases = Int(ProcessInfo.processInfo.environment["QCOWPRESS_PROPERTY_CASES"] ?? "") ?? 48
+        let cases = Int(ProcessInfo.processInfo.environment["QCOWPRESS_PROPERTY_CASES"] ?? "") ?? 32
         let kinds = src.keys.sorted()
         var failures: [String] = []
         for n in 0..<cases {

@@ -56,11 +56,25 @@ struct SharedChunkRestoreTests {
         return (["--datastore", ds], rawA, rawB)
     }
 
+    /// The datastore of seed 11, made once for the twelve cases of the matrix below (read only;
+    /// removed when the test process ends).
+    static let shared: Result<(args: [String], rawA: String, rawB: String), FixtureError> = {
+        do {
+            let dir = try Harness.tempDir()
+            sharedDir = dir.path
+            atexit { if let d = SharedChunkRestoreTests.sharedDir { try? FileManager.default.removeItem(atPath: d) } }
+            return .success(try makeDatastore(in: dir, seed: 11))
+        } catch {
+            return .failure(FixtureError(message: "making the shared datastore: \(error)"))
+        }
+    }()
+    nonisolated(unsafe) static var sharedDir: String?
+
     @Test(arguments: ["512", "4k", "64k", "2M"], ["none", "zlib", "zstd"])
     func repeatedChunksWithZeroClustersRestore(cluster: String, codec: String) throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let (args, rawA, rawB) = try Self.makeDatastore(in: dir, seed: 11)
+        let (args, rawA, rawB) = try Self.shared.get()
         var opts = ["-o", "cluster_size=\(cluster)"]
         if codec != "none" { opts += ["-c", "-o", "compression_type=\(codec)"] }
         let out = dir.appendingPathComponent("out").path

@@ -60,7 +60,7 @@ let package = Package(
         // whether the backup is complete). The command line sees export sets and servers, never
         // the adapters or the protocol.
         .target(name: "NBDExports", dependencies: [
-            "QcowPress", "NBDServer",
+            "QcowPress", "NBDServer", "DirectIO",
             .product(name: "NIOCore", package: "swift-nio"),
         ]),
         // A Proxmox Backup Server client (HTTPS login, the reader protocol over HTTP/2): fetches

@@ -1,4 +1,4 @@
-import Glibc
+import DirectIO
 import NBDServer
 import QcowPress
 
@@ -41,6 +41,10 @@ public final class ExportServer: Sendable {
         self.socket = socket
         do {
             if let socket {
+                // A stale socket file is replaced; any other file is the user's.
+                if FileNames.exists(socket) && !FileNames.isSocket(socket) {
+                    throw QcowPressError.invalidArgument("\(socket): exists and is not a socket")
+                }
                 try server.listen(unixSocket: socket)
                 urls = set.names.map { ($0, "nbd+unix:///\($0)?socket=\(socket)") }
             } else {
@@ -73,6 +77,6 @@ public final class ExportServer: Sendable {
     /// Stops serving and removes the unix socket.
     public func shutdown() {
         server.shutdown()
-        if let socket { unlink(socket) }
+        if let socket { FileNames.unlink(socket) }
     }
 }

@@ -57,16 +57,14 @@ final class LiveExport: NBDExport, Sendable {
 
 extension ExportSet {
     /// The disk archives of a PBS snapshot (all when `archives` is empty; names as
-    /// ``PBSRestore/openArchive(_:)`` takes them) as read-only exports named after their drives,
-    /// read through one chunk cache of `cacheBytes`. Its ``report`` says how many chunks were
-    /// loaded and how many reads the cache answered.
+    /// ``PBSRestore/drive(_:)`` takes them) as read-only exports named after their drives, read
+    /// through one chunk cache of `cacheBytes`. Its ``report`` says how many chunks were loaded
+    /// and how many reads the cache answered.
     public static func pbs(_ restore: PBSRestore, archives: [String], cacheBytes: Int) throws(QcowPressError) -> ExportSet {
         let names = archives.isEmpty ? restore.archives.map(\.name) : archives
-        let indexes = try names.map { n throws(QcowPressError) in (n, try restore.openArchive(n)) }
-        let cache = PBSChunkCache(reader: restore.reader, capacity: cacheBytes, indexes: indexes.map(\.1))
-        let exports: [any NBDExport] = indexes.map { n, idx in
-            PBSExport(view: PBSArchiveView(name: PBSRestore.driveName(n), index: idx, cache: cache))
-        }
+        let drives = try names.map { n throws(QcowPressError) in try restore.drive(n) }
+        let cache = PBSChunkCache(reader: restore.reader, capacity: cacheBytes, indexes: drives.map(\.index))
+        let exports: [any NBDExport] = drives.map { PBSExport(view: PBSArchiveView(drive: $0, cache: cache)) }
         return ExportSet(exports) {
             let s = cache.stats
             return "\(s.loads) chunk loads, \(s.hits) cache hits"

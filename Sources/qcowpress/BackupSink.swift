@@ -1,3 +1,4 @@
+import DirectIO
 import Foundation
 import NBDExports
 import QcowPress
@@ -34,7 +35,7 @@ extension Export {
             enc.cancel()
             throw error
         }
-        SignalWatcher.onExit { unlink(socket) }
+        SignalWatcher.onExit { FileNames.unlink(socket) }
         try printURLs(sink.urls, json: encoder.output == .json)
         let bar = encoder.progress ? ProgressBar(total: base == nil ? virtualSize : nil) { enc.bytesReceived } : nil
         let summary: EncoderSummary

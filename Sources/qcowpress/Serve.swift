@@ -95,7 +95,7 @@ func printURLs(_ urls: [(export: String, uri: String)], json: Bool) throws {
 /// Listens (a unix socket, removed at a signal, or TCP) and prints the URLs.
 func startServer(_ set: ExportSet, socket: String?, listen: String?, json: Bool = false) throws -> ExportServer {
     let server = try ExportServer(set, socket: socket, listen: listen)
-    if let socket { SignalWatcher.onExit { unlink(socket) } }
+    if let socket { SignalWatcher.onExit { FileNames.unlink(socket) } }
     try printURLs(server.urls, json: json)
     return server
 }

@@ -156,24 +156,5 @@ extension StreamSink {
     }
 }
 
-/// Peak resident memory of this process: VmHWM from /proc/self/status. (getrusage's ru_maxrss is
-/// not used: Linux carries the pre-exec high-water mark over execve, so a child forked from a big
-/// parent reports the parent's size.)
-func peakResidentBytes() -> Int {
-    let fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC)
-    if fd >= 0 {
-        defer { close(fd) }
-        var buf = [UInt8](repeating: 0, count: 8192)
-        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n > 0 {
-            let text = String(decoding: buf[0..<n], as: UTF8.self)
-            for line in text.split(separator: "\n") where line.hasPrefix("VmHWM:") {
-                let digits = line.split(separator: " ").compactMap { Int($0) }
-                if let kb = digits.first { return kb * 1024 }
-            }
-        }
-    }
-    var ru = rusage()
-    getrusage(RUSAGE_SELF.rawValue, &ru)
-    return Int(ru.ru_maxrss) * 1024
-}
+/// Peak resident memory of this process (DirectIO asks the kernel).
+func peakResidentBytes() -> Int { ProcessMemory.peakResidentBytes() }

@@ -11,7 +11,7 @@ extension PBSLiveRestore {
         public let view: PBSArchiveView
         public let destination: String
         let encoder: Qcow2Encoder
-        let plan: [PBSRestore.Step]
+        let plan: [PBSDrive.Step]
         /// Per chunk: 0 waiting, 1 claimed (being loaded and written, by the restore or a reader).
         private let claims: UnsafeMutablePointer<UInt8>
         private let lock = ConditionLock()
@@ -29,7 +29,7 @@ extension PBSLiveRestore {
         private var finishing = false
         private let readsBack = Atomic<Int>(0)
 
-        init(archive: String, view: PBSArchiveView, destination: String, encoder: Qcow2Encoder, plan: [PBSRestore.Step]) {
+        init(archive: String, view: PBSArchiveView, destination: String, encoder: Qcow2Encoder, plan: [PBSDrive.Step]) {
             self.archive = archive
             self.view = view
             self.destination = destination

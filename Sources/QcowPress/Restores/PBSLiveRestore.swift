@@ -46,14 +46,14 @@ public final class PBSLiveRestore: @unchecked Sendable {
         self.restore = restore
         let jobs = all.jobs
         configs = all.configs
-        let indexes = try jobs.map { j throws(QcowPressError) in try restore.openArchive(j.archive) }
-        let (o, e) = try PBSRestore.fit(options, encoder, chunkSize: indexes.map(\.chunkSize).max() ?? 4 << 20,
+        let plans = try jobs.map { j throws(QcowPressError) in try restore.drive(j.archive) }
+        let (o, e) = try PBSRestore.fit(options, encoder, chunkSize: plans.map(\.index.chunkSize).max() ?? 4 << 20,
                                         cacheShare: 3, remote: restore.reader.store.isRemote)
         self.options = o
         // The cache serves the restore and the readers (its size comes out of the memory limit, but
         // holds at least two chunks: a reader's chunk must survive until it is copied out).
-        let chunk = indexes.map(\.chunkSize).max() ?? 4 << 20
-        cache = PBSChunkCache(reader: restore.reader, capacity: max(o.cacheBytes, 2 * chunk), indexes: indexes)
+        let chunk = plans.map(\.index.chunkSize).max() ?? 4 << 20
+        cache = PBSChunkCache(reader: restore.reader, capacity: max(o.cacheBytes, 2 * chunk), indexes: plans.map(\.index))
         group = try EncoderGroup(threads: e.threads, memoryLimit: e.memoryLimit, clusterSize: e.clusterSize,
                                  compression: e.compression, images: jobs.count)
         let outputs = OutputSet(overwrite: e.overwrite)
@@ -64,11 +64,11 @@ public final class PBSLiveRestore: @unchecked Sendable {
             for (j, job) in jobs.enumerated() {
                 var eo = e
                 eo.group = group
-                eo.virtualSize = (indexes[j].size + 511) & ~511
+                eo.virtualSize = plans[j].size
                 let enc = try Qcow2Encoder(destination: job.destination, options: eo)
                 outputs.add(enc)
-                drives.append(Drive(archive: job.archive, view: PBSArchiveView(name: PBSRestore.driveName(job.archive), index: indexes[j], cache: cache),
-                                    destination: job.destination, encoder: enc, plan: restore.plan(indexes[j], options: o, encoder: eo)))
+                drives.append(Drive(archive: plans[j].archive, view: PBSArchiveView(drive: plans[j], cache: cache),
+                                    destination: job.destination, encoder: enc, plan: plans[j].steps(dedup: o.dedup, encoder: eo)))
             }
         } catch {
             outputs.rollback()
@@ -128,8 +128,7 @@ public final class PBSLiveRestore: @unchecked Sendable {
                     try outputs.commitNow(d.encoder)
                     early.append(d)
                 }
-                let name = d.archive.hasSuffix(".fidx") ? d.archive : d.archive + ".fidx"
-                let summary = d.counters.summary(archive: name, image: s, chunks: d.plan.count)
+                let summary = d.counters.summary(archive: d.archive, image: s, chunks: d.plan.count)
                 out.append(summary)
                 driveDone(d, summary)
             }

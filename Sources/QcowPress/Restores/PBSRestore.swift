@@ -106,16 +106,7 @@ public struct PBSRestore: Sendable {
 
     /// A drive's name from its archive's: `drive-scsi0.img.fidx` → `drive-scsi0` (the image file's
     /// base name in `--all`, the NBD export's name).
-    public static func driveName(_ archive: String) -> String {
-        var name = archive.split(separator: "/").last.map(String.init) ?? archive
-        for suffix in [".fidx", ".img"] where name.hasSuffix(suffix) { name = String(name.dropLast(suffix.count)) }
-        return name
-    }
-
-    /// Opens one archive's index (name as in the manifest; ".fidx" optional).
-    public func openArchive(_ name: String) throws(QcowPressError) -> PBSFixedIndex {
-        do throws(SourceError) { return try snapshot.openImage(name).0 } catch { throw QcowPressError(error) }
-    }
+    public static func driveName(_ archive: String) -> String { PBSDrive.driveName(archive) }
 
     /// The disk images of the snapshot: archive name and size in bytes.
     public var archives: [(name: String, size: UInt64)] {
@@ -207,17 +198,12 @@ public struct PBSRestore: Sendable {
 
     func restore(_ jobs: [(archive: String, destination: String)], encoder: EncoderOptions, options: Options,
                  outputs: OutputSet, started: (Qcow2Encoder, OrderedProgress) -> Void) throws(QcowPressError) -> [Summary] {
-        var indexes: [PBSFixedIndex] = []
-        do throws(SourceError) {
-            for j in jobs { indexes.append(try snapshot.openImage(j.archive).0) }
-        } catch {
-            throw QcowPressError(error)
-        }
-        let (options, encoder) = try Self.fit(options, encoder, chunkSize: indexes.map(\.chunkSize).max() ?? 4 << 20,
+        let drives = try jobs.map { j throws(QcowPressError) in try drive(j.archive) }
+        let (options, encoder) = try Self.fit(options, encoder, chunkSize: drives.map(\.index.chunkSize).max() ?? 4 << 20,
                                               remote: reader.store.isRemote)
         // Uses still to come for each digest across every job: the cache's hint.
         var uses: [ArraySlice<UInt8>: Int] = [:]
-        for idx in indexes { for i in 0..<idx.chunkCount { uses[idx.digest(i), default: 0] += 1 } }
+        for d in drives { for i in 0..<d.index.chunkCount { uses[d.index.digest(i), default: 0] += 1 } }
         let cache = ChunkCache(capacity: options.cacheBytes, uses: uses)
         // One worker pool and one budget for every drive of this restore.
         let group = try EncoderGroup(threads: encoder.threads, memoryLimit: encoder.memoryLimit,
@@ -228,8 +214,8 @@ public struct PBSRestore: Sendable {
             var eo = encoder
             eo.group = group
             // Rounded up to whole 512-byte sectors, as QEMU sizes every block device.
-            eo.virtualSize = (indexes[j].size + 511) & ~511
-            out.append(try restoreOne(index: indexes[j], archive: job.archive, destination: job.destination,
+            eo.virtualSize = drives[j].size
+            out.append(try restoreOne(drives[j], destination: job.destination,
                                       encoder: eo, options: options, cache: cache, outputs: outputs, started: started))
         }
         return out
@@ -272,19 +258,13 @@ public struct PBSRestore: Sendable {
         let t0 = monotonicNanoseconds()
         var work: [(digest: ArraySlice<UInt8>, length: Int, what: String)] = []
         var seen = Set<ArraySlice<UInt8>>()
-        do throws(SourceError) {
-            for a in archives {
-                let idx = try snapshot.openImage(a).0
-                let zero = reader.zeroDigest(length: idx.chunkSize)
-                for i in 0..<idx.chunkCount {
-                    let d = idx.digest(i)
-                    let len = idx.chunkLength(i)
-                    if len == idx.chunkSize && d.elementsEqual(zero) { continue }
-                    if seen.insert(d).inserted { work.append((d, len, "chunk \(i) of \(a)")) }
-                }
+        for a in archives {
+            let drive = try drive(a)
+            let idx = drive.index
+            for i in 0..<idx.chunkCount where !drive.isZeroChunk(i) {
+                let d = idx.digest(i)
+                if seen.insert(d).inserted { work.append((d, idx.chunkLength(i), "chunk \(i) of \(drive.archive)")) }
             }
-        } catch {
-            throw QcowPressError(error)
         }
         let reader = self.reader
         let items = work
@@ -309,76 +289,43 @@ public struct PBSRestore: Sendable {
                              seconds: Double(monotonicNanoseconds() - t0) / 1e9)
     }
 
-    func restoreOne(index: PBSFixedIndex, archive: String, destination: String, encoder eo: EncoderOptions,
+    func restoreOne(_ drive: PBSDrive, destination: String, encoder eo: EncoderOptions,
                     options: Options, cache: ChunkCache, outputs: OutputSet,
                     started: (Qcow2Encoder, OrderedProgress) -> Void) throws(QcowPressError) -> Summary {
         let enc = try Qcow2Encoder(destination: destination, options: eo)
         outputs.add(enc)
         let counters = RestoreCounters()
-        counters.ordered = OrderedProgress(chunks: index.chunkCount, chunkSize: UInt64(index.chunkSize), total: eo.virtualSize)
+        counters.ordered = OrderedProgress(chunks: drive.index.chunkCount, chunkSize: UInt64(drive.index.chunkSize), total: eo.virtualSize)
         started(enc, counters.ordered!)
         do throws(QcowPressError) {
-            try feed(index: index, archive: archive, into: enc, options: options, cache: cache, counters: counters)
+            try feed(drive, into: enc, options: options, cache: cache, counters: counters)
         } catch {
             enc.cancel()
             throw error
         }
         let s = try enc.finishBlocking()
-        let name = archive.hasSuffix(".fidx") ? archive : archive + ".fidx"
-        return counters.summary(archive: name, image: s, chunks: index.chunkCount)
+        return counters.summary(archive: drive.archive, image: s, chunks: drive.index.chunkCount)
     }
 
     /// Pipes one archive into an encoder the caller opened (its virtual size must be the image's,
     /// rounded up to 512) and will finish.
     public func pipe(archive: String, into enc: Qcow2Encoder, options: Options = Options()) throws(QcowPressError) {
-        let index: PBSFixedIndex
-        do throws(SourceError) { index = try snapshot.openImage(archive).0 } catch { throw QcowPressError(error) }
-        guard enc.virtualSize == (index.size + 511) & ~511 else {
-            throw .invalidArgument("\(archive): the image is \(index.size) bytes, the encoder \(enc.virtualSize)")
+        let drive = try drive(archive)
+        guard enc.virtualSize == drive.size else {
+            throw .invalidArgument("\(drive.archive): the image is \(drive.index.size) bytes, the encoder \(enc.virtualSize)")
         }
         var uses: [ArraySlice<UInt8>: Int] = [:]
-        for i in 0..<index.chunkCount { uses[index.digest(i), default: 0] += 1 }
-        try feed(index: index, archive: archive, into: enc, options: options,
-                 cache: ChunkCache(capacity: options.cacheBytes, uses: uses), counters: RestoreCounters())
+        for i in 0..<drive.index.chunkCount { uses[drive.index.digest(i), default: 0] += 1 }
+        try feed(drive, into: enc, options: options, cache: ChunkCache(capacity: options.cacheBytes, uses: uses), counters: RestoreCounters())
     }
 
-    /// What happens to each chunk, in guest order: zero (by digest), a copy of the first chunk with
-    /// the same digest, or a load.
-    enum Step { case zero, copy(Int), load }
-
-    func plan(_ index: PBSFixedIndex, options: Options, encoder eo: EncoderOptions) -> [Step] {
-        let cs = index.chunkSize
-        let zeroFull = reader.zeroDigest(length: cs)
-        let lastLen = index.chunkLength(max(0, index.chunkCount - 1))
-        let zeroLast = lastLen == cs ? zeroFull : reader.zeroDigest(length: lastLen)
-        // Sharing needs refcounts of at least 2 per cluster; narrow widths (refcount_bits 1…8)
-        // would turn most copies into second copies read back from the image: load them instead.
-        let canShare = options.dedup && cs % eo.clusterSize == 0 && eo.refcountOrder >= 4
-        var firstAt: [ArraySlice<UInt8>: Int] = [:]
-        var steps: [Step] = []
-        steps.reserveCapacity(index.chunkCount)
-        for i in 0..<index.chunkCount {
-            let d = index.digest(i)
-            let len = index.chunkLength(i)
-            if d.elementsEqual(len == cs ? zeroFull : zeroLast) {
-                steps.append(.zero)
-            } else if canShare, len == cs, let f = firstAt[d] {
-                steps.append(.copy(f))
-            } else {
-                if firstAt[d] == nil { firstAt[d] = i }
-                steps.append(.load)
-            }
-        }
-        return steps
-    }
-
-    func feed(index: PBSFixedIndex, archive: String, into enc: Qcow2Encoder, options: Options, cache: ChunkCache,
+    func feed(_ drive: PBSDrive, into enc: Qcow2Encoder, options: Options, cache: ChunkCache,
               counters: RestoreCounters) throws(QcowPressError) {
+        let index = drive.index
         let cs = index.chunkSize
-        let steps = plan(index, options: options, encoder: enc.options)
+        let plan = drive.steps(dedup: options.dedup, encoder: enc.options)
         let reader = self.reader
-        let name = archive.hasSuffix(".fidx") ? archive : archive + ".fidx"
-        let plan = steps
+        let name = drive.archive
         if reader.store.isRemote {
             // The first load of each digest not already cached, in the order the loaders take them.
             var order: [ArraySlice<UInt8>] = []

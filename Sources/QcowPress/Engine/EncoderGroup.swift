@@ -23,7 +23,12 @@ public final class EncoderGroup: @unchecked Sendable {
     private var jobs: [Job] = []
     private var head = 0
     private var stopped = false
-    private var members = 0
+    /// The encoders in the group: joining and leaving change it only here, under `lock`, and an
+    /// encoder that leaves twice counts once.
+    private var members = Set<ObjectIdentifier>()
+    /// A private group (made by an encoder for itself) stops with its encoder; shared ones with
+    /// ``shutdown()``. Fixed when the group is made.
+    let ownedByOneEncoder: Bool
 
     /// - Parameters: the settings every member encoder must use (cluster size and codec are per
     ///   group: one slot size, one codec context per worker); `images`: how many images will be
@@ -31,8 +36,15 @@ public final class EncoderGroup: @unchecked Sendable {
     /// - Throws: ``QcowPressError/invalidArgument(_:)`` when the memory limit cannot hold even one
     ///   worker and every image's smallest write buffers. Fewer workers than asked for are started
     ///   when the limit cannot hold more (``threads`` says how many).
-    public init(threads: Int = EncoderOptions.defaultThreads, memoryLimit: Int = 256 << 20,
-                clusterSize: Int = 65536, compression: CompressionSettings? = nil, images: Int = 1) throws(QcowPressError) {
+    public convenience init(threads: Int = EncoderOptions.defaultThreads, memoryLimit: Int = 256 << 20,
+                            clusterSize: Int = 65536, compression: CompressionSettings? = nil, images: Int = 1) throws(QcowPressError) {
+        try self.init(threads: threads, memoryLimit: memoryLimit, clusterSize: clusterSize, compression: compression,
+                      images: images, ownedByOneEncoder: false)
+    }
+
+    init(threads: Int, memoryLimit: Int, clusterSize: Int, compression: CompressionSettings?, images: Int,
+         ownedByOneEncoder: Bool) throws(QcowPressError) {
+        self.ownedByOneEncoder = ownedByOneEncoder
         self.clusterSize = clusterSize
         self.compression = compression
         self.memoryLimit = memoryLimit
@@ -49,9 +61,10 @@ public final class EncoderGroup: @unchecked Sendable {
         }
     }
 
-    /// A group for the settings of one encoder's options.
+    /// A private group for one encoder, with its options' settings (it stops with the encoder).
     convenience init(options o: EncoderOptions) throws(QcowPressError) {
-        try self.init(threads: o.threads, memoryLimit: o.memoryLimit, clusterSize: o.clusterSize, compression: o.compression)
+        try self.init(threads: o.threads, memoryLimit: o.memoryLimit, clusterSize: o.clusterSize, compression: o.compression,
+                      images: 1, ownedByOneEncoder: true)
     }
 
     // Guarded by `lock`: bytes of write buffers the member images hold.
@@ -68,23 +81,29 @@ public final class EncoderGroup: @unchecked Sendable {
         }
     }
 
+    /// Bytes of write buffers the member images hold now.
+    var writeBufferBytesInUse: Int { lock.withLock { writeBufferBytes } }
+
     func releaseWriteBuffers(_ bytes: Int) {
         lock.withLock { writeBufferBytes -= bytes }
     }
 
-    /// Stops the workers once every member has finished or failed (called when the last leaves).
-    func join() { lock.withLock { members += 1 } }
-    func leave() {
+    func join(_ encoder: Qcow2Encoder) { lock.withLock { _ = members.insert(ObjectIdentifier(encoder)) } }
+
+    /// `encoder` finished or failed. A private group's workers stop when its encoder leaves.
+    /// Leaving again changes nothing.
+    func leave(_ encoder: Qcow2Encoder) {
         lock.withLock {
-            members -= 1
-            if members == 0 && ownedByOneEncoder {
+            guard members.remove(ObjectIdentifier(encoder)) != nil else { return }
+            if members.isEmpty && ownedByOneEncoder {
                 stopped = true
                 lock.broadcast()
             }
         }
     }
-    /// Private groups stop with their encoder; shared ones with `shutdown()`.
-    var ownedByOneEncoder = false
+
+    /// Encoders in the group now.
+    var memberCount: Int { lock.withLock { members.count } }
 
     /// Stops the workers (for shared groups, after every member finished).
     public func shutdown() {
@@ -140,7 +159,7 @@ public final class EncoderGroup: @unchecked Sendable {
                 let p = pool.pointer(item.slot)
                 if !item.checkedNonZero && isAllZero(p, clusterSize) {
                     pool.release(item.slot)
-                    out.append(.init(cluster: item.cluster, slot: -1, kind: .zero))
+                    out.append(.init(cluster: item.cluster, slot: nil, kind: .zero))
                     continue
                 }
                 guard let compressor else {
@@ -155,7 +174,12 @@ public final class EncoderGroup: @unchecked Sendable {
                     out.append(.init(cluster: item.cluster, slot: item.slot, kind: .raw))
                 }
             }
-            enc.queue.deliver(&out, codecNanoseconds: monotonicNanoseconds() - t0)
+            if !enc.queue.deliver(&out, codecNanoseconds: monotonicNanoseconds() - t0) {
+                // The encoder stopped while this batch was being worked on: its writer takes
+                // nothing more, so the slots come back here (a shared pool outlives the encoder).
+                for r in out { if let slot = r.heldSlot { pool.release(slot) } }
+                out.removeAll(keepingCapacity: true)
+            }
         }
     }
 }

@@ -1,26 +1,6 @@
 import DirectIO
 import Qcow2Format
 
-/// What the engine knows about one guest cluster while its region is in memory.
-enum ClusterState: Equatable {
-    /// Nothing written or announced yet.
-    case untouched
-    /// Claimed by a write (whole, partial or copy); its final entry is on its way.
-    case pending
-    /// Final: reads as zero (found at intake, by a worker, or declared by `writeZeroes`).
-    case zero
-    /// Final: this L2 entry (a standard or compressed entry, never 0).
-    case final(UInt64)
-}
-
-/// What became final in one call: copies that were waiting for those clusters (each to be resolved
-/// by the writer thread) and regions whose every cluster is now final (their tables can be written).
-struct Finalized {
-    var copies: [(dst: UInt64, src: UInt64)] = []
-    var regions: [Int] = []
-    var isEmpty: Bool { copies.isEmpty && regions.isEmpty }
-}
-
 /// The guest side of the encoder: the L2 tables of regions still in flight, clusters being
 /// assembled from partial writes, regions already complete, and copies waiting for their source.
 /// One lock; every method is one critical section, so a state change and what it releases (waiting
@@ -45,6 +25,8 @@ final class GuestMap: @unchecked Sendable {
     private var prefix: UInt64 = 0
     /// Regions `markZero` completed as a whole: they have no table, every cluster reads as zero.
     private var wholeZero = Set<Int>()
+    /// The encoder stopped: partial clusters take no more claims (see ``stop()``).
+    private var stopped = false
 
     /// `clusterBytes(c)`: the guest bytes cluster c holds (the last one may be short).
     init(geometry: ClusterGeometry, guestClusters: UInt64, zeroNeedsEntry: Bool = false, clusterBytes: @escaping (UInt64) -> Int) {
@@ -83,30 +65,56 @@ final class GuestMap: @unchecked Sendable {
 
     // MARK: - intake (producers)
 
-    /// Claims a cluster for a whole-cluster write or a copy destination: untouched → pending.
-    func reserve(_ c: UInt64) throws(QcowPressError) {
-        try lock.withLock { () throws(QcowPressError) in
-            let t = try table(c)
-            let i = geometry.l2Index(ofGuestCluster: c)
-            guard t[i] == .untouched, partials[c] == nil else { throw overlap(c) }
-            t[i] = .pending
+    /// Calls `body(r, c, stop)` for each region `r` that [first, end) touches, with the part of
+    /// the range inside it.
+    private func forEachRegion(_ first: UInt64, _ end: UInt64,
+                               _ body: (Int, UInt64, UInt64) throws(QcowPressError) -> Void) throws(QcowPressError) {
+        var c = first
+        while c < end {
+            let r = geometry.l1Index(ofGuestCluster: c)
+            let regionEnd = min((UInt64(r) + 1) << UInt64(geometry.l2Bits), guestClusters)
+            let stop = min(regionEnd, end)
+            try body(r, c, stop)
+            c = stop
         }
     }
 
-    /// Marks clusters [first, end) zero (found at intake or declared). A whole untouched region
-    /// needs no table at all (unless zero clusters need an entry). Returns the copies and regions
-    /// this released.
+    /// Throws unless every cluster of [first, end) is untouched. Caller holds the lock.
+    private func checkUntouched(_ first: UInt64, _ end: UInt64) throws(QcowPressError) {
+        try forEachRegion(first, end) { (r, c, stop) throws(QcowPressError) in
+            if completed.contains(r) { throw overlap(c) }
+            guard let t = tables[r] else { return }
+            for k in c..<stop where t[geometry.l2Index(ofGuestCluster: k)] != .untouched || partials[k] != nil {
+                throw overlap(k)
+            }
+        }
+    }
+
+    /// Claims clusters for whole-cluster writes or copy destinations: untouched → pending, all of
+    /// them or (on an overlap) none, in one critical section.
+    func reserve(_ clusters: Range<UInt64>) throws(QcowPressError) {
+        try lock.withLock { () throws(QcowPressError) in
+            try checkUntouched(clusters.lowerBound, clusters.upperBound)
+            try forEachRegion(clusters.lowerBound, clusters.upperBound) { (_, c, stop) throws(QcowPressError) in
+                let t = try table(c)
+                for k in c..<stop { t[geometry.l2Index(ofGuestCluster: k)] = .pending }
+            }
+        }
+    }
+
+    func reserve(_ c: UInt64) throws(QcowPressError) { try reserve(c..<(c + 1)) }
+
+    /// Marks clusters [first, end) zero (found at intake or declared): all of them or (on an
+    /// overlap) none, in one critical section. A whole untouched region needs no table at all
+    /// (unless zero clusters need an entry). Returns the copies and regions this released.
     func markZero(_ first: UInt64, _ end: UInt64) throws(QcowPressError) -> Finalized {
         try lock.withLock { () throws(QcowPressError) -> Finalized in
+            try checkUntouched(first, end)
             var out = Finalized()
-            var c = first
-            while c < end {
-                let r = geometry.l1Index(ofGuestCluster: c)
+            try forEachRegion(first, end) { (r, c, stop) throws(QcowPressError) in
                 let regionFirst = UInt64(r) << UInt64(geometry.l2Bits)
                 let regionEnd = min(regionFirst + UInt64(geometry.l2Entries), guestClusters)
-                let stop = min(regionEnd, end)
                 if c == regionFirst && stop == regionEnd && tables[r] == nil && !zeroNeedsEntry {
-                    if completed.contains(r) { throw overlap(c) }
                     completed.insert(r)
                     wholeZero.insert(r)
                     if !waiting.isEmpty {
@@ -114,12 +122,8 @@ final class GuestMap: @unchecked Sendable {
                     }
                 } else {
                     let t = try table(c)
-                    for k in c..<stop {
-                        guard t[geometry.l2Index(ofGuestCluster: k)] == .untouched, partials[k] == nil else { throw overlap(k) }
-                    }
                     for k in c..<stop { finalize(k, t, .zero, into: &out) }
                 }
-                c = stop
             }
             advancePrefix()
             return out
@@ -130,15 +134,15 @@ final class GuestMap: @unchecked Sendable {
     /// none yet (the caller takes a slot and calls ``installPartial(_:range:slot:)``).
     func claimPartial(_ c: UInt64, range: Range<Int>) throws(QcowPressError) -> Int32? {
         try lock.withLock { () throws(QcowPressError) -> Int32? in
-            guard var p = partials[c] else {
+            if stopped { throw .cancelled }
+            guard partials[c] != nil else {
                 let t = try table(c)
                 guard t[geometry.l2Index(ofGuestCluster: c)] == .untouched else { throw overlap(c) }
                 return nil
             }
-            guard !range.overlaps(any: p.claimed) else { throw overlapAt(c, range) }
-            p.claimed.append(range)
-            partials[c] = p
-            return p.slot
+            // In place: a copy of the entry would copy its claimed ranges on every claim.
+            guard partials[c]!.claim(range) else { throw overlapAt(c, range) }
+            return partials[c]!.slot
         }
     }
 
@@ -150,34 +154,34 @@ final class GuestMap: @unchecked Sendable {
     /// meanwhile (`installed` false: the caller gives its own back).
     func installPartial(_ c: UInt64, range: Range<Int>, slot: Int32) -> Result<(slot: Int32, installed: Bool), QcowPressError> {
         lock.withLock {
-            if var p = partials[c] {
-                guard !range.overlaps(any: p.claimed) else { return .failure(overlapAt(c, range)) }
-                p.claimed.append(range)
-                partials[c] = p
-                return .success((p.slot, false))
+            if stopped { return .failure(.cancelled) }
+            if partials[c] != nil {
+                guard partials[c]!.claim(range) else { return .failure(overlapAt(c, range)) }
+                return .success((partials[c]!.slot, false))
             }
             let t: RegionTable
             do throws(QcowPressError) { t = try table(c) } catch { return .failure(error) }
             let i = geometry.l2Index(ofGuestCluster: c)
             guard t[i] == .untouched else { return .failure(overlap(c)) }
             t[i] = .pending
-            partials[c] = PartialCluster(slot: slot, claimed: [range], filled: 0)
+            var p = PartialCluster(slot: slot, clusterSize: 1 << geometry.clusterBits)
+            _ = p.claim(range)
+            partials[c] = p
             return .success((slot, true))
         }
     }
 
-    /// Counts `count` bytes copied into a partial cluster; true when that completed it (it leaves
-    /// the partial table and the caller queues it).
-    func filledPartial(_ c: UInt64, count: Int) -> Bool {
+    /// Counts `count` bytes copied into a partial cluster: `.complete` when that completed it (it
+    /// leaves the partial table and the caller queues it), `.abandoned` when the map was stopped
+    /// and no other copy into the slot is running (the caller gives the slot back).
+    func filledPartial(_ c: UInt64, count: Int) -> PartialFill {
         lock.withLock {
-            guard var p = partials[c] else { return false }
-            p.filled += count
-            if p.filled >= clusterBytes(c) {
-                partials[c] = nil
-                return true
-            }
-            partials[c] = p
-            return false
+            guard partials[c] != nil else { return .incomplete }
+            partials[c]!.filled += count
+            let p = partials[c]!
+            if stopped ? p.filled < p.claimedBytes : p.filled < clusterBytes(c) { return .incomplete }
+            partials[c] = nil
+            return stopped ? .abandoned : .complete
         }
     }
 
@@ -188,12 +192,12 @@ final class GuestMap: @unchecked Sendable {
             var gaps: [Range<UInt64>] = []
             for c in partials.keys.sorted() {
                 let start = c << UInt64(geometry.clusterBits)
-                var at = 0
-                for r in partials[c]!.claimed.sorted(by: { $0.lowerBound < $1.lowerBound }) {
-                    if r.lowerBound > at { gaps.append(start + UInt64(at)..<start + UInt64(r.lowerBound)) }
-                    at = max(at, r.upperBound)
-                }
                 let valid = clusterBytes(c)
+                var at = 0
+                for r in partials[c]!.claimed.ranges(below: valid) {
+                    if r.lowerBound > at { gaps.append(start + UInt64(at)..<start + UInt64(r.lowerBound)) }
+                    at = r.upperBound
+                }
                 if at < valid { gaps.append(start + UInt64(at)..<start + UInt64(valid)) }
             }
             return gaps
@@ -206,6 +210,21 @@ final class GuestMap: @unchecked Sendable {
             let all = partials.map { ($0.key, $0.value.slot) }
             partials.removeAll()
             return all
+        }
+    }
+
+    /// The encoder stopped: no more partial claims. Returns the slots of partial clusters nobody
+    /// is copying into (the caller gives them back); a slot a producer is copying into now goes
+    /// back through that producer's ``filledPartial(_:count:)`` (`.abandoned`).
+    func stop() -> [Int32] {
+        lock.withLock {
+            stopped = true
+            var idle: [Int32] = []
+            for (c, p) in partials where p.filled >= p.claimedBytes {
+                idle.append(p.slot)
+                partials[c] = nil
+            }
+            return idle
         }
     }
 
@@ -300,6 +319,19 @@ final class GuestMap: @unchecked Sendable {
         }
     }
 
+    /// The states of `clusters` in one critical section (a reader's snapshot); nil for a cluster
+    /// whose region's table left memory (final, written out).
+    func states(_ clusters: Range<UInt64>) -> [ClusterState?] {
+        lock.withLock {
+            clusters.map { c -> ClusterState? in
+                let r = geometry.l1Index(ofGuestCluster: c)
+                if let t = tables[r] { return t[geometry.l2Index(ofGuestCluster: c)] }
+                if wholeZero.contains(r) { return .zero }
+                return completed.contains(r) ? nil : .untouched
+            }
+        }
+    }
+
     /// Takes a region's table out of memory to be written; the region counts as complete.
     func takeTable(_ r: Int) -> RegionTable? {
         lock.withLock {
@@ -340,74 +372,5 @@ final class GuestMap: @unchecked Sendable {
             if case .final(let e) = t[i] { t[i] = .final(e & ~L2Entry.copiedFlag) }
             return true
         }
-    }
-}
-
-/// The L2 table of one region in flight. Entries are ``ClusterState``s to every caller; inside,
-/// one UInt64 each (half the memory of the enum's 16-byte stride): a final entry as itself, and
-/// the three other states as values no final entry can take (0; bit 1, reserved in an L2 entry;
-/// the bare zero flag, since a final zero is stored as `.zero`).
-final class RegionTable {
-    private var raw: [UInt64]
-    /// Clusters of this region whose state is final (zero or written).
-    var done = 0
-    /// Clusters in this region (the last region of an image may be shorter).
-    let clusters: Int
-
-    private static let untouched: UInt64 = 0
-    private static let pending: UInt64 = 1 << 1
-    private static let zero: UInt64 = L2Entry.zeroFlag
-
-    init(count: Int, clusters: Int) {
-        raw = Array(repeating: Self.untouched, count: count)
-        self.clusters = clusters
-    }
-    var isComplete: Bool { done == clusters }
-    var count: Int { raw.count }
-
-    subscript(i: Int) -> ClusterState {
-        get {
-            switch raw[i] {
-            case Self.untouched: return .untouched
-            case Self.pending: return .pending
-            case Self.zero: return .zero
-            case let e: return .final(e)
-            }
-        }
-        set {
-            switch newValue {
-            case .untouched: raw[i] = Self.untouched
-            case .pending: raw[i] = Self.pending
-            case .zero: raw[i] = Self.zero
-            case .final(let e):
-                precondition(e != Self.untouched && e != Self.pending && e != Self.zero, "not a final L2 entry: \(e)")
-                raw[i] = e
-            }
-        }
-    }
-
-    /// The on-disk entry of slot `i`: `zeroFlag` says whether a zero cluster is written as the zero
-    /// flag (a backing file would show through an unallocated entry) or as 0.
-    func diskEntry(_ i: Int, zeroFlag: Bool) -> UInt64 {
-        switch self[i] {
-        case .untouched, .pending: return 0
-        case .zero: return zeroFlag ? L2Entry.zeroFlag : 0
-        case .final(let e): return e
-        }
-    }
-}
-
-/// A cluster assembled from several writes: its slot and the byte ranges already claimed.
-struct PartialCluster {
-    var slot: Int32
-    /// Claimed ranges (sorted, disjoint). A write claims its range before copying.
-    var claimed: [Range<Int>]
-    /// Bytes copied in so far; the cluster is complete when this reaches its valid length.
-    var filled: Int
-}
-
-extension Range where Bound == Int {
-    func overlaps(any sorted: [Range<Int>]) -> Bool {
-        sorted.contains { $0.overlaps(self) }
     }
 }

@@ -10,8 +10,8 @@ extension Qcow2Encoder {
         try checkRange(offset, bytes.count)
         var cursor = IntakeCursor()
         while try intakeStep(offset: offset, bytes: bytes, cursor: &cursor) {
-            cursor.spare = await pool.acquire()
-            if cursor.spare! < 0 { try failIfStopped() }
+            guard let s = await pool.acquire() else { try failIfStopped() }
+            cursor.spare = s
         }
         finishIntake(&cursor, count: bytes.count)
     }
@@ -31,8 +31,8 @@ extension Qcow2Encoder {
             }.get()
         }
         while try step() {
-            cursor.spare = await pool.acquire()
-            if cursor.spare! < 0 { try failIfStopped() }
+            guard let s = await pool.acquire() else { try failIfStopped() }
+            cursor.spare = s
         }
         finishIntake(&cursor, count: bytes.count)
     }
@@ -43,8 +43,8 @@ extension Qcow2Encoder {
         try checkRange(offset, bytes.count)
         var cursor = IntakeCursor()
         while try intakeStep(offset: offset, bytes: bytes, cursor: &cursor) {
-            cursor.spare = pool.acquireBlocking()
-            if cursor.spare! < 0 { try failIfStopped() }
+            guard let s = pool.acquireBlocking() else { try failIfStopped() }
+            cursor.spare = s
         }
         finishIntake(&cursor, count: bytes.count)
     }
@@ -161,8 +161,14 @@ extension Qcow2Encoder {
                         }
                     }
                     memcpy(pool.pointer(slot) + a, src, b - a)
-                    if map.filledPartial(c, count: b - a) {
-                        cursor.batch.append(WorkItem(cluster: c, slot: slot))
+                    switch map.filledPartial(c, count: b - a) {
+                    case .incomplete: break
+                    case .complete: cursor.batch.append(WorkItem(cluster: c, slot: slot))
+                    case .abandoned:
+                        // The encoder stopped during the copy, and this was the last one into
+                        // the slot: it is ours to give back.
+                        pool.release(slot)
+                        try failIfStopped()
                     }
                 }
                 if cursor.batch.count >= Self.batchSize { flush(&cursor.batch) }
@@ -173,7 +179,8 @@ extension Qcow2Encoder {
             flush(&cursor.batch)
             if let s = cursor.spare { pool.release(s) }
             cursor.spare = nil
-            throw error
+            // The encoder's own failure, the first one, rather than what stopping it caused here.
+            throw lifecycle.failure ?? error
         }
         return false
     }
@@ -197,7 +204,9 @@ extension Qcow2Encoder {
         queue.count(bytes: UInt64(count), zeroClusters: cursor.zeroClusters)
     }
 
-    func failIfStopped() throws(QcowPressError) {
+    /// Throws the encoder's failure (or `.cancelled`): called when the engine stopped under a
+    /// producer.
+    func failIfStopped() throws(QcowPressError) -> Never {
         try lifecycle.checkOpen()
         throw .cancelled
     }
@@ -272,12 +281,9 @@ extension Qcow2Encoder {
         let s0 = source / cs
         if d0 < s0 + n && s0 < d0 + n { throw .misuse("writeCopy ranges overlap") }
         try lifecycle.checkOpen()
-        var items: [ResultItem] = []
-        items.reserveCapacity(Int(n))
-        for k in 0..<n {
-            try map.reserve(d0 + k)
-            items.append(ResultItem(cluster: d0 + k, slot: -1, kind: .copy(from: s0 + k)))
-        }
+        // Every destination cluster claimed in one step, or none (a reader never sees half).
+        try map.reserve(d0..<(d0 + n))
+        let items = (0..<n).map { k in ResultItem(cluster: d0 + k, slot: nil, kind: .copy(from: s0 + k)) }
         queue.post(Finalized(), copies: items)
         queue.count(bytes: length)
     }

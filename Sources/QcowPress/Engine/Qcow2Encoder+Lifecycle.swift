@@ -29,7 +29,19 @@ final class Lifecycle: @unchecked Sendable {
         }
     }
 
-    func markDone() { lock.withLock { state = .done } }
+    /// finishing → done; false, changing nothing, when it failed meanwhile (the failure stands,
+    /// and its path already stopped everything) or was already done.
+    @discardableResult
+    func markDone() -> Bool {
+        lock.withLock {
+            switch state {
+            case .failed, .done: return false
+            case .open, .finishing:
+                state = .done
+                return true
+            }
+        }
+    }
 
     /// → failed; false when it already failed or is done (the first outcome wins).
     func markFailed(_ e: QcowPressError) -> Bool {
@@ -43,7 +55,10 @@ final class Lifecycle: @unchecked Sendable {
         }
     }
 
-    var isFailed: Bool { lock.withLock { if case .failed = state { true } else { false } } }
+    var isFailed: Bool { failure != nil }
+
+    /// The error that failed the encoder (the first one), or nil.
+    var failure: QcowPressError? { lock.withLock { if case .failed(let e) = state { e } else { nil } } }
 }
 
 extension Qcow2Encoder {
@@ -74,23 +89,28 @@ extension Qcow2Encoder {
         queue.close()
     }
 
+    /// The writer completed the image. Only the first outcome counts: after a failure (a cancel
+    /// racing the last step) this does nothing, so the encoder leaves its group and gives its
+    /// write buffers back once, on whichever path won.
     func succeed(_ s: EncoderSummary) {
-        lifecycle.markDone()
+        guard lifecycle.markDone() else { return }
         group.releaseWriteBuffers(writeBuffers.count * writeBuffers.size)
-        group.leave()
+        group.leave(self)
         completion.resolve(.success(s))
     }
 
-    /// Puts the encoder in the failed state (first error wins), stops all threads and removes the
-    /// temporary file.
+    /// Puts the encoder in the failed state (first error wins), stops all threads, gives every
+    /// cluster slot it holds back to the (possibly shared) pool and removes the temporary file.
     func fail(_ e: QcowPressError) {
         guard lifecycle.markFailed(e) else { return }
         logger.debug("encoder stopped", metadata: ["destination": "\(destination)", "reason": "\(e.message)"])
         if group.ownedByOneEncoder { pool.fail() }
+        // Partly filled clusters; one a producer is copying into now comes back through it.
+        for slot in map.stop() { pool.release(slot) }
         group.releaseWriteBuffers(writeBuffers.count * writeBuffers.size)
-        group.leave()
-        // Clusters queued for the writer go back to the (possibly shared) pool.
-        for r in queue.stop() where r.slot >= 0 { pool.release(r.slot) }
+        group.leave(self)
+        // Clusters queued for the writer (workers still running give theirs back on delivery).
+        for r in queue.stop() { if let slot = r.heldSlot { pool.release(slot) } }
         output.discard()
         completion.resolve(.failure(e))
     }

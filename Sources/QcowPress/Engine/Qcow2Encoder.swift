@@ -73,7 +73,6 @@ public final class Qcow2Encoder: @unchecked Sendable {
             group = g
         } else {
             group = try EncoderGroup(options: options)
-            group.ownedByOneEncoder = true
         }
         plan = group.plan
         let owner = group
@@ -104,7 +103,7 @@ public final class Qcow2Encoder: @unchecked Sendable {
                                                    "slots": "\(plan.slotCount)", "threads": "\(group.threads)",
                                                    "writeBuffers": "\(writeBuffers.count) × \(writeBuffers.size)"])
         for n in notes { logger.info("\(n)") }
-        group.join()
+        group.join(self)
         startThread(name: "qp-writer") { sink.run() }
     }
 

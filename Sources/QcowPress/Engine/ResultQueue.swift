@@ -4,9 +4,22 @@ import DirectIO
 struct ResultItem {
     enum Kind { case zero, raw, compressed(Int), copy(from: UInt64) }
     var cluster: UInt64
-    /// The slot holding the data (raw or compressed); -1 when there is none.
-    var slot: Int32
+    /// The slot holding the data: raw and compressed results have one, zero clusters and copies
+    /// none.
+    var heldSlot: Int32?
     var kind: Kind
+
+    init(cluster: UInt64, slot: Int32?, kind: Kind) {
+        self.cluster = cluster
+        heldSlot = slot
+        self.kind = kind
+    }
+
+    /// The slot of a raw or compressed result (the writer copies from it and gives it back).
+    var slot: Int32 {
+        guard let heldSlot else { preconditionFailure("a \(kind) result holds no slot") }
+        return heldSlot
+    }
 }
 
 /// Everything handed to one encoder's writer thread: worker results, copies to resolve, regions
@@ -30,14 +43,20 @@ final class ResultQueue: @unchecked Sendable {
         lock.withLock { outstanding += UInt64(n) }
     }
 
-    /// Results of one worker batch, in one go.
-    func deliver(_ out: inout [ResultItem], codecNanoseconds dt: UInt64) {
-        lock.withLock {
+    /// Results of one worker batch, in one go. False once the writer was stopped: nothing is
+    /// taken (no one would take it from here), `out` keeps the batch and the worker gives its
+    /// slots back.
+    @discardableResult
+    func deliver(_ out: inout [ResultItem], codecNanoseconds dt: UInt64) -> Bool {
+        let taken = lock.withLock {
+            if stopped { return false }
             items.append(contentsOf: out)
             codecNs += dt
             lock.signal()
+            return true
         }
-        out.removeAll(keepingCapacity: true)
+        if taken { out.removeAll(keepingCapacity: true) }
+        return taken
     }
 
     /// Copies to resolve (new ones from `writeCopy`, or waiting ones whose source became final at
@@ -45,7 +64,8 @@ final class ResultQueue: @unchecked Sendable {
     func post(_ f: Finalized, copies extra: [ResultItem] = []) {
         guard !f.isEmpty || !extra.isEmpty else { return }
         lock.withLock {
-            let copies = f.copies.map { ResultItem(cluster: $0.dst, slot: -1, kind: .copy(from: $0.src)) } + extra
+            if stopped { return }
+            let copies = f.copies.map { ResultItem(cluster: $0.dst, slot: nil, kind: .copy(from: $0.src)) } + extra
             items.append(contentsOf: copies)
             outstanding += UInt64(copies.count)
             regions.append(contentsOf: f.regions)

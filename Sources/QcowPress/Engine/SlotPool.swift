@@ -12,7 +12,8 @@ final class SlotPool: @unchecked Sendable {
     private let lock = ConditionLock()
     // Guarded by `lock`.
     private var free: [Int32]
-    private var asyncWaiters: [CheckedContinuation<Int32, Never>] = []
+    /// Tasks waiting for a slot: each is resumed with one, or with nil once the pool failed.
+    private var asyncWaiters: [CheckedContinuation<Int32?, Never>] = []
     private var failed = false
     /// Seconds producers spent waiting for a slot.
     private(set) var stallNanoseconds: UInt64 = 0
@@ -32,15 +33,15 @@ final class SlotPool: @unchecked Sendable {
         lock.withLock { failed ? nil : free.popLast() }
     }
 
-    /// Takes a slot, blocking the calling OS thread while none is free. Returns -1 once the pool
-    /// was failed (the engine stopped).
-    func acquireBlocking() -> Int32 {
+    /// Takes a slot, blocking the calling OS thread while none is free. Nil once the pool was
+    /// failed (the engine stopped).
+    func acquireBlocking() -> Int32? {
         lock.withLock {
             if let s = free.popLast() { return s }
             let t0 = monotonicNanoseconds()
             while free.isEmpty && !failed { lock.wait() }
             stallNanoseconds += monotonicNanoseconds() - t0
-            return failed ? -1 : free.removeLast()
+            return failed ? nil : free.removeLast()
         }
     }
 
@@ -63,17 +64,23 @@ final class SlotPool: @unchecked Sendable {
     }
 
     /// Takes a slot, suspending the task (never blocking a cooperative thread) while none is free.
-    func acquire() async -> Int32 {
-        if let s = lock.withLock({ free.popLast() }) { return s }
+    /// Nil once the pool was failed (the engine stopped).
+    func acquire() async -> Int32? {
+        if let s = lock.withLock({ failed ? nil : free.popLast() }) { return s }
         let t0 = monotonicNanoseconds()
-        let s = await withCheckedContinuation { (c: CheckedContinuation<Int32, Never>) in
-            let now: Int32? = lock.withLock {
-                if failed { return -1 }
-                if let s = free.popLast() { return s }
+        let s = await withCheckedContinuation { (c: CheckedContinuation<Int32?, Never>) in
+            enum Now { case slot(Int32), failed, wait }
+            let now: Now = lock.withLock {
+                if failed { return .failed }
+                if let s = free.popLast() { return .slot(s) }
                 asyncWaiters.append(c)
-                return nil
+                return .wait
             }
-            if let now { c.resume(returning: now) }
+            switch now {
+            case .slot(let s): c.resume(returning: s)
+            case .failed: c.resume(returning: nil)
+            case .wait: break
+            }
         }
         let dt = monotonicNanoseconds() - t0
         lock.withLock { stallNanoseconds += dt }
@@ -81,7 +88,7 @@ final class SlotPool: @unchecked Sendable {
     }
 
     func release(_ slot: Int32) {
-        let waiter: CheckedContinuation<Int32, Never>? = lock.withLock {
+        let waiter: CheckedContinuation<Int32?, Never>? = lock.withLock {
             if !asyncWaiters.isEmpty { return asyncWaiters.removeFirst() }
             free.append(slot)
             lock.signal()
@@ -90,17 +97,20 @@ final class SlotPool: @unchecked Sendable {
         waiter?.resume(returning: slot)
     }
 
-    /// Wakes every waiter with -1: the engine failed or was cancelled.
+    /// Wakes every waiter with nil: the engine failed or was cancelled.
     func fail() {
-        let waiters: [CheckedContinuation<Int32, Never>] = lock.withLock {
+        let waiters: [CheckedContinuation<Int32?, Never>] = lock.withLock {
             failed = true
             lock.broadcast()
             let w = asyncWaiters
             asyncWaiters = []
             return w
         }
-        for w in waiters { w.resume(returning: -1) }
+        for w in waiters { w.resume(returning: nil) }
     }
+
+    /// Slots free now (tests check that every slot comes back).
+    var freeCount: Int { lock.withLock { free.count } }
 
     var stallSeconds: Double { Double(lock.withLock { stallNanoseconds }) / 1e9 }
 }

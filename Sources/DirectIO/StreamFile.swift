@@ -45,11 +45,19 @@ public final class StreamFile: @unchecked Sendable {
     /// Bytes read so far.
     public var position: UInt64 { consumed.load(ordering: .relaxed) }
 
-    /// Reads up to `count` bytes; 0 at end of file. Retries EINTR.
+    /// Reads up to `count` bytes; 0 at end of file. Retries EINTR. On a non-blocking descriptor
+    /// with nothing to read yet (a pipe handed over that way), sleeps in poll(2) until there is
+    /// (or the writer is gone) instead of spinning on read(2).
     public func read(into p: UnsafeMutableRawPointer, count: Int) throws(IOError) -> Int {
         while true {
             let r = Sys.read(fd, p, count)
-            if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
+            if r == -Int(EINTR) { continue }
+            if r == -Int(EAGAIN) || r == -Int(EWOULDBLOCK) {
+                // Readable, hung up or in error: the next read says which.
+                let w = Sys.poll(fd, events: Int16(POLLIN))
+                if w < 0 { throw IOError(errno: Int32(-w), operation: "poll", path: path, offset: position) }
+                continue
+            }
             let before = consumed.load(ordering: .relaxed)
             if r < 0 { throw IOError(errno: Int32(-r), operation: "read", path: path, offset: before) }
             let now = before + UInt64(r)

@@ -199,6 +199,17 @@ enum Sys {
         return Glibc.fstat(fd, &st) < 0 ? -Glibc.errno : 0
     }
 
+    /// poll(2) on one descriptor, waiting without a timeout while none of `events` is ready; EINTR
+    /// is retried here. The returned events (POLLHUP and POLLERR too), or -errno.
+    static func poll(_ fd: Int32, events: Int16) -> Int {
+        var p = pollfd(fd: fd, events: events, revents: 0)
+        while true {
+            let r = Glibc.poll(&p, 1, -1)
+            if r >= 0 { return Int(p.revents) }
+            if Glibc.errno != EINTR { return -Int(Glibc.errno) }
+        }
+    }
+
     static func fadvise(_ fd: Int32, _ offset: UInt64, _ length: UInt64, _ advice: Int32) {
         _ = posix_fadvise(fd, off_t(offset), off_t(length), advice)
     }

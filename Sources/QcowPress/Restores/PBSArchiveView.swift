@@ -5,6 +5,7 @@ import Synchronization
 
 /// One PBS archive (a drive) as a guest image read through a shared ``PBSChunkCache``: reads at
 /// any offset, all-zero chunks known without a load.
+// @unchecked: `readAhead` is set once before the first read; the rest is `let` or a Mutex.
 public final class PBSArchiveView: @unchecked Sendable {
     /// The drive: its index and zero chunks. Clients that copy a drive skip what block status
     /// calls holes, so a sequential reader goes on after a run of zero chunks at the next chunk

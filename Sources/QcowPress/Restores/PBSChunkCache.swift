@@ -15,6 +15,7 @@ import Synchronization
 /// Chunks are held in NIO `ByteBuffer`s so that an NBD reply can send a slice of one without
 /// copying it (a copy into each reply was 5 % of `serve pbs`'s CPU); a slice handed out keeps its
 /// chunk's memory alive after an eviction until the reply is sent.
+// @unchecked: every `var` is guarded by `lock` (a ConditionLock: loads wait on it), and decode scratches are not Sendable.
 public final class PBSChunkCache: @unchecked Sendable {
     public let reader: PBSChunkReader
     public let capacity: Int

@@ -6,6 +6,7 @@ import Synchronization
 
 extension PBSLiveRestore {
     /// One drive: readable at any offset from the start, written in the background.
+    // @unchecked: the claim and served tables are raw buffers and the `var`s are guarded by `lock`.
     public final class Drive: @unchecked Sendable {
         public let archive: String
         public let view: PBSArchiveView

@@ -14,7 +14,7 @@ import Synchronization
 /// reading what the restore has passed finds it there while the cache holds it, and otherwise
 /// reads it back from the image being written (``Qcow2Encoder/readWritten(at:count:into:context:wait:stall:)``:
 /// no chunk is loaded twice), or from the finished image once the drive is complete.
-public final class PBSLiveRestore: @unchecked Sendable {
+public final class PBSLiveRestore: Sendable {
     public let drives: [Drive]
     let restore: PBSRestore
     let options: PBSRestore.Options

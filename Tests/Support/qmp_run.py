@@ -11,16 +11,10 @@ import json, socket, sys, time
 
 class QMP:
     def __init__(self, path):
-        deadline = time.time() + 10
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.s.connect(path)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
+        # The caller starts this once the daemon listens (its QMP socket comes first on its
+        # command line, before the NBD socket the caller waits for): one connect, no retries.
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.connect(path)
         self.f = self.s.makefile("rwb")
         self.events = []
         self.read()  # greeting

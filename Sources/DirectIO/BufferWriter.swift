@@ -67,8 +67,7 @@ public final class URingWriter: BufferWriter {
             throw IOError(errno: EBUSY, operation: "io_uring_get_sqe", path: file.path, offset: rq.offset)
         }
         curing_prep_write(sqe, file.fd, rq.buffer.pointer + rq.done, UInt32(rq.length - rq.done), rq.offset + UInt64(rq.done), UInt64(tag))
-        var r: Int32
-        repeat { r = io_uring_submit(&ring) } while r == -EINTR
+        let r = Sys.retryingEINTR { io_uring_submit(&ring) }
         if r < 0 { throw IOError(errno: -r, operation: "io_uring_submit", path: file.path, offset: rq.offset) }
     }
 
@@ -80,8 +79,7 @@ public final class URingWriter: BufferWriter {
             var data: UInt64 = 0
             let r: Int32
             if wait && first && finished.isEmpty {
-                r = curing_wait_cqe(&ring, &res, &data)
-                if r == -EINTR { continue }
+                r = Sys.retryingEINTR { curing_wait_cqe(&ring, &res, &data) }
             } else {
                 r = curing_peek_cqe(&ring, &res, &data)
             }
@@ -98,7 +96,8 @@ public final class URingWriter: BufferWriter {
             case .delay(let ms)?: usleep(UInt32(ms) * 1000)
             case nil: break
             }
-            if result == -Int(EINTR) || result == -Int(EAGAIN) {
+            // Interrupted or not possible now: submitted again.
+            if Sys.interrupted(result) || result == -Int(EAGAIN) {
                 try push(tag)
                 continue
             }
@@ -127,7 +126,8 @@ public final class URingWriter: BufferWriter {
 /// pwrite on a dedicated thread: the owner thread queues buffers and keeps filling the next one.
 /// The thread holds only the shared `Core`, never the writer, so releasing the writer stops the
 /// thread (once its queue is empty) and closes nothing early: the core owns the file reference.
-public final class PwriteWriter: BufferWriter, @unchecked Sendable {
+public final class PwriteWriter: BufferWriter, Sendable {
+    // @unchecked: its vars are guarded by `lock`, a ConditionLock (the thread waits for jobs on its condition, which Mutex lacks).
     private final class Core: @unchecked Sendable {
         let file: OutputFile
         let lock = ConditionLock()

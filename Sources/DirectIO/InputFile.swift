@@ -3,7 +3,7 @@ import Glibc
 
 /// A source file or block device, read without filling the page cache: O_DIRECT where the file
 /// system allows it, otherwise buffered reads with the range dropped behind the reader.
-public final class InputFile: @unchecked Sendable {
+public final class InputFile: Sendable {
     public let path: String
     public let fd: Int32
     public let size: UInt64
@@ -67,8 +67,8 @@ public final class InputFile: @unchecked Sendable {
         var rest = buffers
         while done < length {
             let at = offset + UInt64(done)
-            let r = Sys.preadv(fd, rest, at)
-            if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
+            let r = Sys.retryingEINTR { Sys.preadv(fd, rest, at) }
+            if r == -Int(EAGAIN) { continue }
             if r < 0 { throw IOError(errno: Int32(-r), operation: "read", path: path, offset: at) }
             if r == 0 {
                 if at >= size { break }

@@ -12,7 +12,7 @@ public enum IOMode: String, Sendable, CaseIterable {
 }
 
 /// A file being written by QcowPress. Only this type and the writers issue write syscalls.
-public final class OutputFile: @unchecked Sendable {
+public final class OutputFile: Sendable {
     /// The name errors use: the final destination, not the temporary file being written.
     public let path: String
     public let fd: Int32
@@ -82,8 +82,8 @@ public final class OutputFile: @unchecked Sendable {
     public func pwriteAll(_ pointer: UnsafeRawPointer, length: Int, offset: UInt64) throws(IOError) {
         var done = 0
         while done < length {
-            let r = Sys.pwrite(fd, pointer + done, length - done, offset + UInt64(done))
-            if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
+            let r = Sys.retryingEINTR { Sys.pwrite(fd, pointer + done, length - done, offset + UInt64(done)) }
+            if r == -Int(EAGAIN) { continue }
             if r < 0 { throw IOError(errno: Int32(-r), operation: "pwrite", path: path, offset: offset + UInt64(done)) }
             if r == 0 { throw IOError(errno: EIO, operation: "pwrite (no progress)", path: path, offset: offset + UInt64(done)) }
             done += r
@@ -94,8 +94,8 @@ public final class OutputFile: @unchecked Sendable {
     public func preadAll(_ pointer: UnsafeMutableRawPointer, length: Int, offset: UInt64) throws(IOError) -> Int {
         var done = 0
         while done < length {
-            let r = Sys.pread(fd, pointer + done, length - done, offset + UInt64(done))
-            if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
+            let r = Sys.retryingEINTR { Sys.pread(fd, pointer + done, length - done, offset + UInt64(done)) }
+            if r == -Int(EAGAIN) { continue }
             if r < 0 { throw IOError(errno: Int32(-r), operation: "pread", path: path, offset: offset + UInt64(done)) }
             if r == 0 { break }
             done += r
@@ -116,9 +116,8 @@ public final class OutputFile: @unchecked Sendable {
     }
 
     public func sync() throws(IOError) {
-        var e: Int32
-        repeat { e = Sys.fsync(fd) } while e == EINTR
-        if e != 0 { throw IOError(errno: e, operation: "fsync", path: path) }
+        let r = Sys.retryingEINTR { Sys.fsync(fd) }
+        if r < 0 { throw IOError(errno: -r, operation: "fsync", path: path) }
     }
 
     /// Sets a file's size. A block device keeps its size: an image on it ends where its data

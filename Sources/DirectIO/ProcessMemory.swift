@@ -10,8 +10,11 @@ public enum ProcessMemory {
         if fd >= 0 {
             defer { close(fd) }
             var buf = [UInt8](repeating: 0, count: 8192)
-            var n = 0
-            repeat { n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) } } while n < 0 && errno == EINTR
+            // Not through the seam's read (it would shift the indexes of injected read faults).
+            let n = Sys.retryingEINTR { buf.withUnsafeMutableBytes { p -> Int in
+                let r = read(fd, p.baseAddress, p.count)
+                return r < 0 ? -Int(errno) : r
+            } }
             if n > 0 {
                 for line in String(decoding: buf[0..<n], as: UTF8.self).split(separator: "\n") where line.hasPrefix("VmHWM:") {
                     if let kb = line.split(separator: " ").compactMap({ Int($0) }).first { return kb * 1024 }

@@ -3,7 +3,7 @@ import Synchronization
 
 /// A file or pipe read front to back with read(2), never seeked (stdin included). Reads of a
 /// regular file are dropped from the page cache behind the reader.
-public final class StreamFile: @unchecked Sendable {
+public final class StreamFile: Sendable {
     public let path: String
     public let fd: Int32
     let ownsFD: Bool
@@ -12,8 +12,8 @@ public final class StreamFile: @unchecked Sendable {
     public let size: UInt64?
     /// Written by the reading thread, read by progress reporters on others.
     private let consumed = Atomic<UInt64>(0)
-    /// Only the reading thread touches this.
-    private var dropped: UInt64 = 0
+    /// Where the page cache was last dropped up to; only the reading thread touches this.
+    private let dropped = Atomic<UInt64>(0)
 
     /// Opens `path`, or standard input for "-".
     public init(path: String) throws(IOError) {
@@ -50,8 +50,7 @@ public final class StreamFile: @unchecked Sendable {
     /// (or the writer is gone) instead of spinning on read(2).
     public func read(into p: UnsafeMutableRawPointer, count: Int) throws(IOError) -> Int {
         while true {
-            let r = Sys.read(fd, p, count)
-            if r == -Int(EINTR) { continue }
+            let r = Sys.retryingEINTR { Sys.read(fd, p, count) }
             if r == -Int(EAGAIN) || r == -Int(EWOULDBLOCK) {
                 // Readable, hung up or in error: the next read says which.
                 let w = Sys.poll(fd, events: Int16(POLLIN))
@@ -62,9 +61,10 @@ public final class StreamFile: @unchecked Sendable {
             if r < 0 { throw IOError(errno: Int32(-r), operation: "read", path: path, offset: before) }
             let now = before + UInt64(r)
             consumed.store(now, ordering: .relaxed)
-            if regular && now - dropped >= 8 << 20 {
-                _ = posix_fadvise(fd, off_t(dropped), off_t(now - dropped), POSIX_FADV_DONTNEED)
-                dropped = now
+            let from = dropped.load(ordering: .relaxed)
+            if regular && now - from >= 8 << 20 {
+                _ = posix_fadvise(fd, off_t(from), off_t(now - from), POSIX_FADV_DONTNEED)
+                dropped.store(now, ordering: .relaxed)
             }
             return r
         }

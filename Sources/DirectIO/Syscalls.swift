@@ -111,6 +111,23 @@ public enum FaultInjection {
 
 /// One function per syscall. Each returns the raw result (bytes or -errno) after the fault seam.
 enum Sys {
+    /// The one place EINTR is retried: runs `call` again while it returns -EINTR. `call` returns
+    /// its result or -errno, as every function here does and as liburing's calls do (so this also
+    /// serves `io_uring_submit` and `io_uring_wait_cqe`). EAGAIN is left to the caller, which knows
+    /// whether to wait (poll) or try again at once.
+    @inline(__always)
+    static func retryingEINTR<R: FixedWidthInteger & SignedInteger>(_ call: () -> R) -> R {
+        while true {
+            let r = call()
+            if !interrupted(r) { return r }
+        }
+    }
+
+    /// Whether a result (-errno) says the call was interrupted before it did anything: for results
+    /// that cannot be retried by calling again, such as an io_uring completion (resubmitted instead).
+    @inline(__always)
+    static func interrupted<R: FixedWidthInteger & SignedInteger>(_ r: R) -> Bool { r == -R(EINTR) }
+
     /// Applies an injected fault to a transfer request: returns a replacement result, or the length
     /// to actually transfer.
     @inline(__always)
@@ -178,8 +195,9 @@ enum Sys {
         curing_fallocate(fd, mode, Int64(offset), Int64(length)) < 0 ? Glibc.errno : 0
     }
 
+    /// fsync(2): 0 or -errno.
     static func fsync(_ fd: Int32) -> Int32 {
-        Glibc.fsync(fd) < 0 ? Glibc.errno : 0
+        Glibc.fsync(fd) < 0 ? -Glibc.errno : 0
     }
 
     /// open(2) after the seam (`open:N:EIO` faults the Nth open): the descriptor, or -errno.
@@ -199,14 +217,13 @@ enum Sys {
         return Glibc.fstat(fd, &st) < 0 ? -Glibc.errno : 0
     }
 
-    /// poll(2) on one descriptor, waiting without a timeout while none of `events` is ready; EINTR
-    /// is retried here. The returned events (POLLHUP and POLLERR too), or -errno.
+    /// poll(2) on one descriptor, waiting without a timeout while none of `events` is ready
+    /// (interrupted waits go on). The returned events (POLLHUP and POLLERR too), or -errno.
     static func poll(_ fd: Int32, events: Int16) -> Int {
         var p = pollfd(fd: fd, events: events, revents: 0)
-        while true {
+        return retryingEINTR {
             let r = Glibc.poll(&p, 1, -1)
-            if r >= 0 { return Int(p.revents) }
-            if Glibc.errno != EINTR { return -Int(Glibc.errno) }
+            return r < 0 ? -Int(Glibc.errno) : Int(p.revents)
         }
     }
 
@@ -293,8 +310,8 @@ public enum WholeFile {
         let result: Swift.Result<Int, IOError> = buffer.withUnsafeMutableBytes { p in
             var done = 0
             while done < size {
-                let r = Sys.pread(fd, p.baseAddress! + done, size - done, UInt64(done))
-                if r == -Int(EINTR) || r == -Int(EAGAIN) { continue }
+                let r = Sys.retryingEINTR { Sys.pread(fd, p.baseAddress! + done, size - done, UInt64(done)) }
+                if r == -Int(EAGAIN) { continue }
                 if r < 0 { return .failure(IOError(errno: Int32(-r), operation: "read", path: path, offset: UInt64(done))) }
                 if r == 0 { break }
                 done += r

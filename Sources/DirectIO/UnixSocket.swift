@@ -24,7 +24,7 @@ public struct UnixSocket: ~Copyable {
         }
         let fd = Sys.unixStreamSocket()
         if fd < 0 { throw IOError(errno: -fd, operation: "socket", path: path) }
-        let r = Self.retryingEINTR { Sys.connect(fd, &addr) }
+        let r = Sys.retryingEINTR { Sys.connect(fd, &addr) }
         // EISCONN: an interrupted connect went on in the kernel and completed.
         if r < 0 && r != -Int(EISCONN) {
             close(fd)
@@ -40,7 +40,7 @@ public struct UnixSocket: ~Copyable {
     /// end of the stream), or nil when the deadline passed with nothing to read.
     public func receive(into buffer: UnsafeMutableRawBufferPointer, before deadline: ContinuousClock.Instant) throws(IOError) -> Int? {
         while true {
-            let r = Self.retryingEINTR { Sys.recv(fd, buffer.baseAddress!, buffer.count) }
+            let r = Sys.retryingEINTR { Sys.recv(fd, buffer.baseAddress!, buffer.count) }
             if r >= 0 { return r }
             guard r == -Int(EAGAIN) || r == -Int(EWOULDBLOCK) else { throw IOError(errno: Int32(-r), operation: "recv", path: path) }
             guard try wait(for: Int16(POLLIN), before: deadline) else { return nil }
@@ -52,7 +52,7 @@ public struct UnixSocket: ~Copyable {
     public func send(_ bytes: UnsafeRawBufferPointer, before deadline: ContinuousClock.Instant) throws(IOError) -> Bool {
         var done = 0
         while done < bytes.count {
-            let r = Self.retryingEINTR { Sys.send(fd, bytes.baseAddress! + done, bytes.count - done) }
+            let r = Sys.retryingEINTR { Sys.send(fd, bytes.baseAddress! + done, bytes.count - done) }
             if r > 0 {
                 done += r
             } else if r == -Int(EAGAIN) || r == -Int(EWOULDBLOCK) {
@@ -68,7 +68,7 @@ public struct UnixSocket: ~Copyable {
     /// call reports): false when the deadline passed first.
     private func wait(for events: Int16, before deadline: ContinuousClock.Instant) throws(IOError) -> Bool {
         // The time left is worked out again on each try, so an interrupted poll keeps the deadline.
-        let r = Self.retryingEINTR { () -> Int in
+        let r = Sys.retryingEINTR { () -> Int in
             let left = deadline - ContinuousClock.now
             guard left > .zero else { return 0 }
             let (s, atto) = left.components
@@ -77,14 +77,6 @@ public struct UnixSocket: ~Copyable {
         }
         if r < 0 { throw IOError(errno: Int32(-r), operation: "poll", path: path) }
         return r > 0
-    }
-
-    /// The one place EINTR is retried for these calls (each returns -errno on failure).
-    static func retryingEINTR(_ call: () -> Int) -> Int {
-        while true {
-            let r = call()
-            if r != -Int(EINTR) { return r }
-        }
     }
 }
 

@@ -1,3 +1,4 @@
+import enum DirectIO.Terminal
 import Foundation
 import Glibc
 import Synchronization
@@ -6,16 +7,21 @@ import Synchronization
 /// (or, for a stream of unknown length, the bytes consumed). On a terminal: a bar redrawn five
 /// times a second with the rate and the time left, fitted to the terminal's width. Otherwise (a
 /// log, a pipe): one plain line at most every 10 seconds, and one at the end.
-final class ProgressBar: @unchecked Sendable {
+final class ProgressBar: Sendable {
     private let total: UInt64?
     private let label: String
     private let done: @Sendable () -> UInt64
     private let stopped = Mutex(false)
     private let tty: Bool
     private let start = Date()
-    /// Recent (time, bytes) samples: the rate is measured over the last few seconds.
-    private var samples: [(t: Double, bytes: UInt64)] = []
-    private var lastLine = 0.0
+    /// What the sampling thread and `stop` share; held for a whole tick, so the final line never
+    /// interleaves with a last sample.
+    private struct Samples {
+        /// Recent (time, bytes) samples: the rate is measured over the last few seconds.
+        var recent: [(t: Double, bytes: UInt64)] = []
+        var lastLine = 0.0
+    }
+    private let samples = Mutex(Samples())
     /// Seconds between plain lines when stderr is not a terminal (QCOWPRESS_PROGRESS_INTERVAL
     /// overrides it, for tests).
     private let lineInterval: Double
@@ -24,7 +30,7 @@ final class ProgressBar: @unchecked Sendable {
         self.total = total
         self.label = label
         self.done = done
-        tty = isatty(2) != 0
+        tty = Terminal.isTerminal(2)
         lineInterval = ProcessInfo.processInfo.environment["QCOWPRESS_PROGRESS_INTERVAL"].flatMap(Double.init) ?? 10
         var thread = pthread_t()
         let me = Unmanaged.passRetained(self).toOpaque()
@@ -39,7 +45,7 @@ final class ProgressBar: @unchecked Sendable {
     }
 
     /// Bytes per second over the last ~5 s of samples (over the whole run at first).
-    private func rate(now: Double, bytes: UInt64) -> Double {
+    private static func rate(_ samples: inout [(t: Double, bytes: UInt64)], now: Double, bytes: UInt64) -> Double {
         samples.append((now, bytes))
         while samples.count > 2 && now - samples[0].t > 5 { samples.removeFirst() }
         guard let first = samples.first, now - first.t > 0.1, bytes >= first.bytes else { return 0 }
@@ -47,15 +53,17 @@ final class ProgressBar: @unchecked Sendable {
     }
 
     private func tick(final: Bool) {
-        let now = Date().timeIntervalSince(start)
-        let d = total.map { min(done(), $0) } ?? done()
-        let r = final ? (now > 0 ? Double(d) / now : 0) : rate(now: now, bytes: d)
-        if tty {
-            // ESC [K clears what a longer earlier line left.
-            writeStderr("\r" + Self.ttyLine(label: label, done: d, total: total, rate: r, width: Self.terminalWidth()) + "\u{1B}[K" + (final ? "\n" : ""))
-        } else if final || now - lastLine >= lineInterval {
-            lastLine = now
-            writeStderr(Self.plainLine(label: label, done: d, total: total, rate: r, seconds: now, final: final) + "\n")
+        samples.withLock { s in
+            let now = Date().timeIntervalSince(start)
+            let d = total.map { min(done(), $0) } ?? done()
+            let r = final ? (now > 0 ? Double(d) / now : 0) : Self.rate(&s.recent, now: now, bytes: d)
+            if tty {
+                // ESC [K clears what a longer earlier line left.
+                writeStderr("\r" + Self.ttyLine(label: label, done: d, total: total, rate: r, width: Self.terminalWidth()) + "\u{1B}[K" + (final ? "\n" : ""))
+            } else if final || now - s.lastLine >= lineInterval {
+                s.lastLine = now
+                writeStderr(Self.plainLine(label: label, done: d, total: total, rate: r, seconds: now, final: final) + "\n")
+            }
         }
     }
 
@@ -65,9 +73,7 @@ final class ProgressBar: @unchecked Sendable {
     }
 
     static func terminalWidth() -> Int {
-        var w = winsize()
-        if ioctl(2, UInt(TIOCGWINSZ), &w) == 0 && w.ws_col > 0 { return Int(w.ws_col) }
-        return 80
+        Terminal.columns(2) ?? 80
     }
 
     /// "  37.2% [######------] 1.1 GiB/3.0 GiB 412 MB/s ETA 0:05", shortened to `width - 1` columns

@@ -1,4 +1,5 @@
 import ArgumentParser
+import enum DirectIO.Terminal
 import Glibc
 import QcowPress
 
@@ -143,10 +144,7 @@ enum CommandWords {
     }
 }
 
-func writeStderr(_ s: String) {
-    var s = s
-    s.withUTF8 { p in _ = Glibc.write(2, p.baseAddress, p.count) }
-}
+func writeStderr(_ s: String) { Terminal.write(s, to: 2) }
 
 /// glibc's `mallopt(M_ARENA_MAX, n)`. <malloc.h> is not in Swift's Glibc module, so the function
 /// is looked up by name (it is always there in glibc; elsewhere this does nothing).

@@ -1,4 +1,5 @@
 import ArgumentParser
+import enum DirectIO.Terminal
 import Foundation
 import QcowPress
 
@@ -197,10 +198,10 @@ func readPassword(file: String?, prompt: String) throws(QcowPressError) -> Strin
         }
         return String(s.split(separator: "\n", omittingEmptySubsequences: false).first ?? "")
     }
-    guard isatty(0) != 0, let p = getpass(prompt) else {
+    guard let p = Terminal.readPassphrase(prompt: prompt) else {
         throw .invalidArgument("the key file is protected by a passphrase: pass --password-file or run on a terminal")
     }
-    return String(cString: p)
+    return p
 }
 
 struct RestoreVMA: ParsableCommand {

@@ -4,7 +4,8 @@ import Glibc
 ///
 /// Ownership: exactly one thread uses a buffer at a time; it is handed between the writer thread and
 /// the kernel (io_uring) or the pwrite thread, and never touched while a request on it is in flight.
-/// That rule is what makes the `@unchecked Sendable` sound.
+/// That rule is what makes sending it sound.
+// @unchecked: owns raw memory (a pointer is never Sendable); one user at a time, by the rule above.
 public final class AlignedBuffer: @unchecked Sendable {
     /// 4096 satisfies O_DIRECT on every Linux block device and file system in use (logical block ≤ 4 KiB).
     public static let alignment = 4096

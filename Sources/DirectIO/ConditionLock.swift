@@ -4,6 +4,7 @@ import Glibc
 /// A pthread mutex with one condition variable, for the engine's dedicated threads (never used to
 /// block a Swift concurrency thread). `withLock` runs a closure under the mutex; `wait()` may only
 /// be called inside it.
+// @unchecked: the lock itself; its pthread mutex and condition live behind raw pointers.
 public final class ConditionLock: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
@@ -42,7 +43,7 @@ public final class ConditionLock: @unchecked Sendable {
 
 /// Starts a named detached OS thread (not a Swift concurrency thread).
 public func startThread(name: String, _ body: @escaping @Sendable () -> Void) {
-    final class Box: @unchecked Sendable {
+    final class Box: Sendable {
         let body: @Sendable () -> Void
         let name: String
         init(_ b: @escaping @Sendable () -> Void, _ n: String) { body = b; name = n }

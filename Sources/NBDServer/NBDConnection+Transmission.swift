@@ -30,6 +30,8 @@ extension NBDConnection {
             buf.moveReaderIndex(forwardBy: 28)
         }
         core.countRequest()
+        // Work on the pool reads these, never the handler (which lives on the event loop).
+        let structured = self.structured
         let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
         let inRange = !overflow && end <= export.size
         switch command {
@@ -42,7 +44,6 @@ extension NBDConnection {
         case .read:
             guard inRange else { return error(context, cookie, NBD.EINVAL, "read beyond the end of the export") }
             guard Int(length) <= NBDServerCore.maxRequest else { return error(context, cookie, NBD.EINVAL, "read longer than \(NBDServerCore.maxRequest) bytes") }
-            let structured = self.structured
             if let data = export.readNow(at: offset, count: Int(length)) {
                 // At hand (cached): answered here, without the pool's hand-off and wake-ups.
                 context.write(wrapOutboundOut(Self.readHeader(cookie, offset, length, structured: structured)), promise: nil)
@@ -53,11 +54,12 @@ extension NBDConnection {
             // pool thread), or the pool reads it.
             beginRequest(bytes: Int(length))
             let loop = context.eventLoop
+            let me = NIOLoopBound(self, eventLoop: loop)
             let core = self.core
             core.handOverStarted()
             let accepted = export.read(at: offset, count: Int(length)) { result in
                 let reply = result.map { Reply(Self.readHeader(cookie, offset, length, structured: structured), $0) }
-                loop.execute { self.complete(cookie, bytes: Int(length), reply, structured: structured) }
+                loop.execute { me.value.complete(cookie, bytes: Int(length), reply, structured: structured) }
                 core.handOverEnded()
             }
             if accepted { return true }
@@ -104,19 +106,19 @@ extension NBDConnection {
             let data = payload!
             run(context, cookie, bytes: Int(length)) { () throws(NBDError) -> Reply in
                 try data.withUnsafeReadableBytes { (p) throws(NBDError) in try export.write(at: offset, p) }
-                return Reply(Self.done(cookie, structured: self.structured))
+                return Reply(Self.done(cookie, structured: structured))
             }
         case .writeZeroes, .trim:
             guard !export.isReadOnly else { return error(context, cookie, NBD.EPERM, "read-only export") }
             guard inRange else { return error(context, cookie, NBD.ENOSPC, "write beyond the end of the export") }
             run(context, cookie) { () throws(NBDError) -> Reply in
                 try export.writeZeroes(at: offset, length: UInt64(length))
-                return Reply(Self.done(cookie, structured: self.structured))
+                return Reply(Self.done(cookie, structured: structured))
             }
         case .flush:
             run(context, cookie) { () throws(NBDError) -> Reply in
                 try export.flush()
-                return Reply(Self.done(cookie, structured: self.structured))
+                return Reply(Self.done(cookie, structured: structured))
             }
         case .cache:
             return error(context, cookie, 0, "")
@@ -138,6 +140,7 @@ extension NBDConnection {
         beginRequest(bytes: bytes)
         let loop = context.eventLoop
         let structured = self.structured
+        let me = NIOLoopBound(self, eventLoop: loop)
         core.pool.submit { state in
             let result: Result<Reply, NBDError>
             if case .active = state {
@@ -145,7 +148,7 @@ extension NBDConnection {
             } else {
                 result = .failure(NBDError(NBD.ESHUTDOWN, "server shutting down"))
             }
-            loop.execute { self.complete(cookie, bytes: bytes, result, structured: structured) }
+            loop.execute { me.value.complete(cookie, bytes: bytes, result, structured: structured) }
         }
     }
 

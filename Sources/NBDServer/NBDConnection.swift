@@ -15,7 +15,9 @@ import NIOPosix
 ///
 /// An export is told when a client attaches (`NBD_OPT_GO`, `NBD_OPT_EXPORT_NAME`) and when that
 /// client is gone with every request it sent done, and whether it ended with `NBD_CMD_DISC`.
-final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
+/// Not Sendable: it lives on its channel's event loop; work on the pool comes back through
+/// `NIOLoopBound` and `loop.execute`.
+final class NBDConnection: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 

@@ -8,6 +8,7 @@ import NIOHTTP2
 import NIOPosix
 import NIOSSL
 import NIOTLS
+import Synchronization
 
 /// A response as the client keeps it: status, the `Set-Cookie`-free headers it needs, the body.
 struct PBSResponse: Sendable {
@@ -30,12 +31,11 @@ enum PBSTrust: Sendable { case systemRoots, fingerprint }
 /// TLS connections to one server: certificate checks (system roots, or PBS_FINGERPRINT as
 /// proxmox-backup-client does: SHA-256 of the leaf's DER form), one-shot HTTP/1.1 requests (login,
 /// listings) and reader sessions (HTTP/1.1 upgraded to HTTP/2).
-final class PBSConnector: @unchecked Sendable {
+final class PBSConnector: Sendable {
     let repository: PBSRepository
     let expectedFingerprint: String?
     let group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton
-    private let lock = NSLock()
-    private var trust: PBSTrust?
+    private let trust = Mutex<PBSTrust?>(nil)
     /// Connecting gives up after this long (a server that does not answer SYN).
     static let connectTimeout = TimeAmount.seconds(15)
 
@@ -57,7 +57,7 @@ final class PBSConnector: @unchecked Sendable {
     /// A connected channel with TLS up, then `configure` run on it (on its event loop).
     func connect(_ configure: @escaping @Sendable (Channel) throws -> Void) throws(SourceError) -> Channel {
         let order: [PBSTrust]
-        if let t = lock.withLock({ trust }) {
+        if let t = trust.withLock({ $0 }) {
             order = [t]
         } else {
             order = expectedFingerprint != nil ? [.fingerprint, .systemRoots] : [.systemRoots, .fingerprint]
@@ -68,7 +68,7 @@ final class PBSConnector: @unchecked Sendable {
             let seenBox = NIOLockedValueBox<String?>(nil)
             do {
                 let ch = try attempt(mode, seenBox: seenBox, configure: configure)
-                lock.withLock { trust = mode }
+                trust.withLock { $0 = mode }
                 return ch
             } catch let e as SourceError {
                 throw e

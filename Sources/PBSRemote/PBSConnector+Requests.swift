@@ -76,7 +76,7 @@ extension PBSConnector {
         let authority = repository.server
         upgraded.futureResult.whenComplete { r in
             switch r {
-            case .success(let m): first.succeed(.session(PBSReaderSession(channel: ch, multiplexer: m.multiplexer, authority: authority)))
+            case .success(let m): first.succeed(.session(PBSReaderSession(channel: ch, multiplexer: m, authority: authority)))
             case .failure(let e): first.fail(e)
             }
         }

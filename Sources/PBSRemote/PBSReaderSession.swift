@@ -2,11 +2,8 @@ import NIOCore
 import NIOHTTP1
 import NIOHTTP2
 
-/// Carries the multiplexer (used on its event loop only) out of the upgrade.
-final class MultiplexerBox: @unchecked Sendable {
-    let multiplexer: HTTP2StreamMultiplexer
-    init(_ m: HTTP2StreamMultiplexer) { multiplexer = m }
-}
+/// Carries the multiplexer out of the upgrade; it is used on its channel's event loop only.
+typealias MultiplexerBox = NIOLoopBound<HTTP2StreamMultiplexer>
 
 /// The HTTP/2 settings of a reader session. proxmox-backup-client asks for windows of
 /// (1 << 31) - 2 (http_client.rs start_h2_connection) so the server never waits for window
@@ -45,7 +42,7 @@ final class ReaderUpgrader: NIOHTTPClientProtocolUpgrader, Sendable {
                                              outboundBufferSizeHighWatermark: 8192, outboundBufferSizeLowWatermark: 4096,
                                              inboundStreamInitializer: nil)
             try sync.addHandlers([h2, mux])
-            done.succeed(MultiplexerBox(mux))
+            done.succeed(MultiplexerBox(mux, eventLoop: context.eventLoop))
             return context.eventLoop.makeSucceededVoidFuture()
         } catch {
             done.fail(error)
@@ -55,12 +52,13 @@ final class ReaderUpgrader: NIOHTTPClientProtocolUpgrader, Sendable {
 }
 
 /// One reader session: an HTTP/2 connection on which every request is one stream.
-final class PBSReaderSession: @unchecked Sendable {
+final class PBSReaderSession: Sendable {
     let channel: Channel
-    let multiplexer: HTTP2StreamMultiplexer
+    /// Touched on the channel's event loop only.
+    let multiplexer: MultiplexerBox
     let authority: String
 
-    init(channel: Channel, multiplexer: HTTP2StreamMultiplexer, authority: String) {
+    init(channel: Channel, multiplexer: MultiplexerBox, authority: String) {
         self.channel = channel
         self.multiplexer = multiplexer
         self.authority = authority
@@ -82,7 +80,7 @@ final class PBSReaderSession: @unchecked Sendable {
         head.headers.add(name: "host", value: authority)
         let request = head
         channel.eventLoop.execute {
-            let multiplexer = self.multiplexer
+            let multiplexer = self.multiplexer.value
             let streamPromise = promise.futureResult.eventLoop.makePromise(of: Channel.self)
             multiplexer.createStreamChannel(promise: streamPromise) { stream in
                 stream.eventLoop.makeCompletedFuture {

@@ -1,17 +1,18 @@
 import BackupSources
 import Foundation
+import Synchronization
 import NIOCore
 import NIOHTTP1
 
 /// A client of one Proxmox Backup Server repository: logs in (API token or ticket), lists a group's
 /// snapshots and opens snapshots for reading (the reader protocol). Errors are ``SourceError``s
 /// naming the server and what it said, one line each.
-public final class PBSRemoteClient: @unchecked Sendable {
+public final class PBSRemoteClient: Sendable {
     public let repository: PBSRepository
     let connector: PBSConnector
     private let credentials: PBSCredentials
-    private let lock = NSLock()
-    private var ticket: (cookie: String, csrf: String)?
+    /// The login ticket, once logged in (renewed when the server says it expired).
+    private let ticket = Mutex<(cookie: String, csrf: String)?>(nil)
 
     public init(repository: PBSRepository, credentials: PBSCredentials) throws(SourceError) {
         self.repository = repository
@@ -41,7 +42,7 @@ public final class PBSRemoteClient: @unchecked Sendable {
         if repository.isToken {
             return [("Authorization", "PBSAPIToken \(repository.authID):\(Self.percent(secret))")]
         }
-        if let t = lock.withLock({ ticket }) {
+        if let t = ticket.withLock({ $0 }) {
             return [("Cookie", "PBSAuthCookie=\(Self.percent(t.cookie))"), ("CSRFPreventionToken", t.csrf)]
         }
         let body: [UInt8]
@@ -60,15 +61,15 @@ public final class PBSRemoteClient: @unchecked Sendable {
               let csrf = data["CSRFPreventionToken"] as? String else {
             throw SourceError(.network, path: repository.server, "login as \(repository.authID): the answer lacks data.ticket or data.CSRFPreventionToken")
         }
-        lock.withLock { ticket = (t, csrf) }
+        ticket.withLock { $0 = (t, csrf) }
         return [("Cookie", "PBSAuthCookie=\(Self.percent(t))"), ("CSRFPreventionToken", csrf)]
     }
 
     /// Drops the ticket so that the next request logs in again; false when there was none.
     func forgetTicket() -> Bool {
-        lock.withLock {
-            defer { ticket = nil }
-            return ticket != nil
+        ticket.withLock { t in
+            defer { t = nil }
+            return t != nil
         }
     }
 
@@ -186,7 +187,7 @@ public final class PBSRemoteClient: @unchecked Sendable {
 }
 
 /// A snapshot on a server, read through one reader session (re-opened when it drops).
-public final class PBSRemoteSnapshot: PBSSnapshotSource, @unchecked Sendable {
+public final class PBSRemoteSnapshot: PBSSnapshotSource {
     public let manifest: PBSManifest
     public let manifestPath: String
     public let directory: String

@@ -13,6 +13,7 @@ import NIOCore
 /// downloaded so far are downloaded again on the new session (the server serves only the chunks of
 /// indexes downloaded on the same connection), then the requests that were lost are sent again;
 /// chunks already taken are never asked for again.
+// @unchecked: its vars are guarded by `cond`, an NSCondition (loaders wait on it for answers and reconnects, which Mutex cannot).
 final class PBSRemoteReader: PBSChunkStore, @unchecked Sendable {
     /// Reconnections allowed per snapshot. A restore that loses its connection more often than this
     /// is better reported than retried forever.

@@ -40,8 +40,8 @@ public struct ProtectedInput: Sendable, Hashable {
 ///   link kept); a dangling link is refused;
 /// - a directory, a character device (/dev/null), a FIFO or socket: refused;
 /// - any of the job's ``ProtectedInput``s: refused.
-struct OutputTarget {
-    enum Kind { case file(exists: Bool), blockDevice }
+struct OutputTarget: Sendable {
+    enum Kind: Sendable { case file(exists: Bool), blockDevice }
     /// The name as given (errors and summaries use it).
     let destination: String
     /// The name written: `destination` with symbolic links resolved.
@@ -120,7 +120,7 @@ struct OutputTarget {
 
 /// An output being written: the file, and how it becomes final (rename of the temporary file,
 /// or nothing for a block device written in place) or goes away.
-final class PendingOutput: @unchecked Sendable {
+final class PendingOutput: Sendable {
     let file: OutputFile
     let target: OutputTarget
     /// nil: written in place (block device).

@@ -8,6 +8,7 @@ import Glibc
 ///
 /// Reads of at least `bypassBytes` go straight to the image: sequential copies (nbdcopy reads
 /// 256 KiB–2 MiB) gain nothing from a cache and would only evict what random readers use.
+// @unchecked: its vars are guarded by `lock`, a ConditionLock (readers wait on its condition for a block another reader is loading).
 public final class BlockCache: @unchecked Sendable {
     public let capacity: Int
     /// Requests this large or larger are not cached: sequential copies ask for 256 KiB (nbdcopy)

@@ -69,7 +69,7 @@ public final class ReadContext {
 /// A raw file or block device as a guest image (sources, backing files, export bases). Aligned
 /// reads go around the page cache (O_DIRECT); others, and file systems without O_DIRECT, use a
 /// buffered descriptor that drops what it read.
-public final class RawGuestImage: GuestImage, @unchecked Sendable {
+public final class RawGuestImage: GuestImage {
     public let path: String
     public let virtualSize: UInt64
     let file: InputFile

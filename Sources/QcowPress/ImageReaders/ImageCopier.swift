@@ -101,7 +101,7 @@ public struct ImageCopier: Sendable {
 /// A raw output. A file is written sparsely (zeros are never written) under a temporary name that
 /// is renamed after fsync. A block device is written in place with O_DIRECT, zeros included (as
 /// write-zeroes where the device supports it), and must hold at least `size` bytes.
-public final class RawImageWriter: BlockingImageSink, @unchecked Sendable {
+public final class RawImageWriter: BlockingImageSink {
     public let destination: String
     let output: PendingOutput
     var file: OutputFile { output.file }

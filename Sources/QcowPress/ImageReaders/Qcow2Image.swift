@@ -13,7 +13,7 @@ import Qcow2Format
 /// the file, be aligned, and not overlap the header, the L1 table or the refcount table; two L1
 /// entries may not share an L2 table. A violation is an ``QcowPressError/inputDamaged(path:location:)``
 /// naming the field and offset. Reads are thread-safe (one cache lock; I/O without it).
-public final class Qcow2Image: @unchecked Sendable {
+public final class Qcow2Image: Sendable {
     public let path: String
     public let header: Qcow2Header
     public let geometry: ClusterGeometry

@@ -43,6 +43,7 @@ final class IndexQueue: Sendable {
 }
 
 /// OS threads that run to completion; the first error is kept.
+// @unchecked: its vars are guarded by `lock`, a ConditionLock (`wait` sleeps on its condition until every thread ended).
 final class ThreadGroup: @unchecked Sendable {
     private let lock = ConditionLock()
     private var running = 0

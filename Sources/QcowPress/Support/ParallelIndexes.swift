@@ -1,3 +1,4 @@
+import Dispatch
 import DirectIO
 import Synchronization
 
@@ -43,27 +44,22 @@ final class IndexQueue: Sendable {
 }
 
 /// OS threads that run to completion; the first error is kept.
-// @unchecked: its vars are guarded by `lock`, a ConditionLock (`wait` sleeps on its condition until every thread ended).
-final class ThreadGroup: @unchecked Sendable {
-    private let lock = ConditionLock()
-    private var running = 0
-    private var error: QcowPressError?
+final class ThreadGroup: Sendable {
+    private let running = DispatchGroup()
+    /// The first error of any thread.
+    private let error = Mutex<QcowPressError?>(nil)
     func spawn(name: String, _ body: @escaping @Sendable () throws(QcowPressError) -> Void) {
-        lock.withLock { running += 1 }
+        running.enter()
         startThread(name: name) { [self] in
-            var failure: QcowPressError?
-            do throws(QcowPressError) { try body() } catch { failure = error }
-            lock.withLock {
-                if let failure, error == nil { error = failure }
-                running -= 1
-                lock.broadcast()
+            do throws(QcowPressError) { try body() } catch {
+                let failure = error
+                self.error.withLock { if $0 == nil { $0 = failure } }
             }
+            running.leave()
         }
     }
     func wait() -> QcowPressError? {
-        lock.withLock {
-            while running > 0 { lock.wait() }
-            return error
-        }
+        running.wait()
+        return error.withLock { $0 }
     }
 }

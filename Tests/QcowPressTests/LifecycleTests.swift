@@ -72,3 +72,31 @@ import Testing
         #expect(g.writeBufferBytesInUse == 0, "write buffers given back once per image")
     }
 }
+
+/// The commit claim (#27): once the writer claims it, a cancel is refused; the writer's own
+/// commit failure still counts; a cancel that came first makes the claim fail.
+@Suite(.tags(.fast)) struct LifecycleCommitTests {
+    @Test func aCancelWhileCommittingIsRefused() {
+        let l = Lifecycle()
+        #expect(LifecycleTests.thrown { () throws(QcowPressError) in try l.beginFinish() } == nil)
+        #expect(l.beginCommit())
+        #expect(!l.markFailed(.cancelled), "a cancel after the claim must not fail a committed image")
+        #expect(l.markDone())
+    }
+
+    @Test func theCommittersOwnFailureCounts() {
+        let l = Lifecycle()
+        #expect(LifecycleTests.thrown { () throws(QcowPressError) in try l.beginFinish() } == nil)
+        #expect(l.beginCommit())
+        #expect(l.markFailed(.misuse("rename refused"), committer: true))
+        #expect(!l.markDone())
+        #expect(l.failure?.message == "rename refused")
+    }
+
+    @Test func aCancelFirstMakesTheClaimFail() {
+        let l = Lifecycle()
+        #expect(LifecycleTests.thrown { () throws(QcowPressError) in try l.beginFinish() } == nil)
+        #expect(l.markFailed(.cancelled))
+        #expect(!l.beginCommit())
+    }
+}

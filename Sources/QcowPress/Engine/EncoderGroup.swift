@@ -88,13 +88,13 @@ public final class EncoderGroup: @unchecked Sendable {
         lock.withLock { writeBufferBytes -= bytes }
     }
 
-    func join(_ encoder: Qcow2Encoder) { lock.withLock { _ = members.insert(ObjectIdentifier(encoder)) } }
+    func join(_ member: ObjectIdentifier) { lock.withLock { _ = members.insert(member) } }
 
-    /// `encoder` finished or failed. A private group's workers stop when its encoder leaves.
-    /// Leaving again changes nothing.
-    func leave(_ encoder: Qcow2Encoder) {
+    /// An encoder (its ``EncoderEnding/member``) finished or failed. A private group's workers
+    /// stop when its encoder leaves. Leaving again changes nothing.
+    func leave(_ member: ObjectIdentifier) {
         lock.withLock {
-            guard members.remove(ObjectIdentifier(encoder)) != nil else { return }
+            guard members.remove(member) != nil else { return }
             if members.isEmpty && ownedByOneEncoder {
                 stopped = true
                 lock.broadcast()

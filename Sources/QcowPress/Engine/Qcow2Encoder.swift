@@ -19,7 +19,7 @@ import Qcow2Format
 /// ring and the refcounts. State has one owner each, with its own lock, and no lock is taken while
 /// holding another: `GuestMap` (guest side), `ResultQueue` (to the writer), `Lifecycle`, the
 /// group's job queue and slot pool; the host side (`StreamSink`) belongs to the writer thread.
-public final class Qcow2Encoder: @unchecked Sendable {
+public final class Qcow2Encoder: Sendable {
     public let destination: String
     /// The file being written and how it becomes final (rename of a temporary file, or in place).
     let output: PendingOutput
@@ -38,8 +38,12 @@ public final class Qcow2Encoder: @unchecked Sendable {
     let map: GuestMap
     /// Results, copies and ready regions on their way to the writer thread (its own lock).
     let queue = ResultQueue()
-    /// open → finishing → done, or failed (its own lock).
+    /// open → finishing → committing → done, or failed (its own lock).
     let lifecycle = Lifecycle()
+    /// How the encoder ends (done or failed, once), for every thread that ends it.
+    let ending: EncoderEnding
+    /// What `finish()` waits for (the ending resolves it).
+    var completion: Completion<EncoderSummary> { ending.completion }
     /// Where written tables went and how far the file is on disk, for reading back (its own lock).
     let written: WrittenImage
 
@@ -47,10 +51,10 @@ public final class Qcow2Encoder: @unchecked Sendable {
     struct WorkItem { var cluster: UInt64; var slot: Int32; var checkedNonZero = false }
     let group: EncoderGroup
 
-    let completion = Completion<EncoderSummary>()
     /// The library never prints; it logs through swift-log (the command installs a handler).
     let logger = Logger(label: "qcowpress.encoder")
-    var notes: [String] = []
+    /// Fallbacks taken when the encoder was made.
+    let notes: [String]
 
     /// Creates the image (under a temporary name) and starts the worker and writer threads.
     public init(destination: String, options: EncoderOptions) throws(QcowPressError) {
@@ -90,6 +94,7 @@ public final class Qcow2Encoder: @unchecked Sendable {
             throw error
         }
         file = output.file
+        var notes: [String] = []
         if group.threads < options.threads {
             notes.append("\(group.threads) compression threads instead of \(options.threads): the memory limit holds no more")
         }
@@ -98,13 +103,29 @@ public final class Qcow2Encoder: @unchecked Sendable {
         }
         let (writer, note) = makeBufferWriter(file, mode: options.ioMode, queueDepth: MemoryPlan.bufferCount * 2)
         if let note { notes.append(note) }
-        let sink = StreamSink(encoder: self, writer: writer)
+        self.notes = notes
+        ending = EncoderEnding(lifecycle: lifecycle, group: group, writeBufferBytes: writeBuffers.count * writeBuffers.size,
+                               map: map, queue: queue, output: output, logger: logger, destination: destination)
+        let sink = StreamSink(parts: sinkParts(), writer: writer)
         logger.debug("encoder started", metadata: ["destination": "\(destination)", "io": "\(writer.modeDescription)",
                                                    "slots": "\(plan.slotCount)", "threads": "\(group.threads)",
                                                    "writeBuffers": "\(writeBuffers.count) × \(writeBuffers.size)"])
         for n in notes { logger.info("\(n)") }
-        group.join(self)
+        group.join(ending.member)
         startThread(name: "qp-writer") { sink.run() }
+    }
+
+    /// What the writer thread works with: the owners it talks to and the facts it writes.
+    private func sinkParts() -> StreamSink.Parts {
+        StreamSink.Parts(
+            queue: queue, pool: pool, map: map, written: written, output: output, lifecycle: lifecycle, ending: ending,
+            image: StreamSink.Image(geometry: geometry, virtualSize: options.virtualSize, refcountOrder: options.refcountOrder,
+                                    backingFile: options.backingFile, backingFormat: options.backingFormat,
+                                    compressionType: compressionType, writeBuffers: writeBuffers),
+            report: StreamSink.Report(destination: destination, compression: options.compression?.description ?? "none",
+                                      threads: options.threads, memoryLimit: options.memoryLimit, startTime: startTime,
+                                      notes: notes),
+            logger: logger)
     }
 
     /// The header's compression type: how every compressed cluster of the image decodes (ISA-L

@@ -11,7 +11,7 @@ extension StreamSink {
     /// A copy dst ← src: resolved now when src is final, or when it becomes final (its state is
     /// then handed to ``setFinal(_:_:)``'s worklist).
     func copy(dst: UInt64, src: UInt64) throws(QcowPressError) {
-        switch enc.map.source(src, for: dst) {
+        switch map.source(src, for: dst) {
         case .waiting:
             return
         case .known(let s):
@@ -79,7 +79,7 @@ extension StreamSink {
     }
 
     func clearCopiedFlag(of c: UInt64) throws(QcowPressError) {
-        if enc.map.clearCopiedInMemory(c) { return }
+        if map.clearCopiedInMemory(c) { return }
         guard let place = entryPlace(of: c) else { return }
         switch place {
         case .buffer: _ = try entry(at: place) { $0 & ~L2Entry.copiedFlag }

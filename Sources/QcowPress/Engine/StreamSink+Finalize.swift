@@ -3,24 +3,25 @@ import Glibc
 import Qcow2Format
 
 extension StreamSink {
-    /// Writes the last buffer, the L1 table, refcount blocks and table, then the header; syncs and
-    /// renames the image to its final name.
+    /// Writes the last buffer, the L1 table, refcount blocks and table, then the header; syncs,
+    /// claims the commit in the ``Lifecycle`` and renames the image to its final name (or leaves
+    /// it for its `OutputSet`, when the commit is deferred).
     func finalize() throws(QcowPressError) {
         // Readers of the image being written stop at what is on disk now: the last buffer's
         // compaction below moves clusters above it.
-        enc.written.freeze()
+        written.freeze()
         // Copies of clusters never written: those read as zero, and so do their copies.
-        for (dst, src) in enc.map.takeWaiting() { try setFinal(dst, try unwritten(src)) }
-        for r in enc.map.regionsInMemory { try flushRegion(r) }
+        for (dst, src) in map.takeWaiting() { try setFinal(dst, try unwritten(src)) }
+        for r in map.regionsInMemory { try flushRegion(r) }
         let dataEnd: UInt64
         do { try drainWrites() } catch { throw QcowPressError.from(error) }
         dataEnd = try writeLastBuffer()
         do { try applyDiskFlagClears() } catch { throw QcowPressError.from(error) }
-        let g = enc.geometry
+        let g = geometry
         let l1Bytes = l1.count * 8
         let l1Clusters = l1.isEmpty ? 0 : Int(g.clusters(forBytes: UInt64(l1Bytes)))
         let l1Offset = l1.isEmpty ? 0 : dataEnd
-        let order = enc.options.refcountOrder
+        let order = image.refcountOrder
         let dataClusters = (dataEnd >> bits) + UInt64(l1Clusters)
         let (blocks, tableClusters) = g.refcountLayout(dataClusters: dataClusters, refcountOrder: order)
         let blocksOffset = dataEnd + UInt64(l1Clusters * cs)
@@ -34,7 +35,7 @@ extension StreamSink {
             if l1Clusters > 0 {
                 let b = AlignedBuffer(capacity: l1Clusters * cs)
                 for (i, e) in l1.enumerated() { storeBE64(b.bytes, i * 8, e) }
-                try enc.file.pwriteAll(b.pointer, length: l1Clusters * cs, offset: l1Offset)
+                try file.pwriteAll(b.pointer, length: l1Clusters * cs, offset: l1Offset)
             }
             let codec = RefcountBlockCodec(refcountOrder: order)
             let perBlock = Int(g.clustersPerRefcountBlock(refcountOrder: order))
@@ -50,32 +51,36 @@ extension StreamSink {
                     }
                 }
                 let at = blocksOffset + UInt64(bi * cs)
-                try enc.file.pwriteAll(block.pointer, length: cs, offset: at)
+                try file.pwriteAll(block.pointer, length: cs, offset: at)
                 storeBE64(table.bytes, bi * 8, at)
             }
-            try enc.file.pwriteAll(table.pointer, length: Int(tableClusters) * cs, offset: tableOffset)
+            try file.pwriteAll(table.pointer, length: Int(tableClusters) * cs, offset: tableOffset)
 
-            var h = Qcow2Header(clusterBits: UInt32(bits), size: enc.options.virtualSize, l1Size: UInt32(l1.count),
+            var h = Qcow2Header(clusterBits: UInt32(bits), size: image.virtualSize, l1Size: UInt32(l1.count),
                                 l1TableOffset: l1Offset, refcountTableOffset: tableOffset,
                                 refcountTableClusters: UInt32(tableClusters))
             h.refcountOrder = UInt32(order)
-            if enc.compressionType == .zstd { h.compressionType = .zstd }
-            h.backingFile = enc.options.backingFile
-            h.extensions = Qcow2Header.defaultExtensions(clusterBits: UInt32(bits), backingFormat: enc.options.backingFile == nil ? nil : enc.options.backingFormat)
+            if image.compressionType == .zstd { h.compressionType = .zstd }
+            h.backingFile = image.backingFile
+            h.extensions = Qcow2Header.defaultExtensions(clusterBits: UInt32(bits), backingFormat: image.backingFile == nil ? nil : image.backingFormat)
             let bytes = h.serialized()
             let hb = AlignedBuffer(capacity: cs)
             bytes.withUnsafeBytes { hb.bytes.copyMemory(from: $0) }
-            try enc.file.pwriteAll(hb.pointer, length: cs, offset: 0)
-            try enc.file.truncate(to: fileEnd)
-            try enc.file.sync()
-            try enc.output.commit()
+            try file.pwriteAll(hb.pointer, length: cs, offset: 0)
+            try file.truncate(to: fileEnd)
+            try file.sync()
         } catch {
             throw QcowPressError.from(error)
         }
+        // The claim that makes a cancel from here on refused: the image goes into place and is
+        // reported done (or its own commit fails). A cancel or failure that came first wins
+        // instead, and the image never moves (that failure's path removes it).
+        guard lifecycle.beginCommit() else { return }
+        do { try output.commit() } catch { throw QcowPressError.from(error) }
         let s = summary(fileEnd: fileEnd)
-        enc.logger.debug("image complete", metadata: ["destination": "\(enc.destination)", "bytesOut": "\(s.bytesOut)",
+        logger.debug("image complete", metadata: ["destination": "\(report.destination)", "bytesOut": "\(s.bytesOut)",
                                                       "wallSeconds": "\(s.wallSeconds)", "codecSeconds": "\(s.codecSeconds)"])
-        enc.succeed(s)
+        ending.succeed(s)
     }
 
     /// Writes the last buffer with its gap closed: the clusters of the back region move down to
@@ -108,7 +113,7 @@ extension StreamSink {
             }
         }
         do {
-            if plan.end > 0 { try enc.file.pwriteAll(buf.pointer, length: plan.end, offset: start) }
+            if plan.end > 0 { try file.pwriteAll(buf.pointer, length: plan.end, offset: start) }
         } catch {
             throw QcowPressError.from(error)
         }
@@ -121,38 +126,38 @@ extension StreamSink {
     func entryOnDisk(at offset: UInt64, update: ((UInt64) -> UInt64)? = nil) throws(IOError) -> UInt64 {
         let block = AlignedBuffer(capacity: 4096)
         let base = offset & ~4095
-        let n = try enc.file.preadAll(block.pointer, length: 4096, offset: base)
-        guard n == 4096 else { throw IOError(errno: EIO, operation: "read back L2 table", path: enc.destination, offset: base) }
+        let n = try file.preadAll(block.pointer, length: 4096, offset: base)
+        guard n == 4096 else { throw IOError(errno: EIO, operation: "read back L2 table", path: report.destination, offset: base) }
         let v = loadBE64(UnsafeRawBufferPointer(block.bytes), Int(offset - base))
         if let update {
             storeBE64(block.bytes, Int(offset - base), update(v))
-            try enc.file.pwriteAll(block.pointer, length: 4096, offset: base)
+            try file.pwriteAll(block.pointer, length: 4096, offset: base)
         }
         return v
     }
 
     func summary(fileEnd: UInt64) -> EncoderSummary {
-        let codecNs = enc.queue.codecNanoseconds
+        let codecNs = queue.codecNanoseconds
         return EncoderSummary(
-            destination: enc.destination,
-            virtualSize: enc.options.virtualSize,
+            destination: report.destination,
+            virtualSize: image.virtualSize,
             clusterSize: cs,
-            compression: enc.options.compression?.description ?? "none",
-            bytesIn: enc.bytesReceived,
+            compression: report.compression,
+            bytesIn: queue.bytesIn,
             bytesOut: fileEnd,
-            clustersZero: clustersZero + enc.queue.zeroClustersMarked,
+            clustersZero: clustersZero + queue.zeroClustersMarked,
             clustersCompressed: clustersCompressed,
             clustersUncompressed: clustersRaw,
             clustersShared: clustersShared,
             codecSeconds: Double(codecNs) / 1e9,
-            producerStallSeconds: enc.pool.stallSeconds,
+            producerStallSeconds: pool.stallSeconds,
             diskBusySeconds: Double(diskWaitNanoseconds) / 1e9,
-            wallSeconds: Double(monotonicNanoseconds() - enc.startTime) / 1e9,
-            threads: enc.options.threads,
-            memoryLimit: enc.options.memoryLimit,
+            wallSeconds: Double(monotonicNanoseconds() - report.startTime) / 1e9,
+            threads: report.threads,
+            memoryLimit: report.memoryLimit,
             peakRSSBytes: peakResidentBytes(),
             ioMode: writer.modeDescription,
-            notes: enc.notes)
+            notes: report.notes)
     }
 }
 

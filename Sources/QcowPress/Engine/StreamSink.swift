@@ -1,5 +1,6 @@
 import DirectIO
 import Glibc
+import Logging
 import Qcow2Format
 
 /// The host side of the encoder, owned by its one writer thread (no lock: nothing else touches
@@ -7,8 +8,20 @@ import Qcow2Format
 /// the current buffer, and which raw host clusters are shared. It turns worker results into placed
 /// bytes and final entries (in the ``GuestMap``), resolves copies, writes L2 tables of finished
 /// regions, and at the end writes the metadata and the header.
+// @unchecked: its state belongs to the one writer thread it is handed to (no lock; nothing else touches it).
 final class StreamSink: @unchecked Sendable {
-    let enc: Qcow2Encoder
+    let queue: ResultQueue
+    let pool: SlotPool
+    let map: GuestMap
+    let written: WrittenImage
+    let output: PendingOutput
+    let file: OutputFile
+    let lifecycle: Lifecycle
+    let ending: EncoderEnding
+    let image: Image
+    let geometry: ClusterGeometry
+    let report: Report
+    let logger: Logger
     let writer: any BufferWriter
     let cs: Int
     let bits: UInt64
@@ -42,22 +55,26 @@ final class StreamSink: @unchecked Sendable {
     lazy var scratch = AlignedBuffer(capacity: cs + 8192)
     lazy var copyScratch = AlignedBuffer(capacity: cs)
 
-    init(encoder: Qcow2Encoder, writer: any BufferWriter) {
-        enc = encoder
+    init(parts: Parts, writer: any BufferWriter) {
+        (queue, pool, map, written, output, lifecycle, ending) =
+            (parts.queue, parts.pool, parts.map, parts.written, parts.output, parts.lifecycle, parts.ending)
+        file = parts.output.file
+        (image, report, logger) = (parts.image, parts.report, parts.logger)
+        geometry = parts.image.geometry
         self.writer = writer
-        cs = encoder.clusterSize
-        bits = UInt64(encoder.geometry.clusterBits)
+        cs = geometry.clusterSize
+        bits = UInt64(geometry.clusterBits)
         // Host cluster 0 holds the header; the data stream starts right after it.
-        let (count, size) = encoder.writeBuffers
+        let (count, size) = parts.image.writeBuffers
         packer = StreamPacker(clusterSize: cs, bufferSize: size, firstHostOffset: UInt64(cs))
         buffers = (0..<count).map { _ in AlignedBuffer(capacity: size) }
         freeBuffers = Array(1..<count)
         current = 0
-        l1 = Array(repeating: 0, count: Int(encoder.geometry.l1Entries(forVirtualSize: encoder.options.virtualSize)))
+        l1 = Array(repeating: 0, count: Int(geometry.l1Entries(forVirtualSize: parts.image.virtualSize)))
         // With a backing file an unallocated entry means "read the backing file", so zero clusters
         // must say zero explicitly; without one, unallocated already reads as zero (as qemu-img writes).
-        keepZeroFlag = encoder.options.backingFile != nil
-        let width = 1 << encoder.options.refcountOrder
+        keepZeroFlag = parts.image.backingFile != nil
+        let width = 1 << parts.image.refcountOrder
         refcountLimit = width >= 16 ? UInt16.max : UInt16((1 << width) - 1)
         refcounts = [1]  // the header cluster
     }
@@ -66,7 +83,7 @@ final class StreamSink: @unchecked Sendable {
         do throws(QcowPressError) {
             if try loop() { try finalize() }
         } catch {
-            enc.fail(error)
+            ending.fail(error, committer: true)
         }
     }
 
@@ -76,7 +93,7 @@ final class StreamSink: @unchecked Sendable {
         var items: [ResultItem] = []
         var regions: [Int] = []
         while true {
-            let next = enc.queue.next(into: &items, regionsInto: &regions)
+            let next = queue.next(into: &items, regionsInto: &regions)
             if next == .stopped { return false }
             for item in items { try handle(item) }
             items.removeAll(keepingCapacity: true)
@@ -89,7 +106,7 @@ final class StreamSink: @unchecked Sendable {
             }
             if next == .finished {
                 // Anything announced after the last result is picked up here.
-                for r in enc.queue.takeRegions() { try flushRegion(r) }
+                for r in queue.takeRegions() { try flushRegion(r) }
                 return true
             }
         }
@@ -123,13 +140,13 @@ final class StreamSink: @unchecked Sendable {
             state = .zero
         case .raw:
             let (p, host) = try placeAligned(owner: .data(item.cluster))
-            memcpy(p, enc.pool.pointer(item.slot), cs)
-            enc.pool.release(item.slot)
+            memcpy(p, pool.pointer(item.slot), cs)
+            pool.release(item.slot)
             clustersRaw += 1
             state = .final(L2Entry.standard(hostOffset: host, copied: true).rawValue)
         case .compressed(let length):
-            let entry = try placeCompressed(UnsafeRawPointer(enc.pool.pointer(item.slot)), length)
-            enc.pool.release(item.slot)
+            let entry = try placeCompressed(UnsafeRawPointer(pool.pointer(item.slot)), length)
+            pool.release(item.slot)
             clustersCompressed += 1
             state = .final(entry)
         }
@@ -141,7 +158,7 @@ final class StreamSink: @unchecked Sendable {
     func setFinal(_ c: UInt64, _ state: ClusterState) throws(QcowPressError) {
         var work = [(c, state)]
         while let (cluster, s) = work.popLast() {
-            let f = enc.map.setFinal(cluster, s)
+            let f = map.setFinal(cluster, s)
             for (dst, src) in f.copies { work.append((dst, try resolve(copyOf: src, s, into: dst))) }
             for r in f.regions { try flushRegion(r) }
         }
@@ -210,28 +227,28 @@ final class StreamSink: @unchecked Sendable {
             throw QcowPressError.from(error)
         }
         guard let next = freeBuffers.popLast() else {
-            throw .io(IOError(errno: EIO, operation: "write completion", path: enc.destination))
+            throw .io(IOError(errno: EIO, operation: "write completion", path: report.destination))
         }
         current = next
     }
 
     /// Writes the L2 table of region `r` into the stream (skipped when every entry reads as zero).
     func flushRegion(_ r: Int) throws(QcowPressError) {
-        guard let t = enc.map.takeTable(r) else { return }
+        guard let t = map.takeTable(r) else { return }
         var any = false
         for i in 0..<t.count where t.diskEntry(i, zeroFlag: keepZeroFlag) != 0 {
             any = true
             break
         }
         guard any else {
-            enc.written.regionWithoutTable(r)
+            written.regionWithoutTable(r)
             return
         }
         let (p, host) = try placeAligned(owner: .table(r))
         let out = UnsafeMutableRawBufferPointer(start: p, count: cs)
         for i in 0..<t.count { storeBE64(out, i * 8, t.diskEntry(i, zeroFlag: keepZeroFlag)) }
         l1[r] = L1Entry(l2Offset: host, copied: true).rawValue
-        enc.written.tableWritten(r, at: host)
+        written.tableWritten(r, at: host)
     }
 
     // MARK: - where written bytes are now
@@ -252,7 +269,7 @@ final class StreamSink: @unchecked Sendable {
         }
         do throws(IOError) {
             try drainWrites()
-            return UnsafeRawPointer(scratch.pointer + (try enc.file.readBlocks(offset: offset, length: count, into: scratch)))
+            return UnsafeRawPointer(scratch.pointer + (try file.readBlocks(offset: offset, length: count, into: scratch)))
         } catch {
             throw QcowPressError.from(error)
         }
@@ -264,7 +281,7 @@ final class StreamSink: @unchecked Sendable {
         let done = try writer.reap(wait: wait)
         for t in done { inFlightStarts[t] = nil }
         freeBuffers += done
-        enc.written.written(upTo: inFlightStarts.values.min() ?? packer.bufferStart)
+        written.written(upTo: inFlightStarts.values.min() ?? packer.bufferStart)
     }
 
     /// Waits for every write in flight; all buffers but the current one are free afterwards.
@@ -272,14 +289,14 @@ final class StreamSink: @unchecked Sendable {
         try writer.drain()
         freeBuffers = (0..<buffers.count).filter { $0 != current }
         inFlightStarts.removeAll()
-        enc.written.written(upTo: packer.bufferStart)
+        written.written(upTo: packer.bufferStart)
     }
 
     /// Where the on-disk entry of guest cluster `c` lives, once its region's table was written
     /// (nil when the region had no table: every entry reads as zero).
     enum EntryPlace { case buffer(Int), disk(UInt64) }
     func entryPlace(of c: UInt64) -> EntryPlace? {
-        let g = enc.geometry
+        let g = geometry
         let table = L1Entry(rawValue: l1[g.l1Index(ofGuestCluster: c)]).l2Offset
         if table == 0 { return nil }
         let at = table + UInt64(g.l2Index(ofGuestCluster: c) * 8)

@@ -95,7 +95,14 @@ final class StreamSink: @unchecked Sendable {
         while true {
             let next = queue.next(into: &items, regionsInto: &regions)
             if next == .stopped { return false }
-            for item in items { try handle(item) }
+            for (k, item) in items.enumerated() {
+                do throws(QcowPressError) { try handle(item) } catch {
+                    // The results after it hold their slots still: back to the pool, which a
+                    // shared group's other images keep using.
+                    for rest in items[(k + 1)...] { if let slot = rest.heldSlot { pool.release(slot) } }
+                    throw error
+                }
+            }
             items.removeAll(keepingCapacity: true)
             for r in regions { try flushRegion(r) }
             regions.removeAll(keepingCapacity: true)
@@ -139,14 +146,17 @@ final class StreamSink: @unchecked Sendable {
             clustersZero += 1
             state = .zero
         case .raw:
+            // The slot goes back once its bytes are placed, or when placing them fails.
+            let slot = item.slot
+            defer { pool.release(slot) }
             let (p, host) = try placeAligned(owner: .data(item.cluster))
-            memcpy(p, pool.pointer(item.slot), cs)
-            pool.release(item.slot)
+            memcpy(p, pool.pointer(slot), cs)
             clustersRaw += 1
             state = .final(L2Entry.standard(hostOffset: host, copied: true).rawValue)
         case .compressed(let length):
-            let entry = try placeCompressed(UnsafeRawPointer(pool.pointer(item.slot)), length)
-            pool.release(item.slot)
+            let slot = item.slot
+            defer { pool.release(slot) }
+            let entry = try placeCompressed(UnsafeRawPointer(pool.pointer(slot)), length)
             clustersCompressed += 1
             state = .final(entry)
         }

@@ -127,26 +127,24 @@ public final class URingWriter: BufferWriter {
 /// The thread holds only the shared `Core`, never the writer, so releasing the writer stops the
 /// thread (once its queue is empty) and closes nothing early: the core owns the file reference.
 public final class PwriteWriter: BufferWriter, Sendable {
-    // @unchecked: its vars are guarded by `lock`, a ConditionLock (the thread waits for jobs on its condition, which Mutex lacks).
-    private final class Core: @unchecked Sendable {
+    private final class Core: Sendable {
         let file: OutputFile
-        let lock = ConditionLock()
         struct Job { var buffer: AlignedBuffer; var length: Int; var offset: UInt64; var tag: Int }
-        // Guarded by `lock`.
-        var queue: [Job] = []
-        var done: [Int] = []
-        var error: IOError?
-        var pending = 0
-        var stopped = false
+        struct State {
+            var queue: [Job] = []
+            var done: [Int] = []
+            var error: IOError?
+            var pending = 0
+            var stopped = false
+        }
+        let state = ConditionMutex(State())
 
         init(file: OutputFile) { self.file = file }
 
         func run() {
             while true {
-                let job: Job? = lock.withLock {
-                    while queue.isEmpty && !stopped { lock.wait() }
-                    if stopped && queue.isEmpty { return nil }
-                    return queue.removeFirst()
+                let job: Job? = state.withLock(waitingUntil: { !$0.queue.isEmpty || $0.stopped }) { s in
+                    s.queue.isEmpty ? nil : s.queue.removeFirst()
                 }
                 guard let job else { return }
                 var failure: IOError?
@@ -156,41 +154,43 @@ public final class PwriteWriter: BufferWriter, Sendable {
                 } catch {
                     failure = error
                 }
-                lock.withLock {
-                    pending -= 1
-                    if let failure, error == nil { error = failure }
-                    done.append(job.tag)
-                    lock.broadcast()
+                state.withLock { s in
+                    s.pending -= 1
+                    if let failure, s.error == nil { s.error = failure }
+                    s.done.append(job.tag)
                 }
+                state.broadcast()
             }
         }
     }
     private let core: Core
 
     public var modeDescription: String { core.file.direct ? "pwrite thread, O_DIRECT" : "pwrite thread, buffered" }
-    public var inFlight: Int { core.lock.withLock { core.pending } }
+    public var inFlight: Int { core.state.withLock { $0.pending } }
 
     public init(file: OutputFile) {
         core = Core(file: file)
         startThread(name: "qp-pwrite") { [core] in core.run() }
     }
-    deinit { core.lock.withLock { core.stopped = true; core.lock.broadcast() } }
+    deinit {
+        core.state.withLock { $0.stopped = true }
+        core.state.broadcast()
+    }
 
     public func submit(_ buffer: AlignedBuffer, length: Int, offset: UInt64, tag: Int) throws(IOError) {
-        try core.lock.withLock { () throws(IOError) in
-            if let error = core.error { throw error }
-            core.pending += 1
-            core.queue.append(Core.Job(buffer: buffer, length: length, offset: offset, tag: tag))
-            core.lock.broadcast()
+        try core.state.withLock { (s) throws(IOError) in
+            if let error = s.error { throw error }
+            s.pending += 1
+            s.queue.append(Core.Job(buffer: buffer, length: length, offset: offset, tag: tag))
         }
+        core.state.broadcast()
     }
 
     public func reap(wait: Bool) throws(IOError) -> [Int] {
-        try core.lock.withLock { () throws(IOError) -> [Int] in
-            while wait && core.done.isEmpty && core.pending > 0 && core.error == nil { core.lock.wait() }
-            if let error = core.error { throw error }
-            let d = core.done
-            core.done.removeAll(keepingCapacity: true)
+        try core.state.withLock(waitingUntil: { !wait || !$0.done.isEmpty || $0.pending == 0 || $0.error != nil }) { (s) throws(IOError) -> [Int] in
+            if let error = s.error { throw error }
+            let d = s.done
+            s.done.removeAll(keepingCapacity: true)
             return d
         }
     }

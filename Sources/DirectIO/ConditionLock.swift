@@ -41,6 +41,39 @@ public final class ConditionLock: @unchecked Sendable {
     public func signal() { pthread_cond_signal(cond) }
 }
 
+/// A value guarded by a ``ConditionLock``: `Mutex`, plus waiting under the lock until the value
+/// is ready. The wait happens before `body` gets the value, so no access to it stays open while
+/// the lock is released (other threads change it meanwhile). Owners holding their state in one of
+/// these are checked `Sendable`; this type is the one place the compiler takes it on trust.
+// @unchecked: the value is reached only under `lock` (a pthread mutex behind raw pointers).
+public final class ConditionMutex<Value: Sendable>: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var value: Value
+
+    public init(_ value: Value) { self.value = value }
+
+    /// Runs `body` with the value under the lock.
+    @inline(__always)
+    public func withLock<R, E: Error>(_ body: (inout Value) throws(E) -> R) throws(E) -> R {
+        try lock.withLock { () throws(E) -> R in try body(&value) }
+    }
+
+    /// Waits (the lock released meanwhile) until `ready` says yes, then runs `body` under the lock.
+    /// Whoever changes what `ready` looks at calls ``broadcast()`` (or ``signal()``) afterwards.
+    @inline(__always)
+    public func withLock<R, E: Error>(waitingUntil ready: (Value) -> Bool, _ body: (inout Value) throws(E) -> R) throws(E) -> R {
+        try lock.withLock { () throws(E) -> R in
+            while !ready(value) { lock.wait() }
+            return try body(&value)
+        }
+    }
+
+    /// Wakes every waiter (each checks its condition again).
+    public func broadcast() { lock.broadcast() }
+    /// Wakes one waiter.
+    public func signal() { lock.signal() }
+}
+
 /// Starts a named detached OS thread (not a Swift concurrency thread).
 public func startThread(name: String, _ body: @escaping @Sendable () -> Void) {
     final class Box: Sendable {

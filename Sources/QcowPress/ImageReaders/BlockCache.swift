@@ -8,33 +8,22 @@ import Glibc
 ///
 /// Reads of at least `bypassBytes` go straight to the image: sequential copies (nbdcopy reads
 /// 256 KiB–2 MiB) gain nothing from a cache and would only evict what random readers use.
-// @unchecked: its vars are guarded by `lock`, a ConditionLock (readers wait on its condition for a block another reader is loading).
-public final class BlockCache: @unchecked Sendable {
+public final class BlockCache: Sendable {
     public let capacity: Int
     /// Requests this large or larger are not cached: sequential copies ask for 256 KiB (nbdcopy)
     /// or 2 MiB (qemu-img convert) and read each block once, while guests' random reads are 4–128
     /// KiB. Copies through the cache would only evict what random readers use.
     public static let bypassBytes = 256 << 10
 
-    private struct Key: Hashable { let image: ObjectIdentifier; let block: UInt64 }
-    private struct Slot { var key: Key; var bytes: [UInt8]; var prev: Int; var next: Int }
-    private let lock = ConditionLock()
-    // Guarded by `lock`: slots in a doubly linked list, most recently used at `head`.
-    private var slots: [Slot] = []
-    private var free: [Int] = []
-    private var map: [Key: Int] = [:]
-    private var head = -1, tail = -1
-    private var used = 0
-    private var loading = Set<Key>()
-    private(set) var hits = 0
-    private(set) var misses = 0
+    fileprivate struct Key: Hashable { let image: ObjectIdentifier; let block: UInt64 }
+    private let state = ConditionMutex(Blocks())
 
     public init(capacity: Int) {
         self.capacity = capacity
     }
 
     /// Hits and decoded blocks so far.
-    public var stats: (hits: Int, misses: Int) { lock.withLock { (hits, misses) } }
+    public var stats: (hits: Int, misses: Int) { state.withLock { ($0.hits, $0.misses) } }
 
     /// Reads [offset, offset + count) of `image` through the cache, in blocks of `blockSize`
     /// (the image's cluster size); bytes past the virtual size read as zeros.
@@ -60,15 +49,14 @@ public final class BlockCache: @unchecked Sendable {
 
     private func withBlock(_ key: Key, image: any GuestImage, start: UInt64, length: Int, context: ReadContext,
                            _ body: (UnsafeRawBufferPointer) -> Void) throws(QcowPressError) {
-        let cached: [UInt8]? = lock.withLock {
-            while loading.contains(key) { lock.wait() }
-            if let s = map[key] {
-                hits += 1
-                touch(s)
-                return slots[s].bytes
+        let cached: [UInt8]? = state.withLock(waitingUntil: { !$0.loading.contains(key) }) { b in
+            if let s = b.map[key] {
+                b.hits += 1
+                b.touch(s)
+                return b.slots[s].bytes
             }
-            misses += 1
-            loading.insert(key)
+            b.misses += 1
+            b.loading.insert(key)
             return nil
         }
         if let cached {
@@ -84,24 +72,37 @@ public final class BlockCache: @unchecked Sendable {
                 return .failure(error)
             }
         }
-        lock.withLock {
-            loading.remove(key)
-            if case .success = result { insert(key, bytes) }
-            lock.broadcast()
+        let kept = bytes
+        state.withLock { b in
+            b.loading.remove(key)
+            if case .success = result { b.insert(key, kept, capacity: capacity) }
         }
+        state.broadcast()
         try result.get()
         bytes.withUnsafeBytes(body)
     }
+}
 
-    // MARK: The list (caller holds the lock)
+/// What a ``BlockCache`` holds, under its lock: slots in a doubly linked list, most recently used
+/// at `head`, the blocks being loaded, and the counts.
+private struct Blocks {
+    struct Slot { var key: BlockCache.Key; var bytes: [UInt8]; var prev: Int; var next: Int }
+    var slots: [Slot] = []
+    var free: [Int] = []
+    var map: [BlockCache.Key: Int] = [:]
+    var head = -1, tail = -1
+    var used = 0
+    var loading = Set<BlockCache.Key>()
+    var hits = 0
+    var misses = 0
 
-    private func unlink(_ s: Int) {
+    mutating func unlink(_ s: Int) {
         let (p, n) = (slots[s].prev, slots[s].next)
         if p >= 0 { slots[p].next = n } else { head = n }
         if n >= 0 { slots[n].prev = p } else { tail = p }
     }
 
-    private func pushFront(_ s: Int) {
+    mutating func pushFront(_ s: Int) {
         slots[s].prev = -1
         slots[s].next = head
         if head >= 0 { slots[head].prev = s }
@@ -109,13 +110,13 @@ public final class BlockCache: @unchecked Sendable {
         if tail < 0 { tail = s }
     }
 
-    private func touch(_ s: Int) {
+    mutating func touch(_ s: Int) {
         guard head != s else { return }
         unlink(s)
         pushFront(s)
     }
 
-    private func insert(_ key: Key, _ bytes: [UInt8]) {
+    mutating func insert(_ key: BlockCache.Key, _ bytes: [UInt8], capacity: Int) {
         guard map[key] == nil, bytes.count <= capacity else { return }
         while used + bytes.count > capacity, tail >= 0 {
             let victim = tail

@@ -91,12 +91,14 @@ let package = Package(
             "QcowPress", "Qcow2Format", "BackupSources", "DirectIO",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
-        .testTarget(name: "Qcow2FormatTests", dependencies: ["Qcow2Format"]),
-        .testTarget(name: "ClusterCompressionTests", dependencies: ["ClusterCompression"]),
-        .testTarget(name: "DirectIOTests", dependencies: ["DirectIO"]),
-        .testTarget(name: "QEMUControlTests", dependencies: ["QEMUControl"]),
-        .testTarget(name: "BackupSourcesTests", dependencies: ["BackupSources"]),
-        .testTarget(name: "QcowPressTests", dependencies: ["QcowPress", "Qcow2Format", "ClusterCompression", "DirectIO"]),
-        .testTarget(name: "CLITests", dependencies: ["Qcow2Format", "QcowPress", "qcowpress", "qcowpress-fuzz", "qcowpress-examples"]),
+        // The Swift Testing tags every test target uses (fast, e2e, nbd, pbs, faults, property).
+        .target(name: "TestTags", path: "Tests/TestTags"),
+        .testTarget(name: "Qcow2FormatTests", dependencies: ["TestTags", "Qcow2Format"]),
+        .testTarget(name: "ClusterCompressionTests", dependencies: ["TestTags", "ClusterCompression"]),
+        .testTarget(name: "DirectIOTests", dependencies: ["TestTags", "DirectIO"]),
+        .testTarget(name: "QEMUControlTests", dependencies: ["TestTags", "QEMUControl"]),
+        .testTarget(name: "BackupSourcesTests", dependencies: ["TestTags", "BackupSources"]),
+        .testTarget(name: "QcowPressTests", dependencies: ["TestTags", "QcowPress", "Qcow2Format", "ClusterCompression", "DirectIO"]),
+        .testTarget(name: "CLITests", dependencies: ["TestTags", "Qcow2Format", "QcowPress", "qcowpress", "qcowpress-fuzz", "qcowpress-examples"]),
     ]
 )

@@ -28,6 +28,9 @@ final class OutputSet: Sendable {
         var destination: String
         var replaced: String?
         var encoder: Qcow2Encoder?
+        /// Written in place (a block device): there is no earlier file to put back, and the name
+        /// is the device's, never to be removed.
+        var inPlace = false
     }
     private struct State {
         var createdDirectories: [String] = []
@@ -121,7 +124,7 @@ final class OutputSet: Sendable {
             if let replaced { FileNames.unlink(replaced) }
             throw error
         }
-        state.withLock { $0.committed.append(Committed(destination: path, replaced: replaced, encoder: e)) }
+        state.withLock { $0.committed.append(Committed(destination: path, replaced: replaced, encoder: e, inPlace: e.output.target.isBlockDevice)) }
     }
 
     /// Renames every finished output into place; on a failure (a destination that appeared
@@ -167,8 +170,9 @@ final class OutputSet: Sendable {
 
     /// Undoes the run: outputs not yet in place are removed; outputs already renamed into place
     /// are removed and the files they replaced put back — except images `keep` says must stay (in
-    /// use by a running VM), whose replaced files are then dropped; the directories the run
-    /// created go (if empty).
+    /// use by a running VM), whose replaced files are then dropped, and complete images written
+    /// into a block device, which stay (what the device held is gone; its node is never removed);
+    /// the directories the run created go (if empty).
     func rollback(keeping keep: (Qcow2Encoder) -> Bool = { _ in false }) {
         let s = state.withLock { s in
             let taken = s
@@ -181,7 +185,10 @@ final class OutputSet: Sendable {
         }
         for f in s.files { TemporaryFiles.discard(f.temporary) }
         for c in s.committed.reversed() {
-            if let e = c.encoder, keep(e) {
+            if c.inPlace {
+                // A block device keeps the complete image written into it.
+                continue
+            } else if let e = c.encoder, keep(e) {
                 if let r = c.replaced { FileNames.unlink(r) }
             } else if let r = c.replaced {
                 try? FileNames.rename(r, c.destination)

@@ -15,20 +15,6 @@ struct LiveRollbackTests {
         return out
     }
 
-    /// A datastore whose second drive has a chunk of its own, then deleted: the first drive
-    /// restores completely before the second fails. Returns the datastore and the lost digest.
-    static func damagedSecondDrive(_ f: PBSFixture, in dir: URL) throws -> (datastore: String, digest: String) {
-        let unique = SourceImage.noise(1 << 20, seed: 1234)
-        let rawC = dir.appendingPathComponent("c.raw").path
-        try (Data(count: 1 << 20) + unique).write(to: URL(fileURLWithPath: rawC))
-        let ds = try PBSFixture.datastore(in: dir, drives: ["drive-scsi0.img": f.rawA, "drive-virtio1.img": rawC], seed: 5)
-        let chunkFile = dir.appendingPathComponent("unique.bin").path
-        try unique.write(to: URL(fileURLWithPath: chunkFile))
-        let hex = String(try Harness.run("/usr/bin/sha256sum", [chunkFile]).stdout.prefix(64))
-        try FileManager.default.removeItem(atPath: "\(ds)/.chunks/\(hex.prefix(4))/\(hex)")
-        return (ds, hex)
-    }
-
     /// Bug: `restore pbs --live SOCK --all OUTDIR --force`, the second drive's chunk damaged,
     /// removed the user's earlier `OUTDIR/drive-scsi0.qcow2` (the live path unlinked each finished
     /// drive on failure). Now every file in OUTDIR stays as it was, and nothing else is left.
@@ -43,7 +29,7 @@ struct LiveRollbackTests {
 
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let (ds, hex) = try Self.damagedSecondDrive(f, in: dir)
+        let (ds, hex) = try f.damagedSecondDrive(in: dir)
         let sock = dir.appendingPathComponent("live.sock").path
         let r = try Harness.qcowpress(["restore", "pbs", "--datastore", ds, "--live", sock, PBSRestoreTests.snapshot, "--all", out, "--force"])
         #expect(r.status == 1 && r.stderr.split(separator: "\n").count == 1 && r.stderr.contains(hex), "\(r.stderr)")

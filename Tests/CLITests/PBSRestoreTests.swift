@@ -209,6 +209,20 @@ struct PBSFixture {
         return padded
     }
 
+    /// A datastore whose second drive has a chunk of its own, then deleted: the first drive
+    /// restores completely before the second fails. Returns the datastore and the lost digest.
+    func damagedSecondDrive(in dir: URL) throws -> (datastore: String, digest: String) {
+        let unique = SourceImage.noise(1 << 20, seed: 1234)
+        let rawC = dir.appendingPathComponent("c.raw").path
+        try (Data(count: 1 << 20) + unique).write(to: URL(fileURLWithPath: rawC))
+        let ds = try PBSFixture.datastore(in: dir, drives: ["drive-scsi0.img": rawA, "drive-virtio1.img": rawC], seed: 5)
+        let chunkFile = dir.appendingPathComponent("unique.bin").path
+        try unique.write(to: URL(fileURLWithPath: chunkFile))
+        let hex = String(try Harness.run("/usr/bin/sha256sum", [chunkFile]).stdout.prefix(64))
+        try FileManager.default.removeItem(atPath: "\(ds)/.chunks/\(hex.prefix(4))/\(hex)")
+        return (ds, hex)
+    }
+
     /// Adds a later snapshot of the same group (`vm/100`) holding drive B as `drive-scsi0.img`.
     func addLaterSnapshot(_ snapshot: String) throws {
         try Self.writeSnapshot(snapshot, of: ["drive-scsi0.img": rawB], into: datastore, chunk: chunk, seed: 6)

@@ -49,14 +49,7 @@ extension DataSafetyTests {
         // drive is restored completely before the second fails.
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let unique = SourceImage.noise(1 << 20, seed: 1234)
-        let rawC = dir.appendingPathComponent("c.raw").path
-        try (Data(count: 1 << 20) + unique).write(to: URL(fileURLWithPath: rawC))
-        let ds = try PBSFixture.datastore(in: dir, drives: ["drive-scsi0.img": f.rawA, "drive-virtio1.img": rawC], seed: 5)
-        let chunkFile = dir.appendingPathComponent("unique.bin").path
-        try unique.write(to: URL(fileURLWithPath: chunkFile))
-        let hex = try Harness.run("/usr/bin/sha256sum", [chunkFile]).stdout.prefix(64)
-        try FileManager.default.removeItem(atPath: "\(ds)/.chunks/\(hex.prefix(4))/\(hex)")
+        let (ds, hex) = try f.damagedSecondDrive(in: dir)
 
         let nested = dir.appendingPathComponent("new/outdir").path
         let failed = try Harness.qcowpress(["restore", "pbs", "--datastore", ds, PBSRestoreTests.snapshot, "--all", nested])

@@ -1,17 +1,3 @@
-import Testing
-
-/// The subsets a test belongs to (#27's list), so a run or a report can pick one.
-extension Tag {
-    /// Quick, no external tools.
-    @Tag static var fast: Self
-    /// Runs the real binary end to end.
-    @Tag static var e2e: Self
-    /// Speaks NBD.
-    @Tag static var nbd: Self
-    /// Reads a PBS datastore or server.
-    @Tag static var pbs: Self
-    /// Forces failures (syscall faults, damaged input, silent peers).
-    @Tag static var faults: Self
-    /// Property tests over generated cases.
-    @Tag static var property: Self
-}
+// The test tags are one set for every test target (Tests/TestTags); importing it here makes them
+// visible in every file of this target.
+@_exported import TestTags

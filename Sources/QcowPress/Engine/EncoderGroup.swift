@@ -9,6 +9,7 @@ import Glibc
 /// The workers take batches of complete clusters from one queue (each batch belongs to one
 /// encoder), test them for zeros, compress them in place with the worker's own codec context, and
 /// hand the results to that encoder's writer thread.
+// @unchecked: workers wait on its condition for jobs (a Mutex has none); every var is touched only inside `lock`.
 public final class EncoderGroup: @unchecked Sendable {
     public let threads: Int
     public let clusterSize: Int

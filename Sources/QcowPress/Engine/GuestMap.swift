@@ -6,6 +6,7 @@ import Qcow2Format
 /// One lock; every method is one critical section, so a state change and what it releases (waiting
 /// copies, a complete region) are decided together — whoever makes a cluster final, the producer
 /// (zero clusters at intake) or the writer (worker results), gets its waiters.
+// @unchecked: its RegionTables (classes) leave the lock for the writer (takeTable), which a Mutex refuses; every var only inside `lock`.
 final class GuestMap: @unchecked Sendable {
     private let lock = ConditionLock()
     private let geometry: ClusterGeometry

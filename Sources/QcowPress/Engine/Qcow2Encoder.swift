@@ -161,6 +161,7 @@ public final class Qcow2Encoder: Sendable {
 }
 
 /// A one-shot result that async tasks and OS threads can both wait for.
+// @unchecked: OS threads wait on its condition (waitBlocking; a Mutex has none); value and waiters only inside `lock`.
 final class Completion<T: Sendable>: @unchecked Sendable {
     private let lock = ConditionLock()
     private var value: Result<T, QcowPressError>?

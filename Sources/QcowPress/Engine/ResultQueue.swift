@@ -25,6 +25,7 @@ struct ResultItem {
 /// Everything handed to one encoder's writer thread: worker results, copies to resolve, regions
 /// whose tables can be written; with the counts that tell the writer when the input is complete
 /// and the flag that stops it. One lock, a leaf (nothing else is locked while it is held).
+// @unchecked: the writer waits on its condition for work (a Mutex has none); every var is touched only inside `lock`.
 final class ResultQueue: @unchecked Sendable {
     private let lock = ConditionLock()
     // Guarded by `lock`.

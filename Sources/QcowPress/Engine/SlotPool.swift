@@ -5,6 +5,7 @@ import Glibc
 /// memory budget: producers take slots to assemble clusters; workers compress in place; the writer
 /// returns them once the bytes are in a write buffer. Producers wait here, and only here, when the
 /// budget is used up (back-pressure).
+// @unchecked: owns the raw slot arena (pointers handed out) and producers wait on its condition; `free` only inside `lock`.
 final class SlotPool: @unchecked Sendable {
     let slotSize: Int
     let count: Int

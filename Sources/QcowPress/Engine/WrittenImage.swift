@@ -8,6 +8,7 @@ import Qcow2Format
 /// Nothing published here ever moves: L2 tables and clusters below ``durableEnd`` stay where they
 /// are until the image is finished, and finishing freezes ``durableEnd`` first (the last buffer's
 /// compaction moves only clusters above it).
+// @unchecked: readers wait on its condition for the durable end (a Mutex has none); every var only inside `lock`.
 final class WrittenImage: @unchecked Sendable {
     private let lock = ConditionLock()
     // Guarded by `lock`.

@@ -10,7 +10,8 @@ import Foundation
 /// stops it (QEMU's block graph is then in a state it cannot reason about); ``finish()`` throws it
 /// with the steps left to do by hand. Images enqueued are finished, and the caller keeps them
 /// whatever the switch's outcome.
-public final class QMPSwitcher: @unchecked Sendable {  // every var is guarded by `lock`
+// @unchecked: every `var` is guarded by `lock` (a ConditionLock: the loop waits on it with timeouts).
+public final class QMPSwitcher: @unchecked Sendable {
     public let socket: String
     public let nodes: [String: String]
     public let timeout: Duration

@@ -5,8 +5,7 @@ import Synchronization
 
 /// One PBS archive (a drive) as a guest image read through a shared ``PBSChunkCache``: reads at
 /// any offset, all-zero chunks known without a load.
-// @unchecked: `readAhead` is set once before the first read; the rest is `let` or a Mutex.
-public final class PBSArchiveView: @unchecked Sendable {
+public final class PBSArchiveView: Sendable {
     /// The drive: its index and zero chunks. Clients that copy a drive skip what block status
     /// calls holes, so a sequential reader goes on after a run of zero chunks at the next chunk
     /// with data (``PBSDrive/nextDataChunk(from:)``).
@@ -34,7 +33,11 @@ public final class PBSArchiveView: @unchecked Sendable {
 
     /// Loads chunk `j` ahead of a sequential reader in place of ``PBSChunkCache/prefetch(_:length:what:)``
     /// (a live restore loads it and writes it into the image in one go). Set once, before the first read.
-    var readAhead: (@Sendable (Int) -> Void)?
+    var readAhead: (@Sendable (Int) -> Void)? {
+        get { readAheadHook.withLock { $0 } }
+        set { readAheadHook.withLock { $0 = newValue } }
+    }
+    private let readAheadHook = Mutex<(@Sendable (Int) -> Void)?>(nil)
 
     /// Reads [offset, offset + count) (bytes past the archive's end read as zero). A sequential
     /// reader gets the next chunk loaded ahead (``PBSChunkCache/prefetch(_:length:what:)``).
@@ -138,8 +141,8 @@ public final class PBSArchiveView: @unchecked Sendable {
             j = drive.nextDataChunk(from: j)
             guard j < index.chunkCount else { return }
             defer { j += 1 }
-            if let readAhead {
-                readAhead(j)
+            if let hook = readAhead {
+                hook(j)
             } else {
                 cache.prefetch(index.digest(j), length: index.chunkLength(j), what: chunkName(j))
             }

@@ -68,6 +68,21 @@ public final class ConditionMutex<Value: Sendable>: @unchecked Sendable {
         }
     }
 
+    /// ``withLock(waitingUntil:_:)`` that stops waiting after `seconds` (the body runs then,
+    /// whether or not `ready` says yes: it looks at the value itself).
+    public func withLock<R, E: Error>(waitingUntil ready: (Value) -> Bool, atMost seconds: Double,
+                                      _ body: (inout Value) throws(E) -> R) throws(E) -> R {
+        let deadline = ContinuousClock.now + .seconds(max(0, seconds))
+        return try lock.withLock { () throws(E) -> R in
+            while !ready(value) {
+                let left = deadline - ContinuousClock.now
+                guard left > .zero else { break }
+                _ = lock.wait(seconds: Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18)
+            }
+            return try body(&value)
+        }
+    }
+
     /// Wakes every waiter (each checks its condition again).
     public func broadcast() { lock.broadcast() }
     /// Wakes one waiter.

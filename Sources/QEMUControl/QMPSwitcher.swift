@@ -10,19 +10,20 @@ import Foundation
 /// stops it (QEMU's block graph is then in a state it cannot reason about); ``finish()`` throws it
 /// with the steps left to do by hand. Images enqueued are finished, and the caller keeps them
 /// whatever the switch's outcome.
-// @unchecked: every `var` is guarded by `lock` (a ConditionLock: the loop waits on it with timeouts).
-public final class QMPSwitcher: @unchecked Sendable {
+public final class QMPSwitcher: Sendable {
     public let socket: String
     public let nodes: [String: String]
     public let timeout: Duration
     public let appearWithin: Duration
     private let onSwitch: @Sendable (_ export: String, _ node: String, _ image: String) -> Void
-    private let lock = ConditionLock()
-    private var queue: [(export: String, image: String)] = []
-    private var busy = false
-    private var stopped = false
-    private var failure: QMPSwitchFailure?
-    private var done: Set<String> = []
+    private struct State {
+        var queue: [(export: String, image: String)] = []
+        var busy = false
+        var stopped = false
+        var failure: QMPSwitchFailure?
+        var done: Set<String> = []
+    }
+    private let state = ConditionMutex(State())
 
     public init(socket: String, nodes: [String: String], timeout: Duration = .seconds(30), appearWithin: Duration = .seconds(600),
                 onSwitch: @escaping @Sendable (_ export: String, _ node: String, _ image: String) -> Void) {
@@ -36,54 +37,50 @@ public final class QMPSwitcher: @unchecked Sendable {
     }
 
     /// Exports whose node reads the finished image now.
-    public var switched: Set<String> { lock.withLock { done } }
+    public var switched: Set<String> { state.withLock { $0.done } }
 
     /// Queues the switch of `export`'s node onto `image` (made absolute here: QEMU's working
     /// directory is not ours). Exports without a node are ignored.
     public func enqueue(export: String, image: String) {
         guard nodes[export] != nil else { return }
         let path = image.hasPrefix("/") ? image : FileManager.default.currentDirectoryPath + "/" + image
-        lock.withLock {
-            queue.append((export, path))
-            lock.broadcast()
-        }
+        state.withLock { $0.queue.append((export, path)) }
+        state.broadcast()
     }
 
     /// Waits for every queued switch; throws the first failure.
     public func finish() throws(QMPSwitchFailure) {
-        let f: QMPSwitchFailure? = lock.withLock {
-            while (!queue.isEmpty || busy) && failure == nil { lock.wait() }
-            while busy { lock.wait() }
-            stopped = true
-            lock.broadcast()
-            guard var f = failure else { return nil }
+        let nodes = self.nodes
+        let f = state.withLock(waitingUntil: { !$0.busy && ($0.queue.isEmpty || $0.failure != nil) }) { s -> QMPSwitchFailure? in
+            s.stopped = true
+            guard var f = s.failure else { return nil }
+            let done = s.done
             f.notSwitched = nodes.filter { $0.key != f.export && !done.contains($0.key) }.sorted { $0.key < $1.key }
                 .map { "'\($0.value)' (\($0.key))" }
             return f
         }
+        state.broadcast()
         if let f { throw f }
     }
 
     /// Drops what is queued, waits for a switch under way (at most one exchange's timeout), and
     /// says which exports were switched.
     public func stopAndReportSwitched() -> Set<String> {
-        lock.withLock {
-            stopped = true
-            queue.removeAll()
-            lock.broadcast()
-            while busy { lock.wait() }
-            return done
+        state.withLock {
+            $0.stopped = true
+            $0.queue.removeAll()
         }
+        state.broadcast()
+        return state.withLock(waitingUntil: { !$0.busy }) { $0.done }
     }
 
     private func loop() {
         var client: QMPClient?
         while true {
-            let next: (export: String, image: String)? = lock.withLock {
-                while queue.isEmpty && !stopped { lock.wait() }
-                if stopped || failure != nil { return nil }
-                busy = true
-                return queue.removeFirst()
+            let next = state.withLock(waitingUntil: { !$0.queue.isEmpty || $0.stopped }) { s -> (export: String, image: String)? in
+                if s.stopped || s.failure != nil { return nil }
+                s.busy = true
+                return s.queue.removeFirst()
             }
             guard let next else { return }
             let (export, image) = next
@@ -103,22 +100,22 @@ public final class QMPSwitcher: @unchecked Sendable {
             } catch {
                 outcome = .failure(error)
             }
-            let carryOn: Bool = lock.withLock {
-                defer {
-                    busy = false
-                    lock.broadcast()
-                }
-                switch outcome {
+            let settled = outcome
+            let rest = steps
+            let carryOn = state.withLock { s -> Bool in
+                s.busy = false
+                switch settled {
                 case .success(true):
-                    done.insert(export)
+                    s.done.insert(export)
                     return true
                 case .success(false):
                     return false
                 case .failure(let e):
-                    failure = QMPSwitchFailure(cause: e, export: export, node: node, image: image, rest: Self.rest(of: steps, after: e))
+                    s.failure = QMPSwitchFailure(cause: e, export: export, node: node, image: image, rest: Self.rest(of: rest, after: e))
                     return false
                 }
             }
+            state.broadcast()
             if !carryOn { return }
         }
     }
@@ -149,10 +146,7 @@ public final class QMPSwitcher: @unchecked Sendable {
 
     /// Waits 200 ms between looks at QEMU (cut short by a stop): true when stopped.
     private func pauseOrStopped() -> Bool {
-        lock.withLock {
-            if !stopped { lock.wait(seconds: 0.2) }
-            return stopped
-        }
+        state.withLock(waitingUntil: { $0.stopped }, atMost: 0.2) { $0.stopped }
     }
 
     /// The steps still to do after `error` ended the switch, and whether the first of them may

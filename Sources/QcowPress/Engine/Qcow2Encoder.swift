@@ -161,38 +161,36 @@ public final class Qcow2Encoder: Sendable {
 }
 
 /// A one-shot result that async tasks and OS threads can both wait for.
-// @unchecked: OS threads wait on its condition (waitBlocking; a Mutex has none); value and waiters only inside `lock`.
-final class Completion<T: Sendable>: @unchecked Sendable {
-    private let lock = ConditionLock()
-    private var value: Result<T, QcowPressError>?
-    private var waiters: [CheckedContinuation<Result<T, QcowPressError>, Never>] = []
+final class Completion<T: Sendable>: Sendable {
+    private struct State {
+        var value: Result<T, QcowPressError>?
+        var waiters: [CheckedContinuation<Result<T, QcowPressError>, Never>] = []
+    }
+    private let state = ConditionMutex(State())
 
     func resolve(_ r: Result<T, QcowPressError>) {
-        let w: [CheckedContinuation<Result<T, QcowPressError>, Never>] = lock.withLock {
-            if value != nil { return [] }
-            value = r
-            lock.broadcast()
-            let w = waiters
-            waiters = []
+        let w = state.withLock { s -> [CheckedContinuation<Result<T, QcowPressError>, Never>] in
+            if s.value != nil { return [] }
+            s.value = r
+            let w = s.waiters
+            s.waiters = []
             return w
         }
+        state.broadcast()
         for c in w { c.resume(returning: r) }
     }
     func waitBlocking() -> Result<T, QcowPressError> {
-        lock.withLock {
-            while value == nil { lock.wait() }
-            return value!
-        }
+        state.withLock(waitingUntil: { $0.value != nil }) { $0.value! }
     }
     func wait() async -> Result<T, QcowPressError> {
         await withCheckedContinuation { c in
-            let v: Result<T, QcowPressError>? = lock.withLock {
-                if let value { return value }
-                waiters.append(c)
+            let v = state.withLock { s -> Result<T, QcowPressError>? in
+                if let value = s.value { return value }
+                s.waiters.append(c)
                 return nil
             }
             if let v { c.resume(returning: v) }
         }
     }
-    var isResolved: Bool { lock.withLock { value != nil } }
+    var isResolved: Bool { state.withLock { $0.value != nil } }
 }

@@ -8,7 +8,7 @@ import Synchronization
 public final class PBSArchiveView: Sendable {
     /// The drive: its index and zero chunks. Clients that copy a drive skip what block status
     /// calls holes, so a sequential reader goes on after a run of zero chunks at the next chunk
-    /// with data (``PBSDrive/nextDataChunk(from:)``).
+    /// with data (`PBSDrive.nextDataChunk(from:)`).
     public let drive: PBSDrive
     public let cache: PBSChunkCache
     public var name: String { drive.name }

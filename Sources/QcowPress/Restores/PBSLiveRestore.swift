@@ -96,7 +96,7 @@ public final class PBSLiveRestore: Sendable {
     /// restored. A drive named in `commitEarly` (one a running VM is about to be switched onto) is
     /// renamed into place before `driveDone`; the others when every drive is restored.
     ///
-    /// All-or-nothing (``OutputSet``): on failure every destination is as it was before the run,
+    /// All-or-nothing (`OutputSet`): on failure every destination is as it was before the run,
     /// except the images `keep` says are in use (a running VM switched onto them); `keep` is asked
     /// only about images renamed into place early.
     public func run(commitEarly: Set<String> = [], driveDone: (Drive, PBSRestore.Summary) -> Void = { _, _ in },

@@ -114,7 +114,7 @@ public struct PBSRestore: Sendable {
     }
 
     /// Restores `archives` (name, destination) one after another, sharing one chunk cache. All or
-    /// nothing (``OutputSet``): the images appear together at the end; after a failure every
+    /// nothing (`OutputSet`): the images appear together at the end; after a failure every
     /// destination is as it was.
     public func restore(_ jobs: [(archive: String, destination: String)], encoder: EncoderOptions,
                         options: Options = Options(),
@@ -174,8 +174,8 @@ public struct PBSRestore: Sendable {
         return all
     }
 
-    /// Restores every drive of the snapshot into `outdir` (``allOutputs(into:overwrite:)``). All
-    /// or nothing (``OutputSet``): names are checked and configs decoded before anything is
+    /// Restores every drive of the snapshot into `outdir` (`allOutputs(into:overwrite:)`). All
+    /// or nothing (`OutputSet`): names are checked and configs decoded before anything is
     /// written; the images and configs appear together at the end; after a failure every file in
     /// `outdir` is as it was, and no directory the run created is left.
     public func restoreAll(into outdir: String, overwrite: Bool, encoder: EncoderOptions, options: Options = Options(),

@@ -9,8 +9,7 @@ import Glibc
 /// The workers take batches of complete clusters from one queue (each batch belongs to one
 /// encoder), test them for zeros, compress them in place with the worker's own codec context, and
 /// hand the results to that encoder's writer thread.
-// @unchecked: workers wait on its condition for jobs (a Mutex has none); every var is touched only inside `lock`.
-public final class EncoderGroup: @unchecked Sendable {
+public final class EncoderGroup: Sendable {
     public let threads: Int
     public let clusterSize: Int
     public let compression: CompressionSettings?
@@ -19,14 +18,18 @@ public final class EncoderGroup: @unchecked Sendable {
     let plan: MemoryPlan
 
     struct Job { let encoder: Qcow2Encoder; var items: [Qcow2Encoder.WorkItem] }
-    // Guarded by `lock`.
-    private let lock = ConditionLock()
-    private var jobs: [Job] = []
-    private var head = 0
-    private var stopped = false
-    /// The encoders in the group: joining and leaving change it only here, under `lock`, and an
-    /// encoder that leaves twice counts once.
-    private var members = Set<ObjectIdentifier>()
+    /// The job queue (workers wait on it), the members and the write-buffer bytes, under one lock.
+    private struct State {
+        var jobs: [Job] = []
+        var head = 0
+        var stopped = false
+        /// The encoders in the group: joining and leaving change it only here, under the lock, and
+        /// an encoder that leaves twice counts once.
+        var members = Set<ObjectIdentifier>()
+        /// Bytes of write buffers the member images hold.
+        var writeBufferBytes = 0
+    }
+    private let state = ConditionMutex(State())
     /// A private group (made by an encoder for itself) stops with its encoder; shared ones with
     /// ``shutdown()``. Fixed when the group is made.
     let ownedByOneEncoder: Bool
@@ -68,57 +71,51 @@ public final class EncoderGroup: @unchecked Sendable {
                       images: 1, ownedByOneEncoder: true)
     }
 
-    // Guarded by `lock`: bytes of write buffers the member images hold.
-    private var writeBufferBytes = 0
-
     /// Write buffers for one image joining the group (returned by ``releaseWriteBuffers(_:)``).
     func reserveWriteBuffers() throws(QcowPressError) -> (count: Int, size: Int) {
-        try lock.withLock { () throws(QcowPressError) -> (count: Int, size: Int) in
-            guard let b = plan.writeBuffers(inUse: writeBufferBytes) else {
-                throw .invalidArgument("memory limit \(memoryLimit >> 20)M has no room for another image's write buffers (\(writeBufferBytes >> 20)M in use); raise --memory-limit")
+        let plan = self.plan, memoryLimit = self.memoryLimit
+        return try state.withLock { (s) throws(QcowPressError) -> (count: Int, size: Int) in
+            guard let b = plan.writeBuffers(inUse: s.writeBufferBytes) else {
+                throw .invalidArgument("memory limit \(memoryLimit >> 20)M has no room for another image's write buffers (\(s.writeBufferBytes >> 20)M in use); raise --memory-limit")
             }
-            writeBufferBytes += b.count * b.size
+            s.writeBufferBytes += b.count * b.size
             return b
         }
     }
 
     /// Bytes of write buffers the member images hold now.
-    var writeBufferBytesInUse: Int { lock.withLock { writeBufferBytes } }
+    var writeBufferBytesInUse: Int { state.withLock { $0.writeBufferBytes } }
 
     func releaseWriteBuffers(_ bytes: Int) {
-        lock.withLock { writeBufferBytes -= bytes }
+        state.withLock { $0.writeBufferBytes -= bytes }
     }
 
-    func join(_ member: ObjectIdentifier) { lock.withLock { _ = members.insert(member) } }
+    func join(_ member: ObjectIdentifier) { state.withLock { _ = $0.members.insert(member) } }
 
     /// An encoder (its ``EncoderEnding/member``) finished or failed. A private group's workers
     /// stop when its encoder leaves. Leaving again changes nothing.
     func leave(_ member: ObjectIdentifier) {
-        lock.withLock {
-            guard members.remove(member) != nil else { return }
-            if members.isEmpty && ownedByOneEncoder {
-                stopped = true
-                lock.broadcast()
-            }
+        let owned = ownedByOneEncoder
+        let stops = state.withLock { s -> Bool in
+            guard s.members.remove(member) != nil, s.members.isEmpty && owned else { return false }
+            s.stopped = true
+            return true
         }
+        if stops { state.broadcast() }
     }
 
     /// Encoders in the group now.
-    var memberCount: Int { lock.withLock { members.count } }
+    var memberCount: Int { state.withLock { $0.members.count } }
 
     /// Stops the workers (for shared groups, after every member finished).
     public func shutdown() {
-        lock.withLock {
-            stopped = true
-            lock.broadcast()
-        }
+        state.withLock { $0.stopped = true }
+        state.broadcast()
     }
 
     func submit(_ encoder: Qcow2Encoder, _ items: [Qcow2Encoder.WorkItem]) {
-        lock.withLock {
-            jobs.append(Job(encoder: encoder, items: items))
-            if items.count > 1 { lock.broadcast() } else { lock.signal() }
-        }
+        state.withLock { $0.jobs.append(Job(encoder: encoder, items: items)) }
+        if items.count > 1 { state.broadcast() } else { state.signal() }
     }
 
     /// Clusters a worker takes at once. Small enough that both cores stay busy near the end of an
@@ -126,20 +123,19 @@ public final class EncoderGroup: @unchecked Sendable {
     static let workerBatch = 8
 
     private func next() -> (Qcow2Encoder, ArraySlice<Qcow2Encoder.WorkItem>)? {
-        lock.withLock {
-            while head == jobs.count && !stopped { lock.wait() }
-            if head == jobs.count { return nil }
-            let job = jobs[head]
+        state.withLock(waitingUntil: { $0.head < $0.jobs.count || $0.stopped }) { s -> (Qcow2Encoder, ArraySlice<Qcow2Encoder.WorkItem>)? in
+            if s.head == s.jobs.count { return nil }
+            let job = s.jobs[s.head]
             let n = min(Self.workerBatch, job.items.count)
             let taken = job.items[0..<n]
             if n == job.items.count {
-                head += 1
-                if head > 1024 && head * 2 > jobs.count {
-                    jobs.removeFirst(head)
-                    head = 0
+                s.head += 1
+                if s.head > 1024 && s.head * 2 > s.jobs.count {
+                    s.jobs.removeFirst(s.head)
+                    s.head = 0
                 }
             } else {
-                jobs[head].items.removeFirst(n)
+                s.jobs[s.head].items.removeFirst(n)
             }
             return (job.encoder, taken)
         }

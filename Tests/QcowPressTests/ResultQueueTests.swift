@@ -15,12 +15,7 @@ import Testing
 
     /// Waits (bounded) until every slot of `pool` is free; true when they all came back.
     static func allSlotsReturn(_ pool: SlotPool, within seconds: Double = 20) -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while pool.freeCount != pool.count {
-            if Date() > deadline { return false }
-            usleep(2_000)  // polling for the event (slots coming back), not a fixed wait
-        }
-        return true
+        pool.waitUntilAllFree(within: seconds)
     }
 
     /// A worker's batch delivered after the writer stopped is refused and stays with the worker

@@ -200,15 +200,25 @@ def main():
         return None if expect_closed(s) else "still open after a 4 GiB write header"
 
     def unread_replies():
-        # 64 reads of up to 8 MiB sent at once, none of their replies read for a second: the
-        # server stops taking requests while replies wait (the caller checks its peak RSS).
+        # 64 reads of up to 8 MiB sent at once, none of their replies ever read: the server stops
+        # taking requests while replies wait (the caller checks its peak RSS). The event waited
+        # for is that stop: more requests, sent without blocking, fill the socket's buffers once
+        # the server no longer reads them.
         s = connect(path)
         go(s, name)
         n = min(size, 8 << 20)
         s.sendall(b"".join(struct.pack(">IHHQQI", REQ, 0, 0, c, 0, n) for c in range(64)))
-        time.sleep(1)  # time is the subject: a client that leaves its replies unread for a while
+        s.setblocking(False)
+        more = b"".join(struct.pack(">IHHQQI", REQ, 0, 0, 64 + c, 0, 4096) for c in range(256))
+        deadline = time.monotonic() + 60
+        stopped = False
+        while not stopped and time.monotonic() < deadline:
+            try:
+                s.send(more)
+            except BlockingIOError:
+                stopped = True
         s.close()
-        return None
+        return None if stopped else "the server kept taking requests while its replies went unread"
 
     case("garbage instead of client flags", garbage)
     case("option length near 4 GiB", huge_option)

@@ -16,6 +16,8 @@ final class SlotPool: @unchecked Sendable {
     /// Tasks waiting for a slot: each is resumed with one, or with nil once the pool failed.
     private var asyncWaiters: [CheckedContinuation<Int32?, Never>] = []
     private var failed = false
+    /// Threads in ``waitUntilAllFree(within:)``: while there are any, a release wakes every waiter.
+    private var drainWaiters = 0
     /// Seconds producers spent waiting for a slot.
     private(set) var stallNanoseconds: UInt64 = 0
 
@@ -92,7 +94,7 @@ final class SlotPool: @unchecked Sendable {
         let waiter: CheckedContinuation<Int32?, Never>? = lock.withLock {
             if !asyncWaiters.isEmpty { return asyncWaiters.removeFirst() }
             free.append(slot)
-            lock.signal()
+            if drainWaiters > 0 { lock.broadcast() } else { lock.signal() }
             return nil
         }
         waiter?.resume(returning: slot)
@@ -112,6 +114,22 @@ final class SlotPool: @unchecked Sendable {
 
     /// Slots free now (tests check that every slot comes back).
     var freeCount: Int { lock.withLock { free.count } }
+
+    /// Waits until every slot is free again, at most `seconds`: true when they all are (tests
+    /// wait for every slot to come back after a stop).
+    func waitUntilAllFree(within seconds: Double) -> Bool {
+        lock.withLock {
+            drainWaiters += 1
+            defer { drainWaiters -= 1 }
+            let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+            while free.count != count {
+                let now = monotonicNanoseconds()
+                guard now < deadline else { return false }
+                _ = lock.wait(seconds: Double(deadline - now) / 1e9)
+            }
+            return true
+        }
+    }
 
     var stallSeconds: Double { Double(lock.withLock { stallNanoseconds }) / 1e9 }
 }

@@ -4,8 +4,10 @@ import Glibc
 /// A pthread mutex with one condition variable, for the engine's dedicated threads (never used to
 /// block a Swift concurrency thread). `withLock` runs a closure under the mutex; `wait()` may only
 /// be called inside it.
-// @unchecked: the lock itself; its pthread mutex and condition live behind raw pointers.
-public final class ConditionLock: @unchecked Sendable {
+///
+/// Not `Sendable` itself: it is held only by the owners that guard their state with it — each says
+/// in its own `// @unchecked:` line what the lock guards — and by ``ConditionMutex``.
+public final class ConditionLock {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 

@@ -5,7 +5,9 @@ import Synchronization
 
 /// One PBS archive (a drive) as a guest image read through a shared ``PBSChunkCache``: reads at
 /// any offset, all-zero chunks known without a load.
-public final class PBSArchiveView: Sendable {
+// @unchecked: `readAhead` is set once, before the first read (a lock on every read cost the live
+// restore's client reads: bench/nbd_bench.py live 1.22-1.31x of the restore alone, 1.03-1.15x without).
+public final class PBSArchiveView: @unchecked Sendable {
     /// The drive: its index and zero chunks. Clients that copy a drive skip what block status
     /// calls holes, so a sequential reader goes on after a run of zero chunks at the next chunk
     /// with data (`PBSDrive.nextDataChunk(from:)`).
@@ -33,11 +35,7 @@ public final class PBSArchiveView: Sendable {
 
     /// Loads chunk `j` ahead of a sequential reader in place of ``PBSChunkCache/prefetch(_:length:what:)``
     /// (a live restore loads it and writes it into the image in one go). Set once, before the first read.
-    var readAhead: (@Sendable (Int) -> Void)? {
-        get { readAheadHook.withLock { $0 } }
-        set { readAheadHook.withLock { $0 = newValue } }
-    }
-    private let readAheadHook = Mutex<(@Sendable (Int) -> Void)?>(nil)
+    var readAhead: (@Sendable (Int) -> Void)?
 
     /// Reads [offset, offset + count) (bytes past the archive's end read as zero). A sequential
     /// reader gets the next chunk loaded ahead (``PBSChunkCache/prefetch(_:length:what:)``).

@@ -135,6 +135,11 @@ def main():
                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "qsd.err"), "w"))
     rows = []
     try:
+        # QMP connects once (Tests/Support/qmp_run.py): wait for the daemon's socket first.
+        for _ in range(500):
+            if os.path.exists(qmp) or qsd.poll() is not None:
+                break
+            time.sleep(0.01)
         q = QMP(qmp)
         for n in range(a.rounds):
             order = [run_sink, run_native] if n % 2 == 0 else [run_native, run_sink]

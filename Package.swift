@@ -91,14 +91,15 @@ let package = Package(
             "QcowPress", "Qcow2Format", "BackupSources", "DirectIO",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
-        // The Swift Testing tags every test target uses (fast, e2e, nbd, pbs, faults, property).
-        .target(name: "TestTags", path: "Tests/TestTags"),
-        .testTarget(name: "Qcow2FormatTests", dependencies: ["TestTags", "Qcow2Format"]),
-        .testTarget(name: "ClusterCompressionTests", dependencies: ["TestTags", "ClusterCompression"]),
-        .testTarget(name: "DirectIOTests", dependencies: ["TestTags", "DirectIO"]),
-        .testTarget(name: "QEMUControlTests", dependencies: ["TestTags", "QEMUControl"]),
-        .testTarget(name: "BackupSourcesTests", dependencies: ["TestTags", "BackupSources"]),
-        .testTarget(name: "QcowPressTests", dependencies: ["TestTags", "QcowPress", "Qcow2Format", "ClusterCompression", "DirectIO"]),
-        .testTarget(name: "CLITests", dependencies: ["TestTags", "Qcow2Format", "QcowPress", "qcowpress", "qcowpress-fuzz", "qcowpress-examples"]),
+        // What every test target shares: the Swift Testing tags (fast, e2e, nbd, pbs, faults,
+        // property) and the seeded generator of the property tests.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "Qcow2FormatTests", dependencies: ["TestSupport", "Qcow2Format"]),
+        .testTarget(name: "ClusterCompressionTests", dependencies: ["TestSupport", "ClusterCompression"]),
+        .testTarget(name: "DirectIOTests", dependencies: ["TestSupport", "DirectIO"]),
+        .testTarget(name: "QEMUControlTests", dependencies: ["TestSupport", "QEMUControl"]),
+        .testTarget(name: "BackupSourcesTests", dependencies: ["TestSupport", "BackupSources"]),
+        .testTarget(name: "QcowPressTests", dependencies: ["TestSupport", "QcowPress", "Qcow2Format", "ClusterCompression", "DirectIO"]),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport", "Qcow2Format", "QcowPress", "qcowpress", "qcowpress-fuzz", "qcowpress-examples"]),
     ]
 )

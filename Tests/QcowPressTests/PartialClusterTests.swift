@@ -5,17 +5,6 @@ import Testing
 /// A cluster assembled from many small writes in any order (#27: merging the pieces was O(n²) in
 /// their number): every byte lands, at a scale where quadratic bookkeeping would show.
 @Suite(.tags(.property)) struct PartialClusterTests {
-    struct SplitMix: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     /// Two 2 MiB clusters: the first in 4096 pieces of 512 bytes, the second in 131072 pieces of
     /// 16 bytes, all in one random order, from four producers at once. The time limit is a hang
     /// guard, far above what this takes: 4096 + 32768 pieces took 56 s when each claim scanned
@@ -25,7 +14,7 @@ import Testing
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
         let cs = 2 << 20
-        var rng = SplitMix(state: 27)
+        var rng = SplitMix(seed: 27)
         let image = (0..<(2 * cs)).map { _ in UInt8.random(in: 1...255, using: &rng) }
         var pieces: [Range<Int>] = stride(from: 0, to: cs, by: 512).map { $0..<($0 + 512) }
             + stride(from: cs, to: 2 * cs, by: 16).map { $0..<($0 + 16) }

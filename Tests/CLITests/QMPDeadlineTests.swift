@@ -42,7 +42,7 @@ struct QMPDeadlineTests {
         let qmp = dir.appendingPathComponent("qmp.sock").path
         let live = dir.appendingPathComponent("live.sock").path
         let out = dir.appendingPathComponent("restored.qcow2").path
-        let fake = try FakeQMP(path: qmp, greeting: c.greeting, replies: c.replies)
+        let fake = try FakeQMPServer(path: qmp, greeting: c.greeting ? FakeQMPServer.qemuGreeting : nil, replies: c.replies)
         defer { fake.stop() }
 
         let p = Process()
@@ -78,73 +78,5 @@ struct QMPDeadlineTests {
         // Nothing is sent after the exchange that got no answer.
         #expect(fake.commands.last ?? "greeting" == c.unanswered, "\(fake.commands)")
         try Harness.expectGood(out, equals: raw)
-    }
-}
-
-/// A QMP server on a unix socket that answers only what it is told to (the greeting, then each
-/// command in `replies`) and otherwise stays silent with the connection open.
-final class FakeQMP: Sendable {
-    let path: String
-    private let listener: Int32
-    private let state = Mutex<(received: [String], open: Int, accepted: Int)>(([], 0, 0))
-    private let disconnected = DispatchSemaphore(value: 0)
-
-    /// The commands received so far, in order.
-    var commands: [String] { state.withLock { $0.received } }
-
-    init(path: String, greeting: Bool, replies: [String: String]) throws {
-        self.path = path
-        listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { p in for (i, b) in path.utf8.enumerated() { p[i] = b } }
-        let bound = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard listener >= 0, bound == 0, listen(listener, 4) == 0 else {
-            throw FixtureError(message: "\(path): cannot listen: \(String(cString: strerror(errno)))")
-        }
-        let fd = listener
-        Thread.detachNewThread { [self] in
-            while true {
-                let c = accept(fd, nil, nil)
-                if c < 0 { return }
-                state.withLock { $0.open += 1; $0.accepted += 1 }
-                Thread.detachNewThread { [self] in serve(c, greeting: greeting, replies: replies) }
-            }
-        }
-    }
-
-    private func serve(_ c: Int32, greeting: Bool, replies: [String: String]) {
-        func send(_ s: String) { _ = (s + "\r\n").withCString { Glibc.send(c, $0, strlen($0), Int32(MSG_NOSIGNAL)) } }
-        if greeting { send(#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 9}}, "capabilities": []}}"#) }
-        var pending = Data()
-        var buf = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = recv(c, &buf, buf.count, 0)
-            if n <= 0 { break }
-            pending.append(contentsOf: buf[0..<n])
-            while let nl = pending.firstIndex(of: 0x0A) {
-                let line = pending[pending.startIndex..<nl]
-                pending.removeSubrange(pending.startIndex...nl)
-                let cmd = ((try? JSONSerialization.jsonObject(with: line)) as? [String: Any])?["execute"] as? String ?? "?"
-                state.withLock { $0.received.append(cmd) }
-                if let r = replies[cmd] { send(r) }
-            }
-        }
-        close(c)
-        if state.withLock({ $0.open -= 1; return $0.open == 0 }) { disconnected.signal() }
-    }
-
-    /// Waits until a client connected and every client has gone.
-    func waitForDisconnect(seconds: Double) -> Bool {
-        if state.withLock({ $0.accepted > 0 && $0.open == 0 }) { return true }
-        return disconnected.wait(timeout: .now() + seconds) == .success
-    }
-
-    func stop() {
-        shutdown(listener, Int32(SHUT_RDWR))
-        close(listener)
-        unlink(path)
     }
 }

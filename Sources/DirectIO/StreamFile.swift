@@ -53,7 +53,7 @@ public final class StreamFile: Sendable {
             let r = Sys.retryingEINTR { Sys.read(fd, p, count) }
             if r == -Int(EAGAIN) || r == -Int(EWOULDBLOCK) {
                 // Readable, hung up or in error: the next read says which.
-                let w = Sys.poll(fd, events: Int16(POLLIN))
+                let w = Sys.retryingEINTR { Sys.poll(fd, events: Int16(POLLIN)) }
                 if w < 0 { throw IOError(errno: Int32(-w), operation: "poll", path: path, offset: position) }
                 continue
             }

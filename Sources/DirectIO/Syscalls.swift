@@ -217,14 +217,13 @@ enum Sys {
         return Glibc.fstat(fd, &st) < 0 ? -Glibc.errno : 0
     }
 
-    /// poll(2) on one descriptor, waiting without a timeout while none of `events` is ready
-    /// (interrupted waits go on). The returned events (POLLHUP and POLLERR too), or -errno.
-    static func poll(_ fd: Int32, events: Int16) -> Int {
+    /// poll(2) on one descriptor: the events that are ready (POLLHUP and POLLERR too; 0 when
+    /// `timeoutMS` passed first, -1 waits without one), or -errno. EINTR is the caller's to retry
+    /// (through ``retryingEINTR(_:)``), which works out a timeout again when it has a deadline.
+    static func poll(_ fd: Int32, events: Int16, timeoutMS: Int32 = -1) -> Int {
         var p = pollfd(fd: fd, events: events, revents: 0)
-        return retryingEINTR {
-            let r = Glibc.poll(&p, 1, -1)
-            return r < 0 ? -Int(Glibc.errno) : Int(p.revents)
-        }
+        let r = Glibc.poll(&p, 1, timeoutMS)
+        return r < 0 ? -Int(Glibc.errno) : Int(p.revents)
     }
 
     static func fadvise(_ fd: Int32, _ offset: UInt64, _ length: UInt64, _ advice: Int32) {

@@ -73,7 +73,7 @@ public struct UnixSocket: ~Copyable {
             guard left > .zero else { return 0 }
             let (s, atto) = left.components
             let ms = s * 1000 + (atto + 999_999_999_999_999) / 1_000_000_000_000_000  // rounded up
-            return Sys.pollSocket(fd, events: events, timeoutMS: Int32(clamping: ms))
+            return Sys.poll(fd, events: events, timeoutMS: Int32(clamping: ms))
         }
         if r < 0 { throw IOError(errno: Int32(-r), operation: "poll", path: path) }
         return r > 0
@@ -113,12 +113,5 @@ extension Sys {
         let n = f.length == 0 && count > 0 ? 1 : f.length
         let r = Glibc.recv(fd, buf, n, 0)
         return r < 0 ? -Int(Glibc.errno) : r
-    }
-
-    /// poll(2) on one descriptor: the number of ready descriptors (0 at the timeout), or -errno.
-    static func pollSocket(_ fd: Int32, events: Int16, timeoutMS: Int32) -> Int {
-        var p = pollfd(fd: fd, events: events, revents: 0)
-        let r = Glibc.poll(&p, 1, timeoutMS)
-        return r < 0 ? -Int(Glibc.errno) : Int(r)
     }
 }

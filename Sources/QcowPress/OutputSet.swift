@@ -141,8 +141,10 @@ final class OutputSet: Sendable {
             for (n, e) in encoders.enumerated() {
                 do throws(QcowPressError) { try commitImage(e) } catch {
                     // Not committed yet: back in the set, so the rollback discards them.
-                    state.withLock { $0.encoders.append(contentsOf: encoders[n...]) }
-                    state.withLock { $0.files.append(contentsOf: files) }
+                    state.withLock {
+                        $0.encoders.append(contentsOf: encoders[n...])
+                        $0.files.append(contentsOf: files)
+                    }
                     throw error
                 }
             }

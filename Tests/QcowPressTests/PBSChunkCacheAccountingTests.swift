@@ -15,7 +15,7 @@ import Testing
         func fetch(_ digest: ArraySlice<UInt8>, into buffer: inout [UInt8], what: String) throws(SourceError) -> Int {
             guard let b = blobs[digest] else { throw SourceError(.damaged, path: "memory", "\(what): no such chunk") }
             if buffer.count < b.count { buffer = [UInt8](repeating: 0, count: b.count) }
-            buffer.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(start: b, count: b.count)) }
+            b.withUnsafeBytes { src in buffer.withUnsafeMutableBytes { $0.copyMemory(from: src) } }
             return b.count
         }
         var isRemote: Bool { false }

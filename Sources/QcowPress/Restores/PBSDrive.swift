@@ -82,6 +82,21 @@ public struct PBSDrive: Sendable {
     }
 }
 
+extension PBSDrive {
+    /// The digests `steps` load, each once, in guest order, leaving out those `held` says are at
+    /// hand already: what a restore from a server asks for ahead of its loaders.
+    func firstLoads(_ steps: [Step], except held: (ArraySlice<UInt8>) -> Bool) -> [ArraySlice<UInt8>] {
+        var order: [ArraySlice<UInt8>] = []
+        var seen = Set<ArraySlice<UInt8>>()
+        for i in 0..<steps.count {
+            guard case .load = steps[i] else { continue }
+            let d = index.digest(i)
+            if seen.insert(d).inserted && !held(d) { order.append(d) }
+        }
+        return order
+    }
+}
+
 extension PBSRestore {
     /// Opens one drive (its archive named as ``PBSDrive/archiveName(_:)`` takes it): the index,
     /// checked against the manifest, and its zero chunks.

@@ -149,14 +149,7 @@ public final class PBSLiveRestore: Sendable {
         if store.isRemote {
             // From a server: the chunks this drive loads, in the restore's order, requested
             // ahead (a reader's chunk that is among them is taken from there too).
-            var order: [ArraySlice<UInt8>] = []
-            var seen = Set<ArraySlice<UInt8>>()
-            for i in 0..<d.plan.count {
-                guard case .load = d.plan[i] else { continue }
-                let digest = index.digest(i)
-                if seen.insert(digest).inserted && !cache.contains(digest) { order.append(digest) }
-            }
-            store.willFetch(order, window: max(1, options.streams))
+            store.willFetch(d.view.drive.firstLoads(d.plan, except: cache.contains), window: max(1, options.streams))
         }
         try forEachIndex(UInt64(d.plan.count), threads: options.loaders, name: "qp-live") {
             return { (i64) throws(QcowPressError) in

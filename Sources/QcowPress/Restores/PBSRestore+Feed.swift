@@ -41,14 +41,7 @@ extension PBSRestore {
         let name = drive.archive
         if reader.store.isRemote {
             // The first load of each digest not already cached, in the order the loaders take them.
-            var order: [ArraySlice<UInt8>] = []
-            var seen = Set<ArraySlice<UInt8>>()
-            for i in 0..<index.chunkCount {
-                guard case .load = plan[i] else { continue }
-                let d = index.digest(i)
-                if seen.insert(d).inserted && !cache.contains(d) { order.append(d) }
-            }
-            reader.store.willFetch(order, window: max(1, options.streams))
+            reader.store.willFetch(drive.firstLoads(plan, except: cache.contains), window: max(1, options.streams))
         }
         try forEachIndex(UInt64(index.chunkCount), threads: options.loaders, name: "qp-pbs") {
             let buf = AlignedBuffer(capacity: cs)

@@ -104,10 +104,6 @@ public struct PBSRestore: Sendable {
         }
     }
 
-    /// A drive's name from its archive's: `drive-scsi0.img.fidx` → `drive-scsi0` (the image file's
-    /// base name in `--all`, the NBD export's name).
-    public static func driveName(_ archive: String) -> String { PBSDrive.driveName(archive) }
-
     /// The disk images of the snapshot: archive name and size in bytes.
     public var archives: [(name: String, size: UInt64)] {
         snapshot.images.map { ($0.filename, $0.size) }
@@ -151,7 +147,7 @@ public struct PBSRestore: Sendable {
         var names: [(name: String, what: String)] = []
         for a in archives {
             // drive-scsi0.img.fidx -> drive-scsi0.qcow2 (names were checked: no '/', no '..').
-            let base = Self.driveName(a.name)
+            let base = PBSDrive.driveName(a.name)
             names.append((base + ".qcow2", "the image of \(a.name)"))
             all.jobs.append((a.name, outdir + "/" + base + ".qcow2"))
         }

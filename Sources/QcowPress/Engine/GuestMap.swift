@@ -85,7 +85,9 @@ final class GuestMap: @unchecked Sendable {
         try forEachRegion(first, end) { (r, c, stop) throws(QcowPressError) in
             if completed.contains(r) { throw overlap(c) }
             guard let t = tables[r] else { return }
-            for k in c..<stop where t[geometry.l2Index(ofGuestCluster: k)] != .untouched || partials[k] != nil {
+            // No hash lookup per cluster when no cluster is partly written (the common case).
+            let anyPartial = !partials.isEmpty
+            for k in c..<stop where t[geometry.l2Index(ofGuestCluster: k)] != .untouched || (anyPartial && partials[k] != nil) {
                 throw overlap(k)
             }
         }

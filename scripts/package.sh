@@ -13,8 +13,15 @@
 # Incremental: the build lives in its own scratch path (QCOWPRESS_PKG_SCRATCH, default .build-pkg)
 # so it neither disturbs nor is disturbed by the debug build in .build; a second run rebuilds only
 # what changed. Prints the path of the .deb on stdout (everything else goes to stderr).
+#
+# QCOWPRESS_PKG_CONFIG=debug (the test suite's PackageTests) builds the same package from a static
+# debug build into $scratch/dist, gzip-compressed: the script's every step runs, at a fraction of
+# the cold release build's cost (measured in bench/RESULTS.md, stop 25), and the user's dist/ is
+# never touched by a test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+config=${QCOWPRESS_PKG_CONFIG:-release}
+[ "$config" = release ] || [ "$config" = debug ] || { echo "package.sh: QCOWPRESS_PKG_CONFIG=$config: release or debug" >&2; exit 1; }
 scratch=$(realpath -m "${QCOWPRESS_PKG_SCRATCH:-.build-pkg}")
 fail() { echo "package.sh: $*" >&2; exit 1; }
 
@@ -31,7 +38,7 @@ arch=$(dpkg --print-architecture)
 
 # One set of flags for the build and for its bin path: any difference would make SwiftPM rebuild
 # everything (-static-stdlib is in every compile command, not only the link).
-flags=(-c release --static-swift-stdlib --scratch-path "$scratch")
+flags=(-c "$config" --static-swift-stdlib --scratch-path "$scratch")
 echo "package.sh: building qcowpress (${flags[*]})" >&2
 swift build "${flags[@]}" --product qcowpress >&2 || fail "swift build ${flags[*]} failed"
 bin="$(swift build "${flags[@]}" --show-bin-path)/qcowpress"
@@ -119,8 +126,10 @@ Description: write qcow2 disk images fast
 EOF
 (cd "$root" && find usr -type f -print0 | sort -z | xargs -0 md5sum) > "$root/DEBIAN/md5sums"
 
-mkdir -p dist
-deb="dist/qcowpress_${version}_${arch}.deb"
+dist=dist compression=(-Zxz)
+[ "$config" = release ] || { dist="$scratch/dist"; compression=(-Zgzip -z1); }
+mkdir -p "$dist"
+deb="$dist/qcowpress_${version}_${arch}.deb"
 # xz-compressing the 60 MB binary is most of a warm run (~40 s of CPU): a .deb whose control file
 # and md5sums match what was just staged already holds exactly these files, so it is kept.
 if [ -f "$deb" ] && cmp -s <(dpkg-deb --info "$deb" control 2>/dev/null) "$root/DEBIAN/control" \
@@ -128,7 +137,7 @@ if [ -f "$deb" ] && cmp -s <(dpkg-deb --info "$deb" control 2>/dev/null) "$root/
     echo "package.sh: $deb is up to date" >&2
 else
     rm -f "$deb"
-    dpkg-deb --root-owner-group --build "$root" "$deb" >&2 || fail "dpkg-deb --build failed"
+    dpkg-deb --root-owner-group "${compression[@]}" --build "$root" "$deb" >&2 || fail "dpkg-deb --build failed"
 fi
 echo "package.sh: $deb ($(du -h "$deb" | cut -f1)), Depends: $deps" >&2
 echo "$deb"

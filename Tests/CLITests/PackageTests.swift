@@ -6,8 +6,9 @@ private let haveDpkgDeb = FileManager.default.isExecutableFile(atPath: "/usr/bin
 
 /// The Debian package from scripts/package.sh: what it holds, what it depends on, and that the
 /// binary it installs runs with an empty environment on a machine that has no Swift runtime in
-/// its library path. The package build is a static release build in .build-pkg (minutes when
-/// cold, seconds when warm); the tests share one run of the script.
+/// its library path. The suite builds it from a static debug build (QCOWPRESS_PKG_CONFIG=debug, in
+/// .build-pkg, its .deb in .build-pkg/dist): the same script and steps as the release package, at a
+/// fraction of a cold release build's minutes; the tests share one run of the script.
 @Suite(.tags(.e2e), .enabled(if: haveDpkgDeb, "needs dpkg-deb (Debian's dpkg) to build and inspect the .deb"))
 struct PackageTests {
     static var root: URL { BadCorpusTests.dir.deletingLastPathComponent().deletingLastPathComponent() }
@@ -29,7 +30,8 @@ struct PackageTests {
             try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
             let log = scratch.appendingPathComponent("package-test.log").path
             let r = try Harness.run("/bin/bash", ["-c", "exec bash \"$0\" 2>\"$1\"",
-                                                  root.appendingPathComponent("scripts/package.sh").path, log])
+                                                  root.appendingPathComponent("scripts/package.sh").path, log],
+                                    env: ["QCOWPRESS_PKG_CONFIG": "debug"])
             guard r.status == 0, let last = r.stdout.split(separator: "\n").last else {
                 let tail = (try? String(contentsOfFile: log, encoding: .utf8))?.suffix(4000) ?? "(no log)"
                 return .failure(PackageError("scripts/package.sh exited \(r.status); the end of \(log):\n\(tail)"))

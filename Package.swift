@@ -54,6 +54,9 @@ let package = Package(
         .target(name: "NBDServer", dependencies: [
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
+            // NBD_OPT_STARTTLS: TLS with x509 client certificates, as qemu-nbd.
+            .product(name: "NIOTLS", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ]),
         // The engine's NBD exports: images, PBS snapshots and live restores served read-only, and the
         // backup sink (a writable export whose writes go into an encoder, and the policy deciding

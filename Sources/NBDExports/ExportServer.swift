@@ -26,7 +26,8 @@ public final class ExportServer: Sendable {
     let server: NBDServer
     /// The unix socket listened on, if any.
     public let socket: String?
-    /// Each export's name and URL (`nbd+unix:///NAME?socket=PATH` or `nbd://HOST:PORT/NAME`).
+    /// Each export's name and URL (`nbd+unix:///NAME?socket=PATH`, `nbd://HOST:PORT/NAME`, or
+    /// `nbds://HOST:PORT/NAME` with TLS).
     public let urls: [(export: String, uri: String)]
 
     /// Listens at once: a connection may come as soon as this returns.
@@ -35,9 +36,24 @@ public final class ExportServer: Sendable {
     /// requests of one connection that wait on one chunk's load cannot hold every thread while
     /// another connection's chunk is cached. Not faster on 2 cores in bench/nbd_bench.py (serve
     /// pbs + nbdcopy within noise of 4 threads); threads that wait cost no CPU.
-    public init(_ set: ExportSet, socket: String?, listen: String?, ioThreads: Int = 16) throws(QcowPressError) {
+    ///
+    /// `security`: TLS and the handshake's timeout (``ServerSecurity``); plaintext on TCP beyond
+    /// loopback is refused unless it says `insecure`. `log` gets one line for each client refused
+    /// (its address and why) and warnings about the credentials.
+    public init(_ set: ExportSet, socket: String?, listen: String?, ioThreads: Int = 16, security: ServerSecurity = ServerSecurity(),
+                log: @escaping @Sendable (String) -> Void = { _ in }) throws(QcowPressError) {
         guard (socket == nil) != (listen == nil) else { throw .invalidArgument("give one of --socket PATH or --listen ADDR:PORT") }
-        server = NBDServer(exports: set.exports, ioThreads: ioThreads)
+        var parsed: (host: String, port: Int)?
+        if let listen {
+            guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]) else {
+                throw .invalidArgument("--listen \(listen): expected ADDR:PORT")
+            }
+            let host = String(listen[..<colon])
+            try security.checkPlaintext(host: host)
+            parsed = (host, port)
+        }
+        let tls = try security.load(warn: log)
+        server = NBDServer(exports: set.exports, ioThreads: ioThreads, tls: tls, handshakeTimeout: security.handshakeTimeout, log: log)
         self.socket = socket
         do {
             if let socket {
@@ -46,15 +62,14 @@ public final class ExportServer: Sendable {
                     throw QcowPressError.invalidArgument("\(socket): exists and is not a socket")
                 }
                 try server.listen(unixSocket: socket)
-                urls = set.names.map { ($0, "nbd+unix:///\($0)?socket=\(socket)") }
+                urls = set.names.map { ($0, "\(tls == nil ? "nbd" : "nbds")+unix:///\($0)?socket=\(socket)") }
+            } else if let (host, port) = parsed {
+                let bare = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
+                let bound = try server.listen(host: bare, port: port)
+                let scheme = tls == nil ? "nbd" : "nbds"
+                urls = set.names.map { ($0, "\(scheme)://\(host):\(bound)/\($0)") }
             } else {
-                let listen = listen!
-                guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]) else {
-                    throw QcowPressError.invalidArgument("--listen \(listen): expected ADDR:PORT")
-                }
-                let host = String(listen[..<colon])
-                let bound = try server.listen(host: host, port: port)
-                urls = set.names.map { ($0, "nbd://\(host):\(bound)/\($0)") }
+                urls = []
             }
         } catch let e as QcowPressError {
             server.shutdown()

@@ -5,7 +5,7 @@ extension NBDConnection {
     func clientFlags(_ context: ChannelHandlerContext, _ buf: inout ByteBuffer) -> Bool {
         guard let flags = buf.readInteger(as: UInt32.self) else { return false }
         guard flags & NBD.clientFlagFixedNewstyle != 0, flags & ~(NBD.clientFlagFixedNewstyle | NBD.clientFlagNoZeroes) == 0 else {
-            close(context)
+            refuse(context, "not a fixed-newstyle NBD client (client flags 0x\(String(flags, radix: 16)))")
             return false
         }
         noZeroes = flags & NBD.clientFlagNoZeroes != 0
@@ -19,18 +19,24 @@ extension NBDConnection {
         guard buf.getInteger(at: start, as: UInt64.self) == NBD.optMagic,
               let opt = buf.getInteger(at: start + 8, as: UInt32.self),
               let length = buf.getInteger(at: start + 12, as: UInt32.self) else {
-            close(context)
+            refuse(context, "not an NBD option (bad magic)")
             return false
         }
         guard length <= NBDServerCore.maxOptionLength else {
             // Not read, not allocated: the connection ends.
-            close(context)
+            refuse(context, "option of \(length) bytes (at most \(NBDServerCore.maxOptionLength))")
             return false
         }
         guard buf.readableBytes >= 16 + Int(length) else { return false }
         buf.moveReaderIndex(forwardBy: 16)
         var data = buf.readSlice(length: Int(length))!
+        let before = tls
         handleOption(context, opt, &data)
+        if before == .none && tls == .handshaking && buf.readableBytes > 0 {
+            // The client may send nothing before the ACK: what it did is not taken as options.
+            refuse(context, "sent data after NBD_OPT_STARTTLS before the TLS handshake")
+            return false
+        }
         return true
     }
 
@@ -66,6 +72,7 @@ extension NBDConnection {
     }
 
     func handleOption(_ context: ChannelHandlerContext, _ opt: UInt32, _ data: inout ByteBuffer) {
+        guard tlsAllows(context, opt, &data) else { return context.flush() }
         switch NBD.Option(rawValue: opt) {
         case .exportName:
             let name = data.readString(length: data.readableBytes) ?? ""
@@ -99,7 +106,7 @@ extension NBDConnection {
             }
             reply(context, opt, .ack)
         case .startTLS:
-            replyError(context, opt, .errUnsupported, "TLS is not offered")
+            break  // answered by tlsAllows
         case .info, .go:
             guard let nameLength = data.readInteger(as: UInt32.self), Int(nameLength) <= data.readableBytes,
                   let name = data.readString(length: Int(nameLength)), let count = data.readInteger(as: UInt16.self),

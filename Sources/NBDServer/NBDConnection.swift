@@ -1,5 +1,6 @@
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 /// One client: the fixed newstyle handshake, option haggling, then requests. Runs on the channel's
 /// event loop; export I/O runs on the server's thread pool, several requests of a connection at
@@ -36,12 +37,27 @@ final class NBDConnection: ChannelInboundHandler {
     var attached: (any NBDExport)?
     var sentDisc = false
     var inactive = false
+    /// TLS on this connection: none yet, the handshake after `NBD_OPT_STARTTLS`, or established
+    /// (the client's certificate verified and its CN allowed).
+    enum TLSState { case none, handshaking, established }
+    var tls = TLSState.none
+    /// The first certificate of the client's chain that verification refused (why, for the log).
+    var refusedCertificate: NIOSSLCertificate?
+    /// The client's address, for the log.
+    var peer = "a client"
+    /// Logged if the connection ends before transmission (a plaintext client told TLS is required).
+    var pendingRefusal: String?
+    var refusalLogged = false
+    /// Refuses a client still negotiating when the handshake timeout passes.
+    var handshakeTimer: Scheduled<Void>?
 
     init(core: NBDServerCore) { self.core = core }
 
     func channelActive(context: ChannelHandlerContext) {
         self.context = context
         core.connectionOpened()
+        peer = Self.describe(context.channel.remoteAddress)
+        startHandshakeTimer(context)
         var b = context.channel.allocator.buffer(capacity: 18)
         b.writeInteger(NBD.initMagic)
         b.writeInteger(NBD.optMagic)
@@ -51,6 +67,12 @@ final class NBDConnection: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        if let pendingRefusal, !refusalLogged, phase != .transmission {
+            refusalLogged = true
+            core.log("\(peer): refused: \(pendingRefusal)")
+        }
+        handshakeTimer?.cancel()
+        handshakeTimer = nil
         phase = .closing
         self.context = nil
         inactive = true
@@ -72,6 +94,7 @@ final class NBDConnection: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if phase == .clientFlags || phase == .options { return refuse(context, negotiationFailure(error)) }
         context.close(promise: nil)
     }
 

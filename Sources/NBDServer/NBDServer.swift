@@ -29,11 +29,20 @@ final class NBDServerCore: Sendable {
     let exports: [String: any NBDExport]
     let exportOrder: [String]
     let pool: NIOThreadPool
+    /// TLS required of every client (nil: plaintext only, `NBD_OPT_STARTTLS` refused).
+    let tls: NBDTLS?
+    /// How long a client may take from connecting to the transmission phase (nil: no limit).
+    let handshakeTimeout: Duration?
+    /// One line per client refused during the negotiation (its address and why).
+    let log: @Sendable (String) -> Void
     private let stats = Mutex((connections: 0, open: 0, requests: 0))
     /// Exports no longer offered to new connections (connections already on them go on).
     private let withdrawn = Mutex<Set<String>>([])
 
-    init(exports: [any NBDExport], poolThreads: Int) {
+    init(exports: [any NBDExport], poolThreads: Int, tls: NBDTLS?, handshakeTimeout: Duration?, log: @escaping @Sendable (String) -> Void) {
+        self.tls = tls
+        self.handshakeTimeout = handshakeTimeout
+        self.log = log
         var map: [String: any NBDExport] = [:]
         for e in exports { map[e.name] = e }
         self.exports = map
@@ -82,15 +91,21 @@ final class NBDServerCore: Sendable {
 
 /// A read-only (or, for a writable export, read-write) NBD server: fixed newstyle negotiation,
 /// `NBD_OPT_GO`/`INFO`/`LIST`/`ABORT`/`EXPORT_NAME`, structured replies, `base:allocation` block
-/// status, multi-conn; on a unix socket or TCP.
+/// status, multi-conn; on a unix socket or TCP; TLS through `NBD_OPT_STARTTLS` (``NBDTLS``).
 public final class NBDServer: Sendable {
     let core: NBDServerCore
     let group: MultiThreadedEventLoopGroup
     private let channels = Mutex<[any Channel]>([])
 
-    /// - Parameter ioThreads: threads the exports' reads run on (blocking I/O, decompression).
-    public init(exports: [any NBDExport], ioThreads: Int = 4) {
-        core = NBDServerCore(exports: exports, poolThreads: max(1, ioThreads))
+    /// - Parameters:
+    ///   - ioThreads: threads the exports' reads run on (blocking I/O, decompression).
+    ///   - tls: TLS every client must start (``NBDTLS``); nil serves plaintext.
+    ///   - handshakeTimeout: a client not in the transmission phase this long after it connected
+    ///     is refused (nil: no limit).
+    ///   - log: gets one line for each client refused during the negotiation.
+    public init(exports: [any NBDExport], ioThreads: Int = 4, tls: NBDTLS? = nil, handshakeTimeout: Duration? = nil,
+                log: @escaping @Sendable (String) -> Void = { _ in }) {
+        core = NBDServerCore(exports: exports, poolThreads: max(1, ioThreads), tls: tls, handshakeTimeout: handshakeTimeout, log: log)
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     }
 

@@ -21,10 +21,14 @@ struct ServeImage: ParsableCommand {
     var socket: String?
     @Option(help: ArgumentHelp("TCP address to listen on.", valueName: "addr:port"))
     var listen: String?
+    @OptionGroup(title: "Over TCP") var tcp: ServeSecurityArguments
     @Option(name: .customShort("f"), help: ArgumentHelp("Format of every FILE: raw or qcow2 (detected by magic when absent).", valueName: "format"))
     var format: String?
     @Option(name: .customLong("cache-size"), help: ArgumentHelp("Memory for decoded qcow2 clusters, shared by every export and client (0 for none).", valueName: "size"))
     var cacheSize: String = "256M"
+    @Flag(name: [.customShort("U"), .customLong("force-share")],
+          help: "Serve an image another process has open for writing, as qemu-img -U (with a warning: what clients read may change underneath).")
+    var forceShare = false
     @Argument(help: ArgumentHelp("Images to serve; each export is named after its file's base name.", valueName: "file"), completion: .file())
     var files: [String]
 
@@ -35,13 +39,19 @@ struct ServeImage: ParsableCommand {
     }
 
     func run() throws {
+        // Locked for as long as they are served (until the signal ends the process).
+        let locks = try lockForReading(files.map { ($0, true) }, forceShare: forceShare)
+        for p in locks.inUseForWriting {
+            writeStderr("qcowpress: warning: \(p): open for writing by another process; served anyway (-U): the data may change underneath\n")
+        }
+        holdUntilExit(locks)
         var images: [(path: String, image: any GuestImage)] = []
         for f in files {
             let detected = try RawImageReader.detectFormat(path: f)
             if format == "qcow2" && detected != "qcow2" { throw notQcow2(f) }
             images.append((f, try openImage(f, format: format ?? detected, openBacking: true)))
         }
-        try serveForever(try ExportSet.images(images, cacheBytes: try parseSize(cacheSize, what: "--cache-size")), socket: socket, listen: listen)
+        try serveForever(try ExportSet.images(images, cacheBytes: try parseSize(cacheSize, what: "--cache-size")), socket: socket, listen: listen, security: tcp.security)
     }
 }
 
@@ -55,6 +65,7 @@ struct ServePBS: ParsableCommand {
     var socket: String?
     @Option(help: ArgumentHelp("TCP address to listen on.", valueName: "addr:port"))
     var listen: String?
+    @OptionGroup(title: "Over TCP") var tcp: ServeSecurityArguments
     @Option(name: .customLong("cache-size"), help: ArgumentHelp("Memory for decoded chunks, shared by every export and client.", valueName: "size"))
     var cacheSize: String = "256M"
     @Argument(help: ArgumentHelp("The snapshot, e.g. vm/100/2026-11-20T10:00:00Z.", valueName: "snapshot"))
@@ -69,7 +80,7 @@ struct ServePBS: ParsableCommand {
         let set = try ExportSet.pbs(restore, archives: archives, cacheBytes: try parseSize(cacheSize, what: "--cache-size"))
         // At the stop, what the cache did (one line on stderr: stdout holds only the URLs).
         if let report = set.report { SignalWatcher.onExit { writeStderr("qcowpress serve: \(report())\n") } }
-        try serveForever(set, socket: socket, listen: listen)
+        try serveForever(set, socket: socket, listen: listen, security: tcp.security)
     }
 }
 
@@ -93,16 +104,17 @@ func printURLs(_ urls: [(export: String, uri: String)], json: Bool) throws {
 }
 
 /// Listens (a unix socket, removed at a signal, or TCP) and prints the URLs.
-func startServer(_ set: ExportSet, socket: String?, listen: String?, json: Bool = false) throws -> ExportServer {
-    let server = try ExportServer(set, socket: socket, listen: listen)
+func startServer(_ set: ExportSet, socket: String?, listen: String?, security: ServerSecurity = ServerSecurity(), json: Bool = false) throws -> ExportServer {
+    // Clients refused (their address and why) and warnings: one line each on stderr.
+    let server = try ExportServer(set, socket: socket, listen: listen, security: security) { writeStderr("qcowpress serve: \($0)\n") }
     if let socket { SignalWatcher.onExit { FileNames.unlink(socket) } }
     try printURLs(server.urls, json: json)
     return server
 }
 
 /// Serves until SIGINT or SIGTERM, which end the process with status 0 and remove the socket.
-func serveForever(_ set: ExportSet, socket: String?, listen: String?) throws -> Never {
-    _ = try startServer(set, socket: socket, listen: listen)
+func serveForever(_ set: ExportSet, socket: String?, listen: String?, security: ServerSecurity) throws -> Never {
+    _ = try startServer(set, socket: socket, listen: listen, security: security)
     SignalWatcher.exitStatusOnSignal = 0
     while true { pause() }
 }

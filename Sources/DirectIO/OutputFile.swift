@@ -142,6 +142,14 @@ public final class OutputFile: Sendable {
         }
     }
 
+    /// Frees the blocks of [offset, offset+length), which then read as zeros (FALLOC_FL_PUNCH_HOLE,
+    /// keeping the size); false where the file system refuses it.
+    public func punchHole(offset: UInt64, length: UInt64) -> Bool {
+        // linux/falloc.h: FALLOC_FL_PUNCH_HOLE (0x02) must come with FALLOC_FL_KEEP_SIZE.
+        let punchHole: Int32 = 0x02
+        return Sys.fallocate(fd, mode: punchHole | CURING_FALLOC_FL_KEEP_SIZE, offset: offset, length: length) == 0
+    }
+
     /// Starts writeback of a written range and drops it from the page cache (buffered mode only).
     public func dropBehind(offset: UInt64, length: Int) {
         guard !direct, length > 0 else { return }

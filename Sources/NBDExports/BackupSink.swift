@@ -28,7 +28,9 @@ public struct BackupSinkCounts: Encodable, Sendable {
 final class BackupSinkExport: NBDExport, Sendable {
     let name = "backup"
     let encoder: Qcow2Encoder
-    var size: UInt64 { encoder.virtualSize }
+    /// The disk's size as the client sees it; the image's virtual size is this rounded up to 512
+    /// bytes (the bytes past it read as zero).
+    let size: UInt64
     var isReadOnly: Bool { false }
     /// The image's cluster size: writes of whole clusters need no assembly.
     let preferredBlockSize: Int
@@ -53,8 +55,9 @@ final class BackupSinkExport: NBDExport, Sendable {
     private let state = Mutex(State())
     private let decided = DispatchSemaphore(value: 0)
 
-    init(encoder: Qcow2Encoder, clusterSize: Int) {
+    init(encoder: Qcow2Encoder, clusterSize: Int, size: UInt64) {
         self.encoder = encoder
+        self.size = size
         preferredBlockSize = clusterSize
     }
 
@@ -148,13 +151,18 @@ public final class BackupSink: Sendable {
     let base: (any GuestImage)?
     let destination: String
 
-    /// Listens on `socket` at once; `encoder` is the destination's (its virtual size is the
-    /// disk's; `clusterSize` its clusters, the block size clients are told to prefer), `base` the image an incremental is taken over.
-    public init(encoder: Qcow2Encoder, clusterSize: Int, base: (any GuestImage)?, socket: String) throws(QcowPressError) {
-        export = BackupSinkExport(encoder: encoder, clusterSize: clusterSize)
+    /// Listens on `socket` at once; `encoder` is the destination's (`clusterSize` its clusters,
+    /// the block size clients are told to prefer), `base` the image an incremental is taken over.
+    /// `size` is the disk's, which clients see (by default the encoder's virtual size, which may
+    /// be it rounded up to 512 bytes). `handshakeTimeout`: a client still negotiating this long
+    /// after it connected is dropped (nil: no limit); `log` gets one line for each client dropped.
+    public init(encoder: Qcow2Encoder, clusterSize: Int, base: (any GuestImage)?, socket: String, size: UInt64? = nil,
+                handshakeTimeout: Duration? = .seconds(10), log: @escaping @Sendable (String) -> Void = { _ in }) throws(QcowPressError) {
+        export = BackupSinkExport(encoder: encoder, clusterSize: clusterSize, size: size ?? encoder.virtualSize)
         self.base = base
         destination = encoder.destination
-        server = try ExportServer(ExportSet([export]), socket: socket, listen: nil)
+        server = try ExportServer(ExportSet([export]), socket: socket, listen: nil,
+                                  security: ServerSecurity(handshakeTimeout: handshakeTimeout), log: log)
     }
 
     /// The export's name and URL.
@@ -179,8 +187,8 @@ public final class BackupSink: Sendable {
             }
             // A full backup (QEMU's sync=full) writes every byte, holes as WRITE_ZEROES: less means
             // the job stopped early (cancelled, failed) and the image would silently miss data.
-            if base == nil && enc.bytesReceived < enc.virtualSize {
-                throw .invalidArgument("\(destination) not written: the client wrote \(enc.bytesReceived) of \(enc.virtualSize) bytes before NBD_CMD_DISC (a full backup writes every byte; was the job cancelled?)")
+            if base == nil && enc.bytesReceived < export.size {
+                throw .invalidArgument("\(destination) not written: the client wrote \(enc.bytesReceived) of \(export.size) bytes before NBD_CMD_DISC (a full backup writes every byte; was the job cancelled?)")
             }
             if let base {
                 let ctx = ReadContext()

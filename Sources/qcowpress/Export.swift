@@ -25,6 +25,8 @@ struct Export: ParsableCommand {
     var nbdSink: String?
     @Option(help: ArgumentHelp("Virtual size of DST with --nbd-sink and no -b (the size of the disk backed up, e.g. 32G).", valueName: "size"))
     var size: String?
+    @Option(name: .customLong("handshake-timeout"), help: ArgumentHelp("With --nbd-sink: seconds a client may take to negotiate before it is dropped (default 10; 0 for no limit).", valueName: "seconds"))
+    var handshakeTimeout: Double?
     @OptionGroup var encoder: EncoderArguments
     // Two positionals (not an array) so shell completion offers files for each.
     @Argument(help: ArgumentHelp("Source image (raw or qcow2); with --nbd-sink, the destination qcow2.", valueName: "src"), completion: .file())
@@ -37,9 +39,11 @@ struct Export: ParsableCommand {
             guard destination == nil else { throw ValidationError("--nbd-sink takes one file: DST.qcow2") }
             guard (size == nil) != (base == nil) else { throw ValidationError("--nbd-sink needs one of --size SIZE or -b BASE.qcow2") }
             guard sourceFormat == nil else { throw ValidationError("-f names a source's format; --nbd-sink has no source file") }
+            if let t = handshakeTimeout, !(t >= 0 && t.isFinite) { throw ValidationError("--handshake-timeout takes seconds ≥ 0") }
         } else {
             guard destination != nil else { throw ValidationError("expected SRC DST.qcow2") }
             guard size == nil else { throw ValidationError("--size needs --nbd-sink") }
+            guard handshakeTimeout == nil else { throw ValidationError("--handshake-timeout needs --nbd-sink") }
         }
     }
 

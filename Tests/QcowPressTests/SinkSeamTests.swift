@@ -85,7 +85,8 @@ import Testing
         let target = try OutputTarget(destination: dir.appendingPathComponent("a.qcow2").path, overwrite: false, protecting: [])
         let output = try target.open(direct: false, zeroFirstBytes: cs)
         let ending = EncoderEnding(lifecycle: lifecycle, group: g, writeBufferBytes: 0, map: map, queue: queue,
-                                   output: output, logger: Logger(label: "test"), destination: target.path)
+                                   output: output, logger: Logger(label: "test"), destination: target.path,
+                                   spill: SpillFile(clusterSize: cs, destination: target.path))
         let parts = StreamSink.Parts(
             queue: queue, pool: g.pool, map: map, written: WrittenImage(regions: Int(geometry.l1Entries(forVirtualSize: size))),
             output: output, lifecycle: lifecycle, ending: ending,

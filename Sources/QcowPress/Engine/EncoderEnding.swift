@@ -15,9 +15,10 @@ final class EncoderEnding: Sendable {
     private let output: PendingOutput
     private let logger: Logger
     private let destination: String
+    private let spill: SpillFile
 
     init(lifecycle: Lifecycle, group: EncoderGroup, writeBufferBytes: Int, map: GuestMap, queue: ResultQueue,
-         output: PendingOutput, logger: Logger, destination: String) {
+         output: PendingOutput, logger: Logger, destination: String, spill: SpillFile) {
         self.lifecycle = lifecycle
         self.group = group
         self.writeBufferBytes = writeBufferBytes
@@ -26,6 +27,7 @@ final class EncoderEnding: Sendable {
         self.output = output
         self.logger = logger
         self.destination = destination
+        self.spill = spill
     }
 
     /// The encoder's identity in its group.
@@ -35,8 +37,11 @@ final class EncoderEnding: Sendable {
     /// a failure that won first, this does nothing.
     func succeed(_ s: EncoderSummary) {
         guard lifecycle.markDone() else { return }
+        spill.close(reason: .misuse("write after finish()"))
         group.releaseWriteBuffers(writeBufferBytes)
         group.leave(member)
+        var s = s
+        (s.clustersSpilled, s.spillPeakBytes) = spill.counts
         completion.resolve(.success(s))
     }
 
@@ -47,8 +52,14 @@ final class EncoderEnding: Sendable {
         guard lifecycle.markFailed(e, committer: committer) else { return }
         logger.debug("encoder stopped", metadata: ["destination": "\(destination)", "reason": "\(e.message)"])
         if group.ownedByOneEncoder { group.pool.fail() }
-        // Partly filled clusters; one a producer is copying into now comes back through it.
-        for slot in map.stop() { group.pool.release(slot) }
+        // Partly filled clusters; one a producer is copying into now comes back through it. A
+        // spilled one has no slot: its region goes with the spill file.
+        spill.close(reason: e)
+        for home in map.stop().map(PartialHome.init(raw:)) {
+            guard let slot = home.slot else { continue }
+            group.pool.endPartial()
+            group.pool.release(slot)
+        }
         group.releaseWriteBuffers(writeBufferBytes)
         group.leave(member)
         // Clusters queued for the writer (workers still running give theirs back on delivery).

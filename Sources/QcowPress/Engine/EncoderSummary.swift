@@ -29,4 +29,9 @@ public struct EncoderSummary: Sendable, Codable, Equatable {
     public var ioMode: String
     /// Fallbacks taken (each also said once on stderr by the command).
     public var notes: [String]
+    /// Partly written clusters that memory could not hold and were assembled in the spill file
+    /// beside the destination (writes far out of order into large clusters).
+    public var clustersSpilled: UInt64 = 0
+    /// The most bytes the spill file held on disk at once.
+    public var spillPeakBytes: UInt64 = 0
 }

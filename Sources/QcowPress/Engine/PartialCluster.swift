@@ -1,5 +1,6 @@
 /// A cluster assembled from several writes: its slot, the byte ranges claimed, the bytes copied.
 struct PartialCluster {
+    /// Its slot, or (negative) its region of the spill file: a ``PartialHome``'s raw value.
     var slot: Int32
     /// Claimed byte ranges. A write claims its range before copying into the slot.
     var claimed: ClaimedRanges

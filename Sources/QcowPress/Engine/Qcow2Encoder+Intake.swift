@@ -125,6 +125,8 @@ extension Qcow2Encoder {
         var spare: Int32? = nil
         /// Whole clusters found zero so far (counted once, at the end of the call).
         var zeroClusters: UInt64 = 0
+        /// A spilled cluster this call completed, waiting for a slot to be read back into.
+        var readback: (cluster: UInt64, region: Int32)? = nil
     }
 
     /// Takes clusters from `cursor.pos` on, using only slots free right now (or the spare).
@@ -134,6 +136,7 @@ extension Qcow2Encoder {
         var c = (offset + UInt64(cursor.pos)) >> UInt64(geometry.clusterBits)
         do throws(QcowPressError) {
             try lifecycle.checkOpen()
+            if try !readBackCompleted(&cursor) { return true }
             while cursor.pos < bytes.count {
                 let (a, b, full) = span(cluster: c, offset: offset + UInt64(cursor.pos), remaining: bytes.count - cursor.pos)
                 let src = bytes.baseAddress! + cursor.pos
@@ -144,36 +147,13 @@ extension Qcow2Encoder {
                     guard let slot = takeSlot(&cursor) else { return true }
                     memcpy(pool.pointer(slot), src, b - a)
                     try queueFull(c, slot: slot, filled: b - a, into: &cursor.batch)
-                } else {
-                    var slot: Int32
-                    if let s = try map.claimPartial(c, range: a..<b) {
-                        slot = s
-                    } else {
-                        guard let fresh = takeSlot(&cursor) else { return true }
-                        memset(pool.pointer(fresh), 0, clusterSize)
-                        switch map.installPartial(c, range: a..<b, slot: fresh) {
-                        case .success(let (s, installed)):
-                            if !installed { pool.release(fresh) }
-                            slot = s
-                        case .failure(let e):
-                            pool.release(fresh)
-                            throw e
-                        }
-                    }
-                    memcpy(pool.pointer(slot) + a, src, b - a)
-                    switch map.filledPartial(c, count: b - a) {
-                    case .incomplete: break
-                    case .complete: cursor.batch.append(WorkItem(cluster: c, slot: slot))
-                    case .abandoned:
-                        // The encoder stopped during the copy, and this was the last one into
-                        // the slot: it is ours to give back.
-                        pool.release(slot)
-                        try failIfStopped()
-                    }
+                } else if try !intakePartial(c, a..<b, src, &cursor) {
+                    return true
                 }
                 if cursor.batch.count >= Self.batchSize { flush(&cursor.batch) }
                 cursor.pos += b - a
                 c += 1
+                if try !readBackCompleted(&cursor) { return true }
             }
         } catch {
             flush(&cursor.batch)

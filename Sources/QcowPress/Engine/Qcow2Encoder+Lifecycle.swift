@@ -5,13 +5,23 @@ extension Qcow2Encoder {
     /// waits for every cluster to reach the disk, writes the metadata and header, syncs, and renames
     /// the image to its destination. Call once, after every write has returned.
     public func finish() async throws(QcowPressError) -> EncoderSummary {
-        try beginFinish()
+        for p in try beginFinish() {
+            guard let slot = await pool.acquire() else { throw lifecycle.failure ?? .cancelled }
+            var batch = [try readBack(p.cluster, region: p.region, into: slot)]
+            flush(&batch)
+        }
+        queue.close()
         return try await completion.wait().get()
     }
 
     /// Blocking form of ``finish()``, for callers on their own OS threads.
     public func finishBlocking() throws(QcowPressError) -> EncoderSummary {
-        try beginFinish()
+        for p in try beginFinish() {
+            guard let slot = pool.acquireBlocking() else { throw lifecycle.failure ?? .cancelled }
+            var batch = [try readBack(p.cluster, region: p.region, into: slot)]
+            flush(&batch)
+        }
+        queue.close()
         return try completion.waitBlocking().get()
     }
 
@@ -23,11 +33,12 @@ extension Qcow2Encoder {
         fail(.cancelled)
     }
 
-    func beginFinish() throws(QcowPressError) {
+    /// Input closed: partly written clusters in slots go to the workers; the spilled ones are
+    /// returned for the caller to read back (waiting for slots as it may) before it closes the
+    /// queue.
+    func beginFinish() throws(QcowPressError) -> [(cluster: UInt64, region: Int32)] {
         try lifecycle.beginFinish()
-        var batch = map.takePartials().map { WorkItem(cluster: $0.cluster, slot: $0.slot) }
-        flush(&batch)
-        queue.close()
+        return queuePartialsInSlots()
     }
 
     /// The writer completed the image (see ``EncoderEnding/succeed(_:)``).

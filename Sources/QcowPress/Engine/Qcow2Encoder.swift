@@ -46,6 +46,8 @@ public final class Qcow2Encoder: Sendable {
     var completion: Completion<EncoderSummary> { ending.completion }
     /// Where written tables went and how far the file is on disk, for reading back (its own lock).
     let written: WrittenImage
+    /// Partly written clusters beyond what the slots may hold (made on first use; its own lock).
+    let spill: SpillFile
 
     /// A complete cluster in a slot. `checkedNonZero`: the intake already found non-zero bytes.
     struct WorkItem { var cluster: UInt64; var slot: Int32; var checkedNonZero = false }
@@ -67,6 +69,7 @@ public final class Qcow2Encoder: Sendable {
         guestClusters = geometry.guestClusters(forVirtualSize: options.virtualSize)
         let (g, size, cs) = (geometry, options.virtualSize, UInt64(options.clusterSize))
         written = WrittenImage(regions: Int(g.l1Entries(forVirtualSize: size)))
+        spill = SpillFile(clusterSize: options.clusterSize, destination: destination)
         map = GuestMap(geometry: g, guestClusters: guestClusters, zeroNeedsEntry: options.backingFile != nil) { c in
             Int(min(cs, size - (c << UInt64(g.clusterBits))))
         }
@@ -105,7 +108,8 @@ public final class Qcow2Encoder: Sendable {
         if let note { notes.append(note) }
         self.notes = notes
         ending = EncoderEnding(lifecycle: lifecycle, group: group, writeBufferBytes: writeBuffers.count * writeBuffers.size,
-                               map: map, queue: queue, output: output, logger: logger, destination: destination)
+                               map: map, queue: queue, output: output, logger: logger, destination: destination,
+                               spill: spill)
         let sink = StreamSink(parts: sinkParts(), writer: writer)
         logger.debug("encoder started", metadata: ["destination": "\(destination)", "io": "\(writer.modeDescription)",
                                                    "slots": "\(plan.slotCount)", "threads": "\(group.threads)",

@@ -1,5 +1,6 @@
 import DirectIO
 import Glibc
+import Synchronization
 
 /// Fixed-size cluster buffers ("slots") carved from one aligned arena. The arena is the bulk of the
 /// memory budget: producers take slots to assemble clusters; workers compress in place; the writer
@@ -20,13 +21,39 @@ final class SlotPool: @unchecked Sendable {
     private var drainWaiters = 0
     /// Seconds producers spent waiting for a slot.
     private(set) var stallNanoseconds: UInt64 = 0
+    /// Slots held by partly written clusters. Those come back only when a client writes the rest,
+    /// so a producer waiting for one could wait forever; at most ``partialCap`` are allowed, and a
+    /// cluster beyond that is assembled in the encoder's ``SpillFile`` instead.
+    private let partialHeld = Atomic<Int>(0)
+    /// Half the pool: the other half keeps whole clusters flowing to the workers (the plan sizes
+    /// the pool for 8 MiB per worker plus 32 MiB of bursts). In-order writes never come near it:
+    /// nbdcopy's 64 requests of 64 KiB into 2 MiB clusters hold 3 partial clusters at most, of the
+    /// 12 allowed at the default budget (24 slots).
+    let partialCap: Int
 
     init(slotSize: Int, count: Int) {
         self.slotSize = slotSize
         self.count = count
         arena = AlignedBuffer(capacity: slotSize * count, zeroed: false)
         free = (0..<Int32(count)).reversed().map { $0 }
+        partialCap = max(1, count / 2)
     }
+
+    /// Counts one more slot held by a partly written cluster; false (counting nothing) when
+    /// ``partialCap`` are held already: the cluster goes to the spill file.
+    func reservePartial() -> Bool {
+        if partialHeld.wrappingAdd(1, ordering: .relaxed).newValue <= partialCap { return true }
+        partialHeld.wrappingSubtract(1, ordering: .relaxed)
+        return false
+    }
+
+    /// A partly written cluster's slot left that role (complete, queued, or given back).
+    func endPartial() {
+        partialHeld.wrappingSubtract(1, ordering: .relaxed)
+    }
+
+    /// Slots partly written clusters hold now.
+    var partialCount: Int { partialHeld.load(ordering: .relaxed) }
 
     @inline(__always)
     func pointer(_ slot: Int32) -> UnsafeMutableRawPointer { arena.pointer + Int(slot) * slotSize }

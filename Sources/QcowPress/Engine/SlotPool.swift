@@ -26,9 +26,9 @@ final class SlotPool: @unchecked Sendable {
     /// cluster beyond that is assembled in the encoder's ``SpillFile`` instead.
     private let partialHeld = Atomic<Int>(0)
     /// Half the pool: the other half keeps whole clusters flowing to the workers (the plan sizes
-    /// the pool for 8 MiB per worker plus 32 MiB of bursts). In-order writes never come near it:
-    /// nbdcopy's 64 requests of 64 KiB into 2 MiB clusters hold 3 partial clusters at most, of the
-    /// 12 allowed at the default budget (24 slots).
+    /// the pool for 8 MiB per worker plus 32 MiB of bursts). In-order writes stay below it:
+    /// measured, `nbdcopy --requests=64 --request-size=65536` of 64 MiB into 2 MiB clusters spilled
+    /// no cluster at `--memory-limit 32M` (a handful of slots) nor at the default.
     let partialCap: Int
 
     init(slotSize: Int, count: Int) {

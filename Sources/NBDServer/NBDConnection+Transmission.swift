@@ -23,7 +23,12 @@ extension NBDConnection {
                 close(context)  // a payload this large is not read
                 return false
             }
-            guard buf.readableBytes >= 28 + Int(length) else { return false }
+            guard buf.readableBytes >= 28 + Int(length) else {
+                // Room for the whole request now: the reads that bring the rest are appended
+                // without the buffer growing (and being copied) several times on the way.
+                buf.reserveCapacity(minimumWritableBytes: 28 + Int(length) - buf.readableBytes)
+                return false
+            }
             buf.moveReaderIndex(forwardBy: 28)
             payload = buf.readSlice(length: Int(length))
         } else {

@@ -11,7 +11,7 @@ extension Qcow2Encoder {
         var cursor = IntakeCursor()
         while try intakeStep(offset: offset, bytes: bytes, cursor: &cursor) {
             guard let s = await pool.acquire() else { try failIfStopped() }
-            cursor.spare = s
+            cursor.spares = [s]
         }
         finishIntake(&cursor, count: bytes.count)
     }
@@ -32,7 +32,7 @@ extension Qcow2Encoder {
         }
         while try step() {
             guard let s = await pool.acquire() else { try failIfStopped() }
-            cursor.spare = s
+            cursor.spares = [s]
         }
         finishIntake(&cursor, count: bytes.count)
     }
@@ -43,8 +43,10 @@ extension Qcow2Encoder {
         try checkRange(offset, bytes.count)
         var cursor = IntakeCursor()
         while try intakeStep(offset: offset, bytes: bytes, cursor: &cursor) {
-            guard let s = pool.acquireBlocking() else { try failIfStopped() }
-            cursor.spare = s
+            // As many slots as are free (up to what the rest of the write may need), in one wait.
+            let left = (bytes.count - cursor.pos + clusterSize - 1) / clusterSize + 1
+            cursor.spares = pool.acquireBlocking(upTo: left)
+            if cursor.spares.isEmpty { try failIfStopped() }
         }
         finishIntake(&cursor, count: bytes.count)
     }
@@ -121,15 +123,15 @@ extension Qcow2Encoder {
     struct IntakeCursor {
         var pos = 0
         var batch: [WorkItem] = []
-        /// A slot acquired (by waiting) for the next cluster that needs one.
-        var spare: Int32? = nil
+        /// Slots acquired (by waiting) for the next clusters that need one.
+        var spares: [Int32] = []
         /// Whole clusters found zero so far (counted once, at the end of the call).
         var zeroClusters: UInt64 = 0
         /// A spilled cluster this call completed, waiting for a slot to be read back into.
         var readback: (cluster: UInt64, region: Int32)? = nil
     }
 
-    /// Takes clusters from `cursor.pos` on, using only slots free right now (or the spare).
+    /// Takes clusters from `cursor.pos` on, using only slots free right now (or the spares).
     /// Returns true when it stopped because it needs a slot: the caller waits for one and calls
     /// again. Nothing is reserved for a cluster until its slot is in hand, so a retry is clean.
     func intakeStep(offset: UInt64, bytes: UnsafeRawBufferPointer, cursor: inout IntakeCursor) throws(QcowPressError) -> Bool {
@@ -157,22 +159,19 @@ extension Qcow2Encoder {
             }
         } catch {
             flush(&cursor.batch)
-            if let s = cursor.spare { pool.release(s) }
-            cursor.spare = nil
+            pool.release(cursor.spares)
+            cursor.spares = []
             // The encoder's own failure, the first one, rather than what stopping it caused here.
             throw lifecycle.failure ?? error
         }
         return false
     }
 
-    /// The spare slot, or one free right now; nil after handing queued work to the workers (so
+    /// A spare slot, or one free right now; nil after handing queued work to the workers (so
     /// the caller's wait can be satisfied by them).
     @inline(__always)
     func takeSlot(_ cursor: inout IntakeCursor) -> Int32? {
-        if let s = cursor.spare {
-            cursor.spare = nil
-            return s
-        }
+        if let s = cursor.spares.popLast() { return s }
         if let s = pool.tryAcquire() { return s }
         flush(&cursor.batch)
         return nil
@@ -180,7 +179,8 @@ extension Qcow2Encoder {
 
     func finishIntake(_ cursor: inout IntakeCursor, count: Int) {
         flush(&cursor.batch)
-        if let s = cursor.spare { pool.release(s) }
+        pool.release(cursor.spares)
+        cursor.spares = []
         queue.count(bytes: UInt64(count), zeroClusters: cursor.zeroClusters)
     }
 

@@ -34,6 +34,8 @@ final class StreamSink: @unchecked Sendable {
     /// What the image's refcount width holds (and 16 bits in memory: QEMU's default width).
     let refcountLimit: UInt16
     var l1: [UInt64]
+    /// Slots whose bytes were placed in this round of results, given back together after it.
+    var placedSlots: [Int32] = []
     var clustersZero: UInt64 = 0
     var clustersCompressed: UInt64 = 0
     var clustersRaw: UInt64 = 0
@@ -99,10 +101,15 @@ final class StreamSink: @unchecked Sendable {
                 do throws(QcowPressError) { try handle(item) } catch {
                     // The results after it hold their slots still: back to the pool, which a
                     // shared group's other images keep using.
-                    for rest in items[(k + 1)...] { if let slot = rest.heldSlot { pool.release(slot) } }
+                    for rest in items[(k + 1)...] { if let slot = rest.heldSlot { placedSlots.append(slot) } }
+                    pool.release(placedSlots)
+                    placedSlots.removeAll()
                     throw error
                 }
             }
+            // Back in one go: a producer waiting for slots wakes once for the batch.
+            pool.release(placedSlots)
+            placedSlots.removeAll(keepingCapacity: true)
             items.removeAll(keepingCapacity: true)
             for r in regions { try flushRegion(r) }
             regions.removeAll(keepingCapacity: true)
@@ -148,14 +155,14 @@ final class StreamSink: @unchecked Sendable {
         case .raw:
             // The slot goes back once its bytes are placed, or when placing them fails.
             let slot = item.slot
-            defer { pool.release(slot) }
+            defer { placedSlots.append(slot) }
             let (p, host) = try placeAligned(owner: .data(item.cluster))
             memcpy(p, pool.pointer(slot), cs)
             clustersRaw += 1
             state = .final(L2Entry.standard(hostOffset: host, copied: true).rawValue)
         case .compressed(let length):
             let slot = item.slot
-            defer { pool.release(slot) }
+            defer { placedSlots.append(slot) }
             let entry = try placeCompressed(UnsafeRawPointer(pool.pointer(slot)), length)
             clustersCompressed += 1
             state = .final(entry)

@@ -75,6 +75,22 @@ static const unsigned CURING_RENAME_NOREPLACE = 1;      // linux/fs.h
 static const int CURING_FALLOC_FL_KEEP_SIZE = 0x01;     // linux/falloc.h
 static const int CURING_FALLOC_FL_ZERO_RANGE = 0x10;    // linux/falloc.h
 static const int CURING_AT_FDCWD = -100;                // fcntl.h
+/// QEMU-compatible image locks: open-file-description byte-range locks (fcntl F_OFD_SETLK and
+/// F_OFD_GETLK, Linux 3.15; the commands need _GNU_SOURCE). `type` is CURING_F_RDLCK, _WRLCK or
+/// _UNLCK. setlk returns 0 or -1 with errno set; getlk returns 1 when another open file
+/// description holds a lock that conflicts with `type` on the range, 0 when none does, -1 on error.
+static const short CURING_F_RDLCK = F_RDLCK;
+static const short CURING_F_WRLCK = F_WRLCK;
+static const short CURING_F_UNLCK = F_UNLCK;
+static inline int curing_ofd_setlk(int fd, short type, long long start, long long len) {
+    struct flock fl = { .l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len, .l_pid = 0 };
+    return fcntl(fd, 37 /* F_OFD_SETLK */, &fl);
+}
+static inline int curing_ofd_getlk(int fd, short type, long long start, long long len) {
+    struct flock fl = { .l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len, .l_pid = 0 };
+    if (fcntl(fd, 36 /* F_OFD_GETLK */, &fl) < 0) return -1;
+    return fl.l_type == F_UNLCK ? 0 : 1;
+}
 static inline void curing_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
 static const unsigned CURING_SYNC_RANGE_ALL = 1 | 2 | 4; // WAIT_BEFORE | WRITE | WAIT_AFTER
 #endif

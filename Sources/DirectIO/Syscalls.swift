@@ -9,7 +9,8 @@ import Synchronization
 /// `QCOWPRESS_FAULT` (end-to-end tests of the binary), e.g. `write:3:ENOSPC`, `write:2:short`,
 /// `write:1:EINTR`, `read:5:EIO`. The index counts data writes (or reads) from 1 in the process.
 /// `rename:1:EINVAL` makes the first no-replace rename fail as on a file system without
-/// renameat2 (the link + unlink fallback then runs).
+/// renameat2 (the link + unlink fallback then runs). `lock:N:EIO` fails the Nth image-lock call
+/// (fcntl F_OFD_SETLK or F_OFD_GETLK, ``ImageLock`` and ``NameLock``).
 public enum FaultInjection {
     public enum Kind: Sendable, Equatable {
         case fail(Int32)
@@ -18,7 +19,7 @@ public enum FaultInjection {
         /// Succeed after sleeping this many milliseconds (a slow disk).
         case delay(Int)
     }
-    public enum Operation: String, Sendable { case write, read, open, stat, rename, mkdir }
+    public enum Operation: String, Sendable { case write, read, open, stat, rename, mkdir, lock }
     public struct Plan: Sendable, Equatable {
         public var operation: Operation
         /// 1-based index of the call that fails.
@@ -45,6 +46,7 @@ public enum FaultInjection {
         var stats = 0
         var renames = 0
         var mkdirs = 0
+        var locks = 0
         var envChecked = false
     }
     static let state = Mutex(State())
@@ -101,6 +103,7 @@ public enum FaultInjection {
             case .stat: s.stats += 1; n = s.stats
             case .rename: s.renames += 1; n = s.renames
             case .mkdir: s.mkdirs += 1; n = s.mkdirs
+            case .lock: s.locks += 1; n = s.locks
             }
             guard let p = s.plan, p.operation == op else { return nil }
             if n == p.index || (p.sticky && n > p.index) { return p.kind }

@@ -39,7 +39,10 @@ public struct ProtectedInput: Sendable, Hashable {
 /// - a symbolic link: followed, and the rules above apply to its target (which is replaced, the
 ///   link kept); a dangling link is refused;
 /// - a directory, a character device (/dev/null), a FIFO or socket: refused;
-/// - any of the job's ``ProtectedInput``s: refused.
+/// - any of the job's ``ProtectedInput``s: refused;
+/// - a destination another process writes or has open (QEMU, qemu-img, another QcowPress run):
+///   refused, as qemu-img refuses it ("Failed to get "write" lock"); see ``DestinationLock``,
+///   taken here and held until the commit.
 struct OutputTarget: Sendable {
     enum Kind: Sendable { case file(exists: Bool), blockDevice }
     /// The name as given (errors and summaries use it).
@@ -48,6 +51,8 @@ struct OutputTarget: Sendable {
     let path: String
     let kind: Kind
     let overwrite: Bool
+    /// Held from here to the commit (or the discard).
+    let lock: DestinationLock
 
     init(destination: String, overwrite: Bool, protecting inputs: [ProtectedInput]) throws(QcowPressError) {
         self.destination = destination
@@ -61,6 +66,7 @@ struct OutputTarget: Sendable {
         self.path = path
         guard let st = FileNames.status(path) else {
             kind = .file(exists: false)
+            lock = try DestinationLock(destination: destination, path: path, exists: false, blockDevice: false)
             return
         }
         for input in inputs {
@@ -84,6 +90,7 @@ struct OutputTarget: Sendable {
             }
             throw .destinationExists(path: destination)
         }
+        lock = try DestinationLock(destination: destination, path: path, exists: true, blockDevice: st.kind == .blockDevice)
     }
 
     var isBlockDevice: Bool {
@@ -110,6 +117,7 @@ struct OutputTarget: Sendable {
         let temp = TemporaryFiles.make(for: path)
         do {
             let file = try OutputFile(creating: temp, direct: direct, displayName: destination)
+            try lock.lockTemporary(temp)
             return PendingOutput(file: file, target: self, temporaryPath: temp, zeroBytes: 0)
         } catch {
             TemporaryFiles.discard(temp)
@@ -158,10 +166,12 @@ final class PendingOutput: Sendable {
 
     private func rename() throws(IOError) {
         if let temp = temporaryPath {
+            if target.overwrite { try target.lock.lockBeforeReplacing() }
             try TemporaryFiles.commit(temp, to: target.path, overwrite: target.overwrite)
             FileNames.syncDirectory(of: target.path)
         }
         state.withLock { $0 = .committed }
+        target.lock.committed()
     }
 
     /// Removes the unfinished (or finished but uncommitted) output: the temporary file, or on a
@@ -181,6 +191,7 @@ final class PendingOutput: Sendable {
         } else if zeroBytes > 0 {
             try? zeroHead()
         }
+        target.lock.release()
     }
 
     /// Zeroes and syncs the first ``zeroBytes`` of the device.

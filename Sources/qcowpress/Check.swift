@@ -12,8 +12,7 @@ struct Check: ParsableCommand {
     var output: OutputFormat = .human
     @Flag(name: .customShort("q"), help: "Quiet: nothing on stdout (the exit status tells), as qemu-img check -q; problem lines still go to stderr.")
     var quiet = false
-    @Flag(name: [.customShort("U"), .customLong("force-share")],
-          help: "Read an image in use, as qemu-img -U. QcowPress never locks images, so this is always so.")
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: forceShareHelp)
     var forceShare = false
     @Argument(help: "The image.", completion: .file())
     var image: String
@@ -26,7 +25,10 @@ struct Check: ParsableCommand {
     }
 
     func run() throws {
-        let detected = try RawImageReader.detectFormat(path: image)
+        let detected = try ImageFormat.resolve(path: image, given: format)
+        // As qemu-img check: a raw image's lock shares everything (there is nothing to check).
+        let locks = try lockForReading([(image, false)], forceShare: forceShare || (format ?? detected) == "raw")
+        defer { locks.release() }
         if format == "qcow2" && detected != "qcow2" { throw notQcow2(image) }
         if (format ?? detected) == "raw" {
             let why = format == nil ? "no qcow2 magic at offset 0" : "-f raw"

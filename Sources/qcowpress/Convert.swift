@@ -13,8 +13,7 @@ struct Convert: ParsableCommand {
     var backing: String?
     @Option(name: .customShort("F"), help: ArgumentHelp("Backing format with -B: raw or qcow2 (detected by magic when absent), as qemu-img -F.", valueName: "format"), completion: .list(["raw", "qcow2"]))
     var backingFormat: String?
-    @Flag(name: [.customShort("U"), .customLong("force-share")],
-          help: "Read an image in use, as qemu-img -U. QcowPress never locks images, so this is always so.")
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: forceShareHelp)
     var forceShare = false
     @Flag(name: .customLong("no-backing"), help: "Do not open the source's backing file (unallocated clusters read as zeros).")
     var noBacking = false
@@ -31,12 +30,12 @@ struct Convert: ParsableCommand {
         guard outputFormat == "qcow2" || outputFormat == "raw" else {
             throw QcowPressError.invalidArgument("output format '\(outputFormat)' is not supported (qcow2, raw)")
         }
-        if let f = sourceFormat, f != "raw" && f != "qcow2" {
-            throw QcowPressError.invalidArgument("source format '\(f)' is not supported (raw, qcow2)")
-        }
-        let detected = try RawImageReader.detectFormat(path: source)
-        if sourceFormat == "qcow2" && detected != "qcow2" { throw notQcow2(source) }
-        let format = sourceFormat ?? detected
+        try ImageFormat.validate(sourceFormat)
+        // SRC is locked before anything is read; its backing chain and the -B base (with its
+        // chain) as soon as their names are known (from the headers read for `protected`).
+        let locks = try lockForReading([(source, false)], forceShare: forceShare)
+        defer { locks.release() }
+        let format = try ImageFormat.resolve(path: source, given: sourceFormat)
         let backingName = backing ?? parsed.values["backing_file"]
         if outputFormat == "raw" && encoder.compress {
             throw QcowPressError.invalidArgument("-c needs -O qcow2: raw images cannot be compressed (as qemu-img)")
@@ -49,8 +48,11 @@ struct Convert: ParsableCommand {
         }
         // --force never replaces what this run reads: SRC, its backing chain, the -B base.
         var protected = ProtectedInput.imageAndBackingChain(source, role: "the source")
+        if !noBacking { try locks.lock(paths: protected.dropFirst().map(\.path)) }
         if let backingName {
-            protected += ProtectedInput.imageAndBackingChain(resolveBesides(destination, backingName), role: "the backing file (-B)")
+            let base = ProtectedInput.imageAndBackingChain(resolveBesides(destination, backingName), role: "the backing file (-B)")
+            try locks.lock(paths: base.map(\.path))
+            protected += base
         }
         warnAboutLeftovers(besides: destination)
         if outputFormat == "raw" {
@@ -94,7 +96,7 @@ func notQcow2(_ path: String) -> QcowPressError {
 
 /// Opens a source image; a qcow2 in whose chain an image is marked corrupt is read with a warning.
 func openImage(_ path: String, format: String, openBacking: Bool) throws -> any GuestImage {
-    guard format == "qcow2" else { return try RawGuestImage(path: path) }
+    guard format == "qcow2" else { return try ImageFormat.open(path: path, format: format) }
     let image = try Qcow2Image(path: path, openBacking: openBacking)
     for p in image.markedCorruptInChain { warnMarkedCorrupt(p) }
     return image

@@ -23,6 +23,8 @@ struct Export: ParsableCommand {
     var sourceFormat: String?
     @Option(name: .customLong("nbd-sink"), help: ArgumentHelp("Serve a writable NBD export named \"backup\" on this unix socket and encode what a client (QEMU's backup job) writes into it.", valueName: "path"), completion: .file())
     var nbdSink: String?
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: forceShareHelp)
+    var forceShare = false
     @Option(help: ArgumentHelp("Virtual size of DST with --nbd-sink and no -b (the size of the disk backed up, e.g. 32G).", valueName: "size"))
     var size: String?
     @Option(name: .customLong("handshake-timeout"), help: ArgumentHelp("With --nbd-sink: seconds a client may take to negotiate before it is dropped (default 10; 0 for no limit).", valueName: "seconds"))
@@ -48,14 +50,14 @@ struct Export: ParsableCommand {
     }
 
     func run() throws {
+        // SRC and BASE (with their backing chains) are read: locked for the whole run.
+        let locks = try lockForReading((nbdSink == nil ? [(source, true)] : []) + (base.map { [($0, true)] } ?? []), forceShare: forceShare)
+        defer { locks.release() }
         // With --nbd-sink the one file given is DST.
         if let nbdSink { return try runSink(socket: nbdSink, destination: source) }
         let destination = self.destination!
         let parsed = try ImageOptionParser(encoder.formatOptions)
-        if let f = sourceFormat, f != "raw" && f != "qcow2" {
-            throw QcowPressError.invalidArgument("source format '\(f)' is not supported (raw, qcow2)")
-        }
-        let format = try sourceFormat ?? RawImageReader.detectFormat(path: source)
+        let format = try ImageFormat.resolve(path: source, given: sourceFormat)
         let image = try openImage(source, format: format, openBacking: true)
         var args = encoder
         // Backups are compressed by default, with zstd level 3: measured on a 3 GiB ext4 image here

@@ -12,8 +12,7 @@ struct Info: ParsableCommand {
     var backingChain = false
     @Option(name: .customLong("output"), help: ArgumentHelp("Output format, as qemu-img --output.", valueName: "format"))
     var output: OutputFormat = .human
-    @Flag(name: [.customShort("U"), .customLong("force-share")],
-          help: "Read an image in use, as qemu-img -U. QcowPress never locks images, so this is always so.")
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: forceShareHelp)
     var forceShare = false
 
     @Argument(help: "The image.", completion: .file())
@@ -24,6 +23,9 @@ struct Info: ParsableCommand {
     }
 
     func run() throws {
+        // As qemu-img info: a qcow2's metadata is locked against writers, a raw file not at all.
+        let locks = try lockForReading([(image, backingChain)], forceShare: forceShare, purpose: .inspect, format: format)
+        defer { locks.release() }
         if format == "qcow2", try RawImageReader.detectFormat(path: image) != "qcow2" { throw notQcow2(image) }
         let infos = backingChain ? try ImageInfo.chain(path: image, format: format) : [try ImageInfo(path: image, format: format)]
         for i in infos where i.formatSpecific?.data.corrupt == true { warnMarkedCorrupt(i.filename) }

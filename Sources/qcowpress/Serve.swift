@@ -47,7 +47,7 @@ struct ServeImage: ParsableCommand {
         holdUntilExit(locks)
         var images: [(path: String, image: any GuestImage)] = []
         for f in files {
-            let detected = try RawImageReader.detectFormat(path: f)
+            let detected = try ImageFormat.resolve(path: f, given: format)
             if format == "qcow2" && detected != "qcow2" { throw notQcow2(f) }
             images.append((f, try openImage(f, format: format ?? detected, openBacking: true)))
         }

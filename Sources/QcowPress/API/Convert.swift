@@ -105,18 +105,28 @@ extension Qcow2Encoder {
 /// Converts an image to qcow2 in one call: opens the destination with `options` (its virtual size
 /// is taken from the source), pipes the source in, and finishes. On any failure or cancellation of
 /// the calling task the destination is not created. The destination is never the source or a file
-/// of its backing chain, even with `options.overwrite`.
+/// of its backing chain, even with `options.overwrite`. The source file and its backing chain are
+/// locked as QEMU locks what it reads (``ReadLocks``) for the whole conversion: one another process
+/// has open for writing is refused, unless `forceShare` (qemu-img -U).
 ///
 /// ```swift
 /// let summary = try await convert(.detect(path: "disk.raw"), to: "disk.qcow2", options: options)
 /// ```
 public func convert(_ source: ImageSource, to destination: String, options: EncoderOptions,
-                    progress: (@Sendable (ImageProgress) -> Void)? = nil) async throws(QcowPressError) -> EncoderSummary {
+                    forceShare: Bool = false, progress: (@Sendable (ImageProgress) -> Void)? = nil) async throws(QcowPressError) -> EncoderSummary {
+    let locks = ReadLocks(forceShare: forceShare)
+    defer { locks.release() }
+    switch source {
+    case .raw(let p), .qcow2(let p, _), .detect(let p): try locks.lock(p, backingChain: false)
+    case .pbs, .vma: break
+    }
     var o = options
     o.virtualSize = try source.virtualSize()
     switch source {
     case .raw(let p), .qcow2(let p, _), .detect(let p):
-        o.protectedInputs += ProtectedInput.imageAndBackingChain(p, role: "the source")
+        let chain = ProtectedInput.imageAndBackingChain(p, role: "the source")
+        if case .qcow2(_, false) = source {} else { try locks.lock(paths: chain.dropFirst().map(\.path)) }
+        o.protectedInputs += chain
     case .vma(let a, _) where a != "-":
         o.protectedInputs.append(ProtectedInput(path: a, role: "the archive being restored"))
     case .pbs, .vma: break

@@ -51,11 +51,10 @@ public struct ImageInfo: Sendable, Codable, Equatable {
     }
 
     /// Reads the header of `path`. `format` as qemu-img info -f: "qcow2" requires the qcow2 magic,
-    /// "raw" reads any file as raw (a qcow2 file too), nil detects by magic (raw when absent).
-    public init(path: String, format: String? = nil) throws(QcowPressError) {
-        guard format == nil || format == "raw" || format == "qcow2" else {
-            throw .unsupported(path: path, what: "image format '\(format!)' (raw, qcow2)")
-        }
+    /// "raw" reads any file as raw (a qcow2 file too), nil probes by magic (``ImageFormat``: raw
+    /// when none; a format QcowPress does not read is refused by name).
+    public init(path: String, format given: String? = nil) throws(QcowPressError) {
+        let format = try ImageFormat.resolve(path: path, given: given)
         let f: InputFile
         do { f = try InputFile(path: path, direct: false) } catch { throw .from(error) }
         filename = path

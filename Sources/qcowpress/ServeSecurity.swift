@@ -11,7 +11,7 @@ struct ServeSecurityArguments: ParsableArguments {
     var tlsAllow: [String] = []
     @Flag(help: "Allow plaintext NBD on an address other than loopback (refused without --tls-creds otherwise).")
     var insecure = false
-    @Option(name: .customLong("handshake-timeout"), help: ArgumentHelp("Seconds a client may take to negotiate (TLS included) before it is dropped (default 10; 0 for no limit).", valueName: "seconds"))
+    @Option(name: .customLong("handshake-timeout"), help: ArgumentHelp("Seconds a client may take to negotiate (TLS included) before it is dropped (0 for no limit).", valueName: "seconds"))
     var handshakeTimeout: Double = 10
 
     func validate() throws {

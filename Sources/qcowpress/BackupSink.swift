@@ -47,6 +47,8 @@ extension Export {
         let before = FileNames.status(destination)
         SignalWatcher.onExit { writeStderr("qcowpress: interrupted: \(Self.leftBehind(destination, before: before))\n") }
         try printURLs(sink.urls, json: encoder.output == .json)
+        // SIGUSR1: bytes received of the virtual size (an incremental backup sends only what changed).
+        ProgressReport.follow(total: virtualSize) { enc.bytesReceived }
         let bar = encoder.progress ? ProgressBar(total: base == nil ? virtualSize : nil) { enc.bytesReceived } : nil
         let summary: EncoderSummary
         do {

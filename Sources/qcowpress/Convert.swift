@@ -60,8 +60,10 @@ struct Convert: ParsableCommand {
             let image = try openImage(source, format: format, openBacking: !noBacking)
             let w = try RawImageWriter(destination: destination, size: image.virtualSize, overwrite: encoder.force,
                                        protecting: protected)
+            let counted = CountingSink(w)
+            ProgressReport.follow(total: image.virtualSize) { counted.bytes }
             do {
-                try ImageCopier(source: image, clusterSize: 65536).feed(w)
+                try ImageCopier(source: image, clusterSize: 65536).feed(counted)
                 try w.finish()
             } catch {
                 w.cancel()
@@ -115,6 +117,7 @@ func runEncoder(destination: String, options: EncoderOptions, showProgress: Bool
                 feed: (Qcow2Encoder) throws -> Void) throws -> EncoderSummary {
     let encoder = try Qcow2Encoder(destination: destination, options: options)
     watch(encoder)
+    ProgressReport.follow(total: options.virtualSize) { encoder.bytesDone }
     let bar = showProgress ? ProgressBar(total: options.virtualSize) { encoder.bytesDone } : nil
     defer { bar?.stop() }
     do {

@@ -111,8 +111,10 @@ struct RestorePBS: ParsableCommand {
             return
         }
         var bar: ProgressBar? = nil
+        let drivesProgress = DriveSequenceProgress(total: all == nil ? nil : restore.archives.reduce(0) { $0 + (($1.size + 511) & ~511) })
         let started = { (enc: Qcow2Encoder, ordered: OrderedProgress) in
             watch(enc)
+            drivesProgress.started(ordered)
             bar?.stop()
             bar = encoder.progress ? ProgressBar(total: ordered.total, label: all != nil ? (enc.destination as NSString).lastPathComponent : "") { ordered.bytesDone } : nil
         }
@@ -224,7 +226,10 @@ struct RestoreVMA: ParsableCommand {
         let eo = try encoder.encoderOptions(virtualSize: 0)
         var bar: ProgressBar? = nil
         let show = encoder.progress
-        let summary = try r.run(encoder: eo, started: { watch($0) }, progress: { done, total in
+        let encoders = EncodersProgress()
+        let summary = try r.run(encoder: eo, started: { watch($0); encoders.add($0) }, progress: { done, total in
+            // SIGUSR1: the archive read of its size; from a pipe, what the images received.
+            if let total { ProgressReport.follow(total: total, done: done) }
             if show { bar = ProgressBar(total: total, done: done) }
         })
         bar?.stop()

@@ -150,6 +150,7 @@ extension RestorePBS {
                 writeStderr("qcowpress: \(node) now reads \(image)\n")
             }
         }
+        ProgressReport.follow(total: live.totalBytes) { live.bytesDone }
         let bar = encoder.progress ? ProgressBar(total: live.totalBytes, label: "live") { live.bytesDone } : nil
         let summaries: [PBSRestore.Summary]
         do {

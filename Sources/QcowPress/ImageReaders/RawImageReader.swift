@@ -16,16 +16,10 @@ public struct RawImageReader: Sendable {
         size = (file.size + 511) & ~511
     }
 
-    /// "qcow2" when the file starts with the qcow2 magic, otherwise "raw".
+    /// The format by magic, one of ``ImageFormat/readable`` ("raw" when no magic); a file whose
+    /// magic names a format QcowPress does not read (vmdk, vhdx, …) is refused by name.
     public static func detectFormat(path: String) throws(QcowPressError) -> String {
-        let f: InputFile
-        do { f = try InputFile(path: path, direct: false) } catch { throw .from(error) }
-        guard f.size >= 4 else { return "raw" }
-        var magic: UInt32 = 0
-        do {
-            _ = try withUnsafeMutableBytes(of: &magic) { (p) throws(IOError) -> Int in try f.read(into: p.baseAddress!, length: 4, offset: 0) }
-        } catch { throw .from(error) }
-        return UInt32(bigEndian: magic) == 0x5146_49FB ? "qcow2" : "raw"
+        try ImageFormat.resolve(path: path, given: nil)
     }
 
     /// Pushes the whole source into `encoder`: holes (SEEK_DATA/SEEK_HOLE) become zero ranges

@@ -100,14 +100,14 @@ public final class InputFile: Sendable {
         var out: [Range<UInt64>] = []
         var pos = from
         while pos < end {
-            let d = lseek(fd, off_t(pos), SEEK_DATA)
+            let d = Sys.seek(fd, pos, SEEK_DATA)
             if d < 0 {
-                if errno == ENXIO { break }  // no more data
+                if d == -Int64(ENXIO) { break }  // no more data
                 return out + [pos..<end]  // not supported: everything is data
             }
             let dataStart = UInt64(d)
             if dataStart >= end { break }
-            let h = lseek(fd, off_t(dataStart), SEEK_HOLE)
+            let h = Sys.seek(fd, dataStart, SEEK_HOLE)
             let holeStart = h < 0 ? end : min(end, UInt64(h))
             out.append(dataStart..<holeStart)
             pos = holeStart

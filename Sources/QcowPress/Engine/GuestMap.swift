@@ -18,14 +18,16 @@ final class GuestMap: @unchecked Sendable {
 
     // Guarded by `lock`.
     private var tables: [Int: RegionTable] = [:]
-    private var completed = Set<Int>()
+    /// Regions complete (their table written, or zero as a whole), as ranges: a zero range costs
+    /// O(1) entries here whatever its length.
+    private var completed = RegionSet()
     private var partials: [UInt64: PartialCluster] = [:]
     /// Copies waiting for their source: source cluster → destinations.
     private var waiting: [UInt64: [UInt64]] = [:]
     /// Clusters 0..<prefix are all final (progress in guest order).
     private var prefix: UInt64 = 0
     /// Regions `markZero` completed as a whole: they have no table, every cluster reads as zero.
-    private var wholeZero = Set<Int>()
+    private var wholeZero = RegionSet()
     /// The encoder stopped: partial clusters take no more claims (see ``stop()``).
     private var stopped = false
 
@@ -46,8 +48,7 @@ final class GuestMap: @unchecked Sendable {
         let r = geometry.l1Index(ofGuestCluster: c)
         if let t = tables[r] { return t }
         if completed.contains(r) { throw overlap(c) }
-        let first = UInt64(r) << UInt64(geometry.l2Bits)
-        let t = RegionTable(count: geometry.l2Entries, clusters: Int(min(UInt64(geometry.l2Entries), guestClusters - first)))
+        let t = RegionTable(count: geometry.l2Entries, clusters: Int(regionEnd(r) - regionFirst(r)))
         tables[r] = t
         return t
     }
@@ -66,31 +67,36 @@ final class GuestMap: @unchecked Sendable {
 
     // MARK: - intake (producers)
 
-    /// Calls `body(r, c, stop)` for each region `r` that [first, end) touches, with the part of
-    /// the range inside it.
-    private func forEachRegion(_ first: UInt64, _ end: UInt64,
-                               _ body: (Int, UInt64, UInt64) throws(QcowPressError) -> Void) throws(QcowPressError) {
-        var c = first
-        while c < end {
-            let r = geometry.l1Index(ofGuestCluster: c)
-            let regionEnd = min((UInt64(r) + 1) << UInt64(geometry.l2Bits), guestClusters)
-            let stop = min(regionEnd, end)
-            try body(r, c, stop)
-            c = stop
-        }
+    /// The regions [first, end) touches.
+    private func regions(_ first: UInt64, _ end: UInt64) -> Range<Int> {
+        end <= first ? 0..<0 : geometry.l1Index(ofGuestCluster: first)..<(geometry.l1Index(ofGuestCluster: end - 1) + 1)
+    }
+    private func regionFirst(_ r: Int) -> UInt64 { UInt64(r) << UInt64(geometry.l2Bits) }
+    private func regionEnd(_ r: Int) -> UInt64 { min(regionFirst(r + 1), guestClusters) }
+
+    /// The regions of `span` that have a table in memory, in order (a few: those in flight).
+    private func tablesIn(_ span: Range<Int>) -> [Int] {
+        tables.keys.filter { span.contains($0) }.sorted()
     }
 
-    /// Throws unless every cluster of [first, end) is untouched. Caller holds the lock.
+    /// Throws unless every cluster of [first, end) is untouched: it looks at the completed ranges
+    /// and the tables in memory only, never cluster by cluster through a region without a table.
+    /// Names the lowest cluster touched. Caller holds the lock.
     private func checkUntouched(_ first: UInt64, _ end: UInt64) throws(QcowPressError) {
-        try forEachRegion(first, end) { (r, c, stop) throws(QcowPressError) in
-            if completed.contains(r) { throw overlap(c) }
-            guard let t = tables[r] else { return }
+        let span = regions(first, end)
+        var bad: UInt64? = completed.first(in: span).map { max(first, regionFirst($0)) }
+        for r in tablesIn(span) {
+            let t = tables[r]!
+            if let b = bad, regionFirst(r) > b { break }
             // No hash lookup per cluster when no cluster is partly written (the common case).
             let anyPartial = !partials.isEmpty
-            for k in c..<stop where t[geometry.l2Index(ofGuestCluster: k)] != .untouched || (anyPartial && partials[k] != nil) {
-                throw overlap(k)
+            for k in max(first, regionFirst(r))..<min(end, regionEnd(r))
+            where t[geometry.l2Index(ofGuestCluster: k)] != .untouched || (anyPartial && partials[k] != nil) {
+                bad = min(bad ?? k, k)
+                break
             }
         }
+        if let bad { throw overlap(bad) }
     }
 
     /// Claims clusters for whole-cluster writes or copy destinations: untouched → pending, all of
@@ -98,9 +104,10 @@ final class GuestMap: @unchecked Sendable {
     func reserve(_ clusters: Range<UInt64>) throws(QcowPressError) {
         try lock.withLock { () throws(QcowPressError) in
             try checkUntouched(clusters.lowerBound, clusters.upperBound)
-            try forEachRegion(clusters.lowerBound, clusters.upperBound) { (_, c, stop) throws(QcowPressError) in
+            for r in regions(clusters.lowerBound, clusters.upperBound) {
+                let c = max(clusters.lowerBound, regionFirst(r))
                 let t = try table(c)
-                for k in c..<stop { t[geometry.l2Index(ofGuestCluster: k)] = .pending }
+                for k in c..<min(clusters.upperBound, regionEnd(r)) { t[geometry.l2Index(ofGuestCluster: k)] = .pending }
             }
         }
     }
@@ -108,28 +115,46 @@ final class GuestMap: @unchecked Sendable {
     func reserve(_ c: UInt64) throws(QcowPressError) { try reserve(c..<(c + 1)) }
 
     /// Marks clusters [first, end) zero (found at intake or declared): all of them or (on an
-    /// overlap) none, in one critical section. A whole untouched region needs no table at all
-    /// (unless zero clusters need an entry). Returns the copies and regions this released.
+    /// overlap) none, in one critical section. A run of whole untouched regions needs no table
+    /// (unless zero clusters need an entry): it is recorded as one range, so the cost follows the
+    /// tables in memory and the copies waiting, not the length. Returns the copies and regions
+    /// this released.
     func markZero(_ first: UInt64, _ end: UInt64) throws(QcowPressError) -> Finalized {
         try lock.withLock { () throws(QcowPressError) -> Finalized in
             try checkUntouched(first, end)
             var out = Finalized()
-            try forEachRegion(first, end) { (r, c, stop) throws(QcowPressError) in
-                let regionFirst = UInt64(r) << UInt64(geometry.l2Bits)
-                let regionEnd = min(regionFirst + UInt64(geometry.l2Entries), guestClusters)
-                if c == regionFirst && stop == regionEnd && tables[r] == nil && !zeroNeedsEntry {
-                    completed.insert(r)
-                    wholeZero.insert(r)
-                    if !waiting.isEmpty {
-                        for k in c..<stop { if let w = waiting.removeValue(forKey: k) { for d in w { out.copies.append((d, k)) } } }
-                    }
-                } else {
+            let span = regions(first, end)
+            var withTable = tablesIn(span)[...]
+            var r = span.lowerBound
+            while r < span.upperBound {
+                let c = max(first, regionFirst(r)), stop = min(end, regionEnd(r))
+                if withTable.first == r || zeroNeedsEntry || c != regionFirst(r) || stop != regionEnd(r) {
+                    if withTable.first == r { withTable.removeFirst() }
                     let t = try table(c)
                     for k in c..<stop { finalize(k, t, .zero, into: &out) }
+                    r += 1
+                    continue
                 }
+                // Whole regions without a table, up to the next one with a table or the last
+                // region when the range ends inside it.
+                var runEnd = min(withTable.first ?? span.upperBound, span.upperBound)
+                if end < regionEnd(span.upperBound - 1) { runEnd = min(runEnd, span.upperBound - 1) }
+                completed.insert(r..<runEnd)
+                wholeZero.insert(r..<runEnd)
+                releaseWaiting(regionFirst(r)..<regionEnd(runEnd - 1), into: &out)
+                r = runEnd
             }
             advancePrefix()
             return out
+        }
+    }
+
+    /// Hands out the copies waiting for a source in `clusters` (now final as zero): looks at the
+    /// waiting copies, not at each cluster. Caller holds the lock.
+    private func releaseWaiting(_ clusters: Range<UInt64>, into out: inout Finalized) {
+        guard !waiting.isEmpty else { return }
+        for k in waiting.keys.filter({ clusters.contains($0) }).sorted() {
+            for d in waiting.removeValue(forKey: k)! { out.copies.append((d, k)) }
         }
     }
 
@@ -244,16 +269,6 @@ final class GuestMap: @unchecked Sendable {
         }
     }
 
-    /// Where the source of a copy stands.
-    enum Source {
-        /// Final in memory (`.zero` or `.final`).
-        case known(ClusterState)
-        /// Its region's table has been written (or the whole region was zero): look it up there.
-        case written(region: Int)
-        /// Not final yet: `dst` now waits for it and comes back through a ``Finalized``.
-        case waiting
-    }
-
     /// The state of `src` for a copy into `dst`; registers `dst` as waiting when `src` is not
     /// final yet (in the same critical section, so no final state can slip between).
     func source(_ src: UInt64, for dst: UInt64) -> Source {
@@ -282,21 +297,6 @@ final class GuestMap: @unchecked Sendable {
             all.sort { $0.dst < $1.dst }
             return all
         }
-    }
-
-    /// What the map says of clusters [first, first + count) (one region) to a reader of the image
-    /// being written (``Qcow2Encoder/readWritten(at:count:into:context:)``).
-    enum Readback {
-        /// Every one is final: its entry (0 for a zero cluster).
-        case entries([UInt64])
-        /// The region was completed as zero without a table.
-        case zero
-        /// The region's table left memory to be written: ``WrittenImage`` knows where it went.
-        case elsewhere
-        /// Some cluster is written but not final yet (being compressed): it will be.
-        case pending
-        /// Some cluster was never written.
-        case untouched
     }
 
     func readback(_ first: UInt64, count: Int) -> Readback {
@@ -353,8 +353,8 @@ final class GuestMap: @unchecked Sendable {
                 case .zero, .final: prefix += 1
                 case .untouched, .pending: return
                 }
-            } else if completed.contains(r) {
-                prefix = min(guestClusters, (UInt64(r) + 1) << UInt64(geometry.l2Bits))
+            } else if let done = completed.range(containing: r) {
+                prefix = regionEnd(done.upperBound - 1)
             } else {
                 return
             }
@@ -363,6 +363,12 @@ final class GuestMap: @unchecked Sendable {
 
     /// Clusters from the start of the image that are all final (written or zero), in guest order.
     var clustersDoneInOrder: UInt64 { lock.withLock { prefix } }
+
+    /// What the map holds, for tests that check its cost follows the data: tables in memory,
+    /// ranges of completed and of whole-zero regions, partial clusters and waiting copies.
+    var footprint: (tables: Int, completedRanges: Int, zeroRanges: Int, partials: Int, waiting: Int) {
+        lock.withLock { (tables.count, completed.ranges.count, wholeZero.ranges.count, partials.count, waiting.count) }
+    }
 
     /// Regions whose tables are still in memory (at the end: partly unwritten regions).
     var regionsInMemory: [Int] { lock.withLock { tables.keys.sorted() } }

@@ -10,6 +10,10 @@ public protocol GuestImage: AnyObject, Sendable {
     /// True when [offset, offset+count) reads as zeros without reading data (holes, zero or
     /// unallocated clusters through the whole chain). False means "maybe data".
     func isKnownZero(at offset: UInt64, count: Int) throws(QcowPressError) -> Bool
+    /// Where the run of bytes known to read as zero that starts at `offset` ends, at most `limit`:
+    /// `offset` itself when data may start there. Found by extents (holes, absent L2 tables),
+    /// never byte by byte, so a long hole costs what its few extents cost.
+    func knownZeroEnd(from offset: UInt64, limit: UInt64) throws(QcowPressError) -> UInt64
     /// Reads [offset, offset+count) into `into`; bytes past the virtual size read as zeros.
     func read(at offset: UInt64, count: Int, into: UnsafeMutableRawPointer, context: ReadContext) throws(QcowPressError)
     /// Reads consecutive guest bytes from `offset` into several buffers (each filled in turn), so a
@@ -18,6 +22,12 @@ public protocol GuestImage: AnyObject, Sendable {
 }
 
 extension GuestImage {
+    /// Images that know no extents: the whole range at once, or nothing.
+    public func knownZeroEnd(from offset: UInt64, limit: UInt64) throws(QcowPressError) -> UInt64 {
+        guard offset < limit else { return limit }
+        return try isKnownZero(at: offset, count: Int(limit - offset)) ? limit : offset
+    }
+
     /// Reads into one scratch buffer and copies out (images that cannot read into many at once).
     public func read(at offset: UInt64, into buffers: [UnsafeMutableRawBufferPointer], context: ReadContext) throws(QcowPressError) {
         let total = buffers.reduce(0) { $0 + $1.count }
@@ -86,8 +96,20 @@ public final class RawGuestImage: GuestImage {
     }
 
     public func isKnownZero(at offset: UInt64, count: Int) throws(QcowPressError) -> Bool {
-        let r = offset..<(offset + UInt64(count))
-        return !data.contains { overlaps($0, r) }
+        count <= 0 || knownZeroEnd(from: offset, limit: offset + UInt64(count)) == offset + UInt64(count)
+    }
+
+    /// The next data extent (SEEK_DATA, found when the image was opened) bounds the hole: one
+    /// binary search.
+    public func knownZeroEnd(from offset: UInt64, limit: UInt64) -> UInt64 {
+        guard offset < limit else { return limit }
+        var lo = 0, hi = data.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if data[mid].upperBound > offset { hi = mid } else { lo = mid + 1 }
+        }
+        guard lo < data.count else { return limit }
+        return data[lo].lowerBound <= offset ? offset : min(data[lo].lowerBound, limit)
     }
 
     public func read(at offset: UInt64, count: Int, into: UnsafeMutableRawPointer, context: ReadContext) throws(QcowPressError) {
@@ -209,32 +231,8 @@ extension Qcow2Image: GuestImage {
     }
 
     public func isKnownZero(at offset: UInt64, count: Int) throws(QcowPressError) -> Bool {
-        guard count > 0, offset < virtualSize else { return true }
-        let end = min(virtualSize, offset + UInt64(count))
-        var c = offset >> UInt64(geometry.clusterBits)
-        while c << UInt64(geometry.clusterBits) < end {
-            // A whole unallocated region is skipped at once (1 TiB of holes costs nothing).
-            let r = geometry.l1Index(ofGuestCluster: c)
-            if (r >= l1.count || l1[r] == 0) && c % UInt64(geometry.l2Entries) == 0 {
-                let regionStart = c << UInt64(geometry.clusterBits)
-                let regionEnd = min(end, regionStart + geometry.bytesPerL2)
-                if let b = backing, try !b.isKnownZero(at: regionStart, count: Int(regionEnd - regionStart)) { return false }
-                c += UInt64(geometry.l2Entries)
-                continue
-            }
-            switch try state(ofCluster: c) {
-            case .zero: break
-            case .unallocated:
-                let s = c << UInt64(geometry.clusterBits)
-                if let b = backing, try !b.isKnownZero(at: s, count: cs) { return false }
-            case .subclusters(_, let bitmap):
-                if bitmap & 0xFFFF_FFFF != 0 { return false }
-                if bitmap >> 32 != 0xFFFF_FFFF, let b = backing, try !b.isKnownZero(at: c << UInt64(geometry.clusterBits), count: cs) { return false }
-            default: return false
-            }
-            c += 1
-        }
-        return true
+        guard count > 0 else { return true }
+        return try knownZeroEnd(from: offset, limit: offset + UInt64(count)) == offset + UInt64(count)
     }
 
     public func read(at offset: UInt64, count: Int, into: UnsafeMutableRawPointer, context: ReadContext) throws(QcowPressError) {

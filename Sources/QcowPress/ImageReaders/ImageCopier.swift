@@ -35,66 +35,95 @@ public struct ImageCopier: Sendable {
     }
 
     /// Returns the number of clusters written (differing from the base, when there is one).
+    /// The work follows the data: a ``CopyPlan`` hands out zero runs whole (one
+    /// `writeZeroesBlocking` each, nothing at all over a base that reads zero there) and chunks
+    /// to read.
     @discardableResult
     public func feed(_ sink: any BlockingImageSink) throws(QcowPressError) -> UInt64 {
-        let size = source.virtualSize
-        let step = UInt64(Self.chunkSize)
         let written = Atomic<UInt64>(0)
+        let plan = CopyPlan(source: source, base: base, chunkSize: Self.chunkSize)
         let (source, base, cs) = (self.source, self.base, self.clusterSize)
-        try forEachIndex(size / step + (size % step == 0 ? 0 : 1), threads: readers, name: "qp-copy") {
-            let ctx = ReadContext()
-            // Untouched until used (a raw source into an encoder reads straight into its slots).
-            let buf = AlignedBuffer(capacity: Self.chunkSize, zeroed: false)
-            let other = base == nil ? nil : AlignedBuffer(capacity: Self.chunkSize)
-            return { (i) throws(QcowPressError) in
-                let at0 = i * step
-                let n = Int(min(step, size - at0))
-                let srcZero = try source.isKnownZero(at: at0, count: n)
-                guard let base, let other else {
-                    if srcZero {
-                        try sink.writeZeroesBlocking(at: at0, length: UInt64(n))
-                    } else if let enc = sink as? Qcow2Encoder, enc.clusterSize >= 4096 {
-                        // Straight into the encoder's cluster slots (O_DIRECT reads need 4 KiB-aligned
-                        // memory, which slots of 4 KiB and up are).
-                        try enc.fillBlocking(at: at0, count: n) { (at, b) throws(QcowPressError) in
-                            try source.read(at: at, into: b, context: ctx)
+        let group = ThreadGroup()
+        for t in 0..<max(1, readers) {
+            group.spawn(name: "qp-copy-\(t)") { () throws(QcowPressError) in
+                let ctx = ReadContext()
+                // Untouched until used (a raw source into an encoder reads straight into its slots).
+                let buf = AlignedBuffer(capacity: Self.chunkSize, zeroed: false)
+                let other = base == nil ? nil : AlignedBuffer(capacity: Self.chunkSize)
+                do throws(QcowPressError) {
+                    while let unit = try plan.take() {
+                        switch unit {
+                        case .zero(let r):
+                            // Over a base that reads zero there too, nothing differs.
+                            if base == nil { try sink.writeZeroesBlocking(at: r.lowerBound, length: r.upperBound - r.lowerBound) }
+                        case .chunk(let at0, let n, let srcZero):
+                            guard let base, let other else {
+                                try Self.copy(source, at: at0, count: n, buf: buf, ctx: ctx, into: sink)
+                                continue
+                            }
+                            written.add(try Self.copyDiffering(source, base, at: at0, count: n, sourceZero: srcZero, clusterSize: cs,
+                                                               buf: buf, other: other, ctx: ctx, into: sink), ordering: .relaxed)
                         }
-                    } else {
-                        try source.read(at: at0, count: n, into: buf.pointer, context: ctx)
-                        try sink.writeBlocking(at: at0, UnsafeRawBufferPointer(start: buf.pointer, count: n))
                     }
-                    return
-                }
-                // A base of another size compares as qemu reads an overlay over it: past the base's
-                // end it reads zeros, and what lies past the source's end does not matter.
-                let inBase = at0 < base.virtualSize ? Int(min(UInt64(n), base.virtualSize - at0)) : 0
-                var baseZero = inBase == 0
-                if !baseZero { baseZero = try base.isKnownZero(at: at0, count: inBase) }
-                if srcZero && baseZero { return }
-                if srcZero { memset(buf.pointer, 0, n) } else {
-                    try source.read(at: at0, count: n, into: buf.pointer, context: ctx)
-                }
-                if baseZero { memset(other.pointer, 0, n) } else {
-                    try base.read(at: at0, count: inBase, into: other.pointer, context: ctx)
-                    if inBase < n { memset(other.pointer + inBase, 0, n - inBase) }
-                }
-                var k = 0
-                while k < n {
-                    let m = min(cs, n - k)
-                    if memcmp(buf.pointer + k, other.pointer + k, m) != 0 {
-                        let at = at0 + UInt64(k)
-                        if isAllZero(buf.pointer + k, m) {
-                            try sink.writeZeroesBlocking(at: at, length: UInt64(m))
-                        } else {
-                            try sink.writeBlocking(at: at, UnsafeRawBufferPointer(start: buf.pointer + k, count: m))
-                        }
-                        written.add(1, ordering: .relaxed)
-                    }
-                    k += m
+                } catch {
+                    plan.stop()
+                    throw error
                 }
             }
         }
+        if let e = group.wait() { throw e }
         return written.load(ordering: .relaxed)
+    }
+
+    /// Copies one chunk that may hold data.
+    static func copy(_ source: any GuestImage, at at0: UInt64, count n: Int, buf: AlignedBuffer, ctx: ReadContext,
+                     into sink: any BlockingImageSink) throws(QcowPressError) {
+        if let enc = sink as? Qcow2Encoder, enc.clusterSize >= 4096 {
+            // Straight into the encoder's cluster slots (O_DIRECT reads need 4 KiB-aligned
+            // memory, which slots of 4 KiB and up are).
+            try enc.fillBlocking(at: at0, count: n) { (at, b) throws(QcowPressError) in
+                try source.read(at: at, into: b, context: ctx)
+            }
+        } else {
+            try source.read(at: at0, count: n, into: buf.pointer, context: ctx)
+            try sink.writeBlocking(at: at0, UnsafeRawBufferPointer(start: buf.pointer, count: n))
+        }
+    }
+
+    /// Writes the clusters of one chunk whose content differs from what the base reads there;
+    /// returns how many.
+    static func copyDiffering(_ source: any GuestImage, _ base: any GuestImage, at at0: UInt64, count n: Int, sourceZero srcZero: Bool,
+                              clusterSize cs: Int, buf: AlignedBuffer, other: AlignedBuffer, ctx: ReadContext,
+                              into sink: any BlockingImageSink) throws(QcowPressError) -> UInt64 {
+        // A base of another size compares as qemu reads an overlay over it: past the base's
+        // end it reads zeros, and what lies past the source's end does not matter.
+        let inBase = at0 < base.virtualSize ? Int(min(UInt64(n), base.virtualSize - at0)) : 0
+        var baseZero = inBase == 0
+        if !baseZero { baseZero = try base.isKnownZero(at: at0, count: inBase) }
+        if srcZero && baseZero { return 0 }
+        if srcZero { memset(buf.pointer, 0, n) } else {
+            try source.read(at: at0, count: n, into: buf.pointer, context: ctx)
+        }
+        if baseZero { memset(other.pointer, 0, n) } else {
+            try base.read(at: at0, count: inBase, into: other.pointer, context: ctx)
+            if inBase < n { memset(other.pointer + inBase, 0, n - inBase) }
+        }
+        var written: UInt64 = 0
+        var k = 0
+        while k < n {
+            let m = min(cs, n - k)
+            if memcmp(buf.pointer + k, other.pointer + k, m) != 0 {
+                let at = at0 + UInt64(k)
+                if isAllZero(buf.pointer + k, m) {
+                    try sink.writeZeroesBlocking(at: at, length: UInt64(m))
+                } else {
+                    try sink.writeBlocking(at: at, UnsafeRawBufferPointer(start: buf.pointer + k, count: m))
+                }
+                written += 1
+            }
+            k += m
+        }
+        return written
     }
 }
 

@@ -196,3 +196,48 @@ func readQcow2Header(_ file: InputFile, path: String) throws(QcowPressError) -> 
     }
     return h
 }
+
+extension Qcow2Image {
+    /// Walks the extents of this image: a run of absent L2 tables (512 MiB each with 64 KiB
+    /// clusters) at once, through the backing file's own extents; cluster by cluster only inside
+    /// an L2 table that exists (what it costs is the metadata's size, not the virtual size).
+    public func knownZeroEnd(from offset: UInt64, limit: UInt64) throws(QcowPressError) -> UInt64 {
+        let bits = UInt64(geometry.clusterBits)
+        var at = offset
+        while at < limit {
+            if at >= virtualSize { return limit }
+            let c = at >> bits
+            let r = geometry.l1Index(ofGuestCluster: c)
+            if r >= l1.count || l1[r] == 0 {
+                var next = r + 1
+                while next < l1.count && l1[next] == 0 { next += 1 }
+                let runEnd = next >= l1.count ? limit : min(limit, UInt64(next) * geometry.bytesPerL2)
+                let e = try backingZeroEnd(from: at, limit: runEnd)
+                if e < runEnd { return e }
+                at = runEnd
+                continue
+            }
+            let stop = min(limit, (c + 1) << bits)
+            switch try state(ofCluster: c) {
+            case .zero: break
+            case .unallocated:
+                let e = try backingZeroEnd(from: at, limit: stop)
+                if e < stop { return e }
+            case .subclusters(_, let bitmap):
+                if bitmap & 0xFFFF_FFFF != 0 { return at }
+                if bitmap >> 32 != 0xFFFF_FFFF, try backingZeroEnd(from: at, limit: stop) < stop { return at }
+            default: return at
+            }
+            at = stop
+        }
+        return limit
+    }
+
+    /// ``knownZeroEnd(from:limit:)`` of the backing file (zeros without one, and past its end).
+    func backingZeroEnd(from offset: UInt64, limit: UInt64) throws(QcowPressError) -> UInt64 {
+        guard let b = backing, offset < b.virtualSize else { return limit }
+        let inBacking = min(limit, b.virtualSize)
+        let e = try b.knownZeroEnd(from: offset, limit: inBacking)
+        return e == inBacking ? limit : e
+    }
+}

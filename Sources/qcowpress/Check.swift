@@ -21,7 +21,7 @@ struct Check: ParsableCommand {
     static let unsupportedFormat: Int32 = 63
 
     func validate() throws {
-        if let format, format != "raw" && format != "qcow2" { throw ValidationError("-f '\(format)': the format is raw or qcow2") }
+        if let format, !ImageFormat.readable.contains(format) { throw ValidationError("-f '\(format)': the format is one of \(ImageFormat.readable.joined(separator: ", "))") }
     }
 
     func run() throws {
@@ -30,9 +30,9 @@ struct Check: ParsableCommand {
         let locks = try lockForReading([(image, false)], forceShare: forceShare || (format ?? detected) == "raw")
         defer { locks.release() }
         if format == "qcow2" && detected != "qcow2" { throw notQcow2(image) }
-        if (format ?? detected) == "raw" {
-            let why = format == nil ? "no qcow2 magic at offset 0" : "-f raw"
-            writeStderr("qcowpress: \(image): a raw image (\(why)): this image format does not support checks\n")
+        if (format ?? detected) != "qcow2" {
+            let why = detected != "raw" ? "a \(detected) image (QcowPress checks qcow2 metadata only)" : format == nil ? "a raw image (no qcow2 magic at offset 0)" : "a raw image (-f raw)"
+            writeStderr("qcowpress: \(image): \(why): this image format does not support checks\n")
             throw ExitCode(Self.unsupportedFormat)
         }
         let r = try Qcow2Checker(path: image).run()

@@ -19,7 +19,7 @@ struct Info: ParsableCommand {
     var image: String
 
     func validate() throws {
-        if let format, format != "raw" && format != "qcow2" { throw ValidationError("-f '\(format)': the format is raw or qcow2") }
+        if let format, !ImageFormat.readable.contains(format) { throw ValidationError("-f '\(format)': the format is one of \(ImageFormat.readable.joined(separator: ", "))") }
     }
 
     func run() throws {

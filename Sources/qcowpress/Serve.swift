@@ -35,7 +35,7 @@ struct ServeImage: ParsableCommand {
     func validate() throws {
         try validateListen(socket, listen)
         guard !files.isEmpty else { throw ValidationError("name at least one FILE") }
-        if let format, format != "raw" && format != "qcow2" { throw ValidationError("-f takes raw or qcow2") }
+        if let format, !ImageFormat.readable.contains(format) { throw ValidationError("-f takes \(ImageFormat.readable.joined(separator: ", "))") }
     }
 
     func run() throws {

@@ -82,4 +82,101 @@ struct ImageFormatTests {
             #expect(!FileManager.default.fileExists(atPath: dst))
         }
     }
+
+    // MARK: VDI and VHD images made by qemu-img
+
+    /// A raw source of an odd size (whole sectors) with seeded data at scattered offsets, a run of
+    /// written zeros and holes.
+    static func mixedRaw(_ url: URL, size: Int, seed: UInt64) throws {
+        FileManager.default.createFile(atPath: url.path, contents: nil)
+        let h = try FileHandle(forWritingTo: url)
+        defer { try? h.close() }
+        try h.truncate(atOffset: UInt64(size))
+        for (i, off) in [0, 700_000, 2_101_248, 3_000_000, size - 70_000].enumerated() {
+            try h.seek(toOffset: UInt64(off))
+            try h.write(contentsOf: SourceImage.noise(min(150_000, size - off), seed: seed + UInt64(i)))
+        }
+        try h.seek(toOffset: 4_194_304)
+        try h.write(contentsOf: Data(count: 300_000))
+    }
+
+    /// Converts `image` with qcowpress, lets qemu-img judge, and compares info's virtual size.
+    static func expectConverts(_ image: String, format: String, subformat: String, dir: URL,
+                               sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let dst = dir.appendingPathComponent("out-\(UUID().uuidString).qcow2").path
+        let r = try Harness.qcowpress(["convert", "-c", image, dst])
+        #expect(r.status == 0, "\(image): \(r.stderr)", sourceLocation: sourceLocation)
+        try Harness.expectGood(dst, equals: image, sourceFormat: format, sourceLocation: sourceLocation)
+        let mine = try Harness.qcowpress(["info", "--output", "json", image])
+        let theirs = try Harness.qemuImg(["info", "-f", format, "--output", "json", image])
+        func field(_ s: String, _ k: String) -> String? {
+            guard let o = try? JSONSerialization.jsonObject(with: Data(s.utf8)) as? [String: Any], let v = o[k] else { return nil }
+            return "\(v)"
+        }
+        #expect(field(mine.stdout, "virtual-size") != nil && field(mine.stdout, "virtual-size") == field(theirs.stdout, "virtual-size"), "\(mine.stdout) vs \(theirs.stdout)", sourceLocation: sourceLocation)
+        #expect(field(mine.stdout, "format") == format && field(mine.stdout, "subformat") == subformat, "\(mine.stdout)", sourceLocation: sourceLocation)
+        #expect(field(mine.stdout, "cluster-size") == field(theirs.stdout, "cluster-size"), "\(mine.stdout) vs \(theirs.stdout)", sourceLocation: sourceLocation)
+    }
+
+    /// Refused with exit 1 and one line naming the file and `field`; no destination.
+    static func expectRefused(_ image: String, field: String, dir: URL, args: [String] = [],
+                              sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let dst = dir.appendingPathComponent("refused.qcow2").path
+        let r = try Harness.qcowpress(["convert"] + args + [image, dst])
+        #expect(r.status == 1, "\(image): exit \(r.status)", sourceLocation: sourceLocation)
+        #expect(r.stderr.contains(image) && r.stderr.contains(field) && r.stderr.split(separator: "\n").count == 1, "\(r.stderr)", sourceLocation: sourceLocation)
+        #expect(!FileManager.default.fileExists(atPath: dst), sourceLocation: sourceLocation)
+    }
+
+    static func patch(_ path: String, at: Int, _ bytes: [UInt8]) throws {
+        let h = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        defer { try? h.close() }
+        try h.seek(toOffset: UInt64(at))
+        try h.write(contentsOf: Data(bytes))
+    }
+
+    @Test func vdiStaticAndDynamic() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let src = dir.appendingPathComponent("src.raw")
+        try Self.mixedRaw(src, size: 5 * 1_048_576 + 3 * 512, seed: 31)
+        for kind in ["static", "dynamic"] {
+            let vdi = dir.appendingPathComponent("\(kind).vdi").path
+            #expect(try Harness.qemuImg(["convert", "-O", "vdi", "-o", "static=\(kind == "static" ? "on" : "off")", src.path, vdi]).status == 0)
+            try Self.expectConverts(vdi, format: "vdi", subformat: kind, dir: dir)
+            // Written with qemu-io after creation: scattered patterns in a fresh image.
+            let fresh = dir.appendingPathComponent("fresh-\(kind).vdi").path
+            #expect(try Harness.qemuImg(["create", "-q", "-f", "vdi", "-o", "static=\(kind == "static" ? "on" : "off")", fresh, "7340544"]).status == 0)
+            let io = try Harness.run("/usr/bin/qemu-io", ["-f", "vdi", "-c", "write -P 0x5a 1048064 4096", "-c", "write -P 0xc3 6291456 512", fresh])
+            #expect(io.status == 0, "\(io.stderr)")
+            try Self.expectConverts(fresh, format: "vdi", subformat: kind, dir: dir)
+        }
+        // A zeroed block (map entry 0xfffffffe) reads as zeros, as qemu-img reads it.
+        let dyn = dir.appendingPathComponent("dynamic.vdi").path
+        try Self.patch(dyn, at: 512 + 4, [0xFE, 0xFF, 0xFF, 0xFF])
+        try Self.expectConverts(dyn, format: "vdi", subformat: "dynamic", dir: dir)
+    }
+
+    @Test func damagedVDIIsRefused() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let src = dir.appendingPathComponent("src.raw")
+        try Self.mixedRaw(src, size: 3 * 1_048_576, seed: 7)
+        let good = dir.appendingPathComponent("good.vdi").path
+        #expect(try Harness.qemuImg(["convert", "-O", "vdi", src.path, good]).status == 0)
+        let cases: [(String, Int, [UInt8], String)] = [
+            ("bmap-eof", 340, Self.le32(0x4000_0000), "offset_bmap"),
+            ("entry-eof", 512, Self.le32(1000), "block map entry 0"),
+            ("disk-size", 368 + 4, [0x10, 0, 0, 0], "disk_size"),
+            ("block-size", 376, Self.le32(3000), "block_size"),
+        ]
+        for (name, at, bytes, field) in cases {
+            let p = dir.appendingPathComponent("\(name).vdi").path
+            try FileManager.default.copyItem(atPath: good, toPath: p)
+            try Self.patch(p, at: at, bytes)
+            try Self.expectRefused(p, field: field, dir: dir)
+        }
+        // -f vdi on a file that is not one: the signature named.
+        try Self.expectRefused(src.path, field: "signature", dir: dir, args: ["-f", "vdi"])
+    }
 }

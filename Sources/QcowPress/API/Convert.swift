@@ -7,7 +7,8 @@ public enum ImageSource: Sendable {
     case raw(path: String)
     /// A qcow2 image; `openBacking: false` reads unallocated clusters as zeros.
     case qcow2(path: String, openBacking: Bool = true)
-    /// Detect qcow2 by magic; anything else is raw.
+    /// The format by magic (``ImageFormat``): qcow2, vdi, raw when none; a format QcowPress does not
+    /// read is refused by name.
     case detect(path: String)
     /// One disk archive (`drive-scsi0.img.fidx`) of an opened PBS snapshot.
     case pbs(PBSRestore, archive: String)
@@ -37,13 +38,15 @@ public enum ImageSource: Sendable {
                 throw .invalidArgument("\(a): no device '\(d)'")
             }
             return (size + 511) & ~511
-        case .detect: return 0
+        case .detect(let p): return try ImageFormat.open(path: p, format: RawImageReader.detectFormat(path: p)).virtualSize
         }
     }
 
     func resolved() throws(QcowPressError) -> ImageSource {
         if case .detect(let p) = self {
-            return try RawImageReader.detectFormat(path: p) == "qcow2" ? .qcow2(path: p) : .raw(path: p)
+            // raw and qcow2 by their cases; another format QcowPress reads stays .detect (opened by name).
+            let format = try RawImageReader.detectFormat(path: p)
+            return format == "qcow2" ? .qcow2(path: p) : format == "raw" ? .raw(path: p) : self
         }
         return self
     }
@@ -56,7 +59,9 @@ public enum ImageSource: Sendable {
             try ImageCopier(source: try Qcow2Image(path: p, openBacking: b), clusterSize: encoder.options.clusterSize).feed(encoder)
         case .pbs(let r, let a): try r.pipe(archive: a, into: encoder)
         case .vma(let a, let d): try VMARestore(archive: a, outdir: "").pipe(device: d, into: encoder)
-        case .detect: break
+        case .detect(let p):
+            let image = try ImageFormat.open(path: p, format: RawImageReader.detectFormat(path: p))
+            try ImageCopier(source: image, clusterSize: encoder.options.clusterSize).feed(encoder)
         }
     }
 }

@@ -36,6 +36,8 @@ public struct ImageInfo: Sendable, Codable, Equatable {
     public var fullBackingFilename: String?
     public var backingFilenameFormat: String?
     public var formatSpecific: FormatSpecific?
+    /// VDI: static or dynamic; VHD: fixed or dynamic (not a qemu-img key).
+    public var subformat: String?
 
     enum CodingKeys: String, CodingKey {
         case virtualSize = "virtual-size"
@@ -48,6 +50,7 @@ public struct ImageInfo: Sendable, Codable, Equatable {
         case fullBackingFilename = "full-backing-filename"
         case backingFilenameFormat = "backing-filename-format"
         case formatSpecific = "format-specific"
+        case subformat
     }
 
     /// Reads the header of `path`. `format` as qemu-img info -f: "qcow2" requires the qcow2 magic,
@@ -55,6 +58,10 @@ public struct ImageInfo: Sendable, Codable, Equatable {
     /// when none; a format QcowPress does not read is refused by name).
     public init(path: String, format given: String? = nil) throws(QcowPressError) {
         let format = try ImageFormat.resolve(path: path, given: given)
+        if let other = try ImageInfo(blockImage: path, format: format) {
+            self = other
+            return
+        }
         let f: InputFile
         do { f = try InputFile(path: path, direct: false) } catch { throw .from(error) }
         filename = path
@@ -86,6 +93,7 @@ public struct ImageInfo: Sendable, Codable, Equatable {
     public var text: String {
         var s = "image: \(filename)\nfile format: \(format)\nvirtual size: \(Self.human(virtualSize)) (\(virtualSize) bytes)\ndisk size: \(Self.human(actualSize))\n"
         if let clusterSize { s += "cluster_size: \(clusterSize)\n" }
+        if let subformat { s += "subformat: \(subformat)\n" }
         if let backingFilename {
             let full = fullBackingFilename ?? backingFilename
             s += "backing file: \(backingFilename)\(full == backingFilename ? "" : " (actual path: \(full))")\n"

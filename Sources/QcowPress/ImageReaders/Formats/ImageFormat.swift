@@ -7,7 +7,7 @@ import Glibc
 /// magic names another format is never read as raw unless `-f raw` says so (as qemu-img).
 public enum ImageFormat {
     /// What `-f` accepts: the formats QcowPress reads.
-    public static let readable = ["raw", "qcow2"]
+    public static let readable = ["raw", "qcow2", "vdi"]
 
     /// qemu reads the first 512 bytes (BLOCK_PROBE_BUF_SIZE) and gives them to every probe.
     static let probeBytes = 512
@@ -131,7 +131,27 @@ public enum ImageFormat {
     public static func open(path: String, format: String) throws(QcowPressError) -> any GuestImage {
         switch format {
         case "raw": return try RawGuestImage(path: path)
+        case "vdi": return try VDIImage(path: path)
         default: throw refusal(path: path, format: format)
         }
+    }
+}
+
+extension ImageInfo {
+    /// What `info` shows of a VDI or VHD image (nil for raw and qcow2): qemu-img's keys (format,
+    /// virtual-size, cluster-size = the block size of a block-mapped image) and the subformat.
+    init?(blockImage path: String, format: String) throws(QcowPressError) {
+        let size: UInt64
+        switch format {
+        case "vdi":
+            let i = try VDIImage(path: path)
+            (size, clusterSize, subformat) = (i.virtualSize, Int(i.header.blockSize), i.subformat)
+        default: return nil
+        }
+        virtualSize = size
+        filename = path
+        self.format = format
+        actualSize = (try? FileStatus.of(path: path))?.allocated ?? 0
+        dirtyFlag = false
     }
 }

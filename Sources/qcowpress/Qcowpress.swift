@@ -10,6 +10,20 @@ struct Qcowpress: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qcowpress",
         abstract: "Write qcow2 images fast: convert, restore (PBS, VMA), export, inspect, check, serve over NBD.",
+        discussion: """
+            IMAGE LOCKS: as QEMU, QcowPress takes its file-posix driver's OFD byte-range locks, so it, \
+            qemu-img, qemu-storage-daemon and running VMs see each other (block devices too). Every \
+            image a command reads (convert/export SRC and backing chain, -B/-b base, info, check, \
+            serve image) gets qemu-img's read lock for the whole run: an image another process has \
+            open for writing is refused ('Failed to get shared "write" lock. Is another process \
+            using the image [PATH]?', exit 1) unless -U/--force-share, which reads it anyway (the \
+            copy may be stale or torn; serve image -U warns). Every image a command writes gets \
+            QEMU's write lock from the start to the commit, on the existing destination (so --force \
+            never replaces an image in use: 'Failed to get "write" lock') and on the temporary file \
+            through the rename; the destination's name is locked too (.NAME.qcowpress-lock beside \
+            it), so a second run writing the same destination is refused at its start. After the \
+            commit the image's lock shares everything (a live restore's drive is handed to QEMU).
+            """,
         version: version,
         subcommands: [Convert.self, Restore.self, Export.self, Info.self, Check.self, Serve.self])
 

@@ -254,6 +254,17 @@ struct ImageLockTests {
         }
     }
 
+    /// The help (and so the manual, generated from it) says what the locks do and what -U does,
+    /// on every command that reads images; nothing says QcowPress never locks.
+    @Test func helpDescribesLocksAndForceShare() throws {
+        let root = try Harness.qcowpress(["--help"]).stdout
+        #expect(root.contains("IMAGE LOCKS") && root.contains("Failed to get \"write\" lock") && root.contains("-U/--force-share"), "\(root)")
+        for c in [["convert"], ["export"], ["info"], ["check"], ["serve", "image"]] {
+            let h = try Harness.qcowpress(c + ["--help"]).stdout
+            #expect(h.contains("-U, --force-share") && h.contains("as qemu-img -U") && !h.contains("never locks"), "\(c): \(h)")
+        }
+    }
+
     /// Block devices are locked as QEMU locks them: a qcow2 on a loop device that QEMU has open
     /// read-write is neither written nor read, as qemu-img refuses it; while QcowPress reads it,
     /// qemu-img does not write it.

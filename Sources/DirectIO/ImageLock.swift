@@ -239,7 +239,7 @@ public final class NameLock: Sendable {
             return v
         }
         guard let f else { return }
-        Glibc.unlink(lockFile)
+        FileNames.unlink(lockFile)
         close(f)
     }
 }

@@ -114,8 +114,10 @@ func startServer(_ set: ExportSet, socket: String?, listen: String?, security: S
 
 /// Serves until SIGINT or SIGTERM, which end the process with status 0 and remove the socket.
 func serveForever(_ set: ExportSet, socket: String?, listen: String?, security: ServerSecurity) throws -> Never {
-    _ = try startServer(set, socket: socket, listen: listen, security: security)
+    // Before the URLs are printed: a client (or a script) that stops the server as soon as it
+    // reads them gets status 0, never 143 (it was set after printing, a race tests lost).
     SignalWatcher.exitStatusOnSignal = 0
+    _ = try startServer(set, socket: socket, listen: listen, security: security)
     while true { pause() }
 }
 

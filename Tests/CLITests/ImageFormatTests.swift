@@ -179,4 +179,79 @@ struct ImageFormatTests {
         // -f vdi on a file that is not one: the signature named.
         try Self.expectRefused(src.path, field: "signature", dir: dir, args: ["-f", "vdi"])
     }
+
+    /// Sets a VHD footer field (at `footerAt`) and recomputes the footer checksum, so only the
+    /// field changes.
+    static func patchVHDFooter(_ path: String, footerAt: Int, field: Int, _ bytes: [UInt8]) throws {
+        var d = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        d.replaceSubrange((footerAt + field)..<(footerAt + field + bytes.count), with: bytes)
+        for i in 64..<68 { d[footerAt + i] = 0 }
+        let sum = ~d[footerAt..<(footerAt + 512)].reduce(UInt32(0)) { $0 &+ UInt32($1) }
+        for i in 0..<4 { d[footerAt + 64 + i] = UInt8(truncatingIfNeeded: sum >> (24 - 8 * UInt32(i))) }
+        try Data(d).write(to: URL(fileURLWithPath: path))
+    }
+
+    @Test func vhdFixedAndDynamic() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let src = dir.appendingPathComponent("src.raw")
+        try Self.mixedRaw(src, size: 5 * 1_048_576 + 3 * 512, seed: 41)
+        // qemu's creator "qemu" sizes by CHS geometry, force_size ("qem2") by current_size.
+        for (name, opts) in [("dynamic", "subformat=dynamic"), ("fixed", "subformat=fixed"), ("dynamic", "subformat=dynamic,force_size=on")] {
+            let vhd = dir.appendingPathComponent("\(name)-\(opts.count).vhd").path
+            #expect(try Harness.qemuImg(["convert", "-O", "vpc", "-o", opts, src.path, vhd]).status == 0)
+            if name == "fixed" {
+                // As qemu-img: a fixed VHD has no magic at 0 and is probed as raw; -f vpc reads it.
+                let probed = try Harness.qcowpress(["info", "--output", "json", vhd])
+                #expect(probed.stdout.contains("\"raw\""), "\(probed.stdout)")
+                let dst = dir.appendingPathComponent("fixed.qcow2").path
+                #expect(try Harness.qcowpress(["convert", "-f", "vpc", "-c", vhd, dst]).status == 0)
+                try Harness.expectGood(dst, equals: vhd, sourceFormat: "vpc")
+                continue
+            }
+            try Self.expectConverts(vhd, format: "vpc", subformat: name, dir: dir)
+        }
+        // Written with qemu-io into a fresh dynamic image of an odd size.
+        let fresh = dir.appendingPathComponent("fresh.vhd").path
+        #expect(try Harness.qemuImg(["create", "-q", "-f", "vpc", fresh, "9000000"]).status == 0)
+        let io = try Harness.run("/usr/bin/qemu-io", ["-f", "vpc", "-c", "write -P 0x5a 2096640 4096", "-c", "write -P 0xc3 6291456 512", fresh])
+        #expect(io.status == 0, "\(io.stderr)")
+        try Self.expectConverts(fresh, format: "vpc", subformat: "dynamic", dir: dir)
+        // Hyper-V's creator ("win ") sizes by current_size: the footer copy at 0 says so.
+        let win = dir.appendingPathComponent("win.vhd").path
+        try FileManager.default.copyItem(atPath: fresh, toPath: win)
+        try Self.patchVHDFooter(win, footerAt: 0, field: 28, Array("win ".utf8))
+        try Self.expectConverts(win, format: "vpc", subformat: "dynamic", dir: dir)
+    }
+
+    @Test func damagedVHDIsRefused() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let src = dir.appendingPathComponent("src.raw")
+        try Self.mixedRaw(src, size: 5 * 1_048_576, seed: 9)
+        let good = dir.appendingPathComponent("good.vhd").path
+        #expect(try Harness.qemuImg(["convert", "-O", "vpc", src.path, good]).status == 0)
+        func copy(_ name: String) throws -> String {
+            let p = dir.appendingPathComponent(name).path
+            try FileManager.default.copyItem(atPath: good, toPath: p)
+            return p
+        }
+        let sum = try copy("sum.vhd")
+        try Self.patch(sum, at: 48, [0x7F])
+        try Self.expectRefused(sum, field: "checksum", dir: dir)
+        let bat = try copy("bat.vhd")
+        try Self.patch(bat, at: 512 + 16, [0, 0, 0, 0, 0x7F, 0, 0, 0])
+        try Self.expectRefused(bat, field: "table_offset", dir: dir)
+        let entry = try copy("entry.vhd")
+        try Self.patch(entry, at: 1536, [0x00, 0xFF, 0x00, 0x00])
+        try Self.expectRefused(entry, field: "block allocation table entry 0", dir: dir)
+        let diff = try copy("diff.vhd")
+        try Self.patchVHDFooter(diff, footerAt: 0, field: 60, [0, 0, 0, 4])
+        try Self.expectRefused(diff, field: "a differencing VHD image", dir: dir)
+        let fixed = dir.appendingPathComponent("fixed.vhd").path
+        #expect(try Harness.qemuImg(["convert", "-O", "vpc", "-o", "subformat=fixed", src.path, fixed]).status == 0)
+        let size = Int((try FileManager.default.attributesOfItem(atPath: fixed)[.size] as? UInt64) ?? 0)
+        try Self.patch(fixed, at: size - 512 + 64, [0, 0, 0, 0])
+        try Self.expectRefused(fixed, field: "checksum", dir: dir, args: ["-f", "vpc"])
+    }
 }

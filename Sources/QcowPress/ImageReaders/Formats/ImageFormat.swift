@@ -7,7 +7,7 @@ import Glibc
 /// magic names another format is never read as raw unless `-f raw` says so (as qemu-img).
 public enum ImageFormat {
     /// What `-f` accepts: the formats QcowPress reads.
-    public static let readable = ["raw", "qcow2", "vdi"]
+    public static let readable = ["raw", "qcow2", "vdi", "vpc"]
 
     /// qemu reads the first 512 bytes (BLOCK_PROBE_BUF_SIZE) and gives them to every probe.
     static let probeBytes = 512
@@ -132,6 +132,7 @@ public enum ImageFormat {
         switch format {
         case "raw": return try RawGuestImage(path: path)
         case "vdi": return try VDIImage(path: path)
+        case "vpc": return try VHDImage.open(path: path)
         default: throw refusal(path: path, format: format)
         }
     }
@@ -146,6 +147,11 @@ extension ImageInfo {
         case "vdi":
             let i = try VDIImage(path: path)
             (size, clusterSize, subformat) = (i.virtualSize, Int(i.header.blockSize), i.subformat)
+        case "vpc":
+            switch try VHDImage.open(path: path) {
+            case let d as VHDDynamicImage: (size, clusterSize, subformat) = (d.virtualSize, d.blockBytes, "dynamic")
+            case let i: (size, subformat) = (i.virtualSize, "fixed")
+            }
         default: return nil
         }
         virtualSize = size

@@ -37,6 +37,15 @@ struct Qcowpress: ParsableCommand {
         // with one or two arenas; `restore pbs -c` of the 3 GiB bench disk took the same time
         // either way (8.3-8.7 s). (/tmp/rss.sh of the stop-20 note; bench/nbd_bench.py "rss".)
         limitMallocArenas(2)
+        // Blocks of 256 KiB and more always mmapped, and unmapped when freed. glibc raises its
+        // threshold to the size of any mapped block freed (up to 32 MiB), after which the 1–4 MiB
+        // chunk, write and codec buffers each drive allocates and frees came from the heap, which
+        // fragmented and never shrank: `restore pbs --all --memory-limit 32M -c` peaked at 50 MiB
+        // RSS for 1 drive, 109–162 MiB for 64, 131–158 MiB for 200 (8 MiB drives); with a fixed
+        // threshold of 256 KiB 42, 44 and 46 MiB (1 MiB: 42, 44, 49; 2 MiB: 95, 117). The 3 GiB
+        // bench disk's restore: the same user time (12.4–12.7 s), sys 0.41–0.48 → 0.58–0.66 s.
+        // (bench/memory_drives.sh, bench/RESULTS.md "memory over drives".)
+        mallocOption(M_MMAP_THRESHOLD, 256 << 10)
         // Block SIGINT/SIGTERM first, so a signal at any moment goes to the watcher thread (which
         // cancels whatever is running and exits 130/143), never to the default action.
         SignalWatcher.install()
@@ -163,8 +172,16 @@ func writeStderr(_ s: String) { Terminal.write(s, to: 2) }
 /// glibc's `mallopt(M_ARENA_MAX, n)`. <malloc.h> is not in Swift's Glibc module, so the function
 /// is looked up by name (it is always there in glibc; elsewhere this does nothing).
 func limitMallocArenas(_ n: Int32) {
+    mallocOption(M_ARENA_MAX, n)
+}
+
+/// <malloc.h>'s parameter numbers (not in Swift's Glibc module).
+let M_ARENA_MAX: Int32 = -8
+let M_MMAP_THRESHOLD: Int32 = -3
+
+/// glibc's `mallopt(option, value)`, looked up by name (elsewhere this does nothing).
+func mallocOption(_ option: Int32, _ value: Int32) {
     typealias Mallopt = @convention(c) (Int32, Int32) -> Int32
-    let M_ARENA_MAX: Int32 = -8  // <malloc.h>
     guard let f = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "mallopt") else { return }  // RTLD_DEFAULT
-    _ = unsafeBitCast(f, to: Mallopt.self)(M_ARENA_MAX, n)
+    _ = unsafeBitCast(f, to: Mallopt.self)(option, value)
 }

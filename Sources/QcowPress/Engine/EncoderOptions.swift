@@ -111,14 +111,12 @@ struct MemoryPlan {
         let floor = max(1, images) * 4 * cs
         let wanted = max(budget / 4, floor)
         let tables = budget / 16
-        // Each worker needs cluster slots to work on (one in hand, one queued) and its context.
-        let fixed = { (t: Int) -> Int in floor + tables + t * perWorker + (2 * t + 2) * cs }
+        let fixed = { (t: Int) -> Int in Self.fixedBytes(o, images: images, threads: t) }
         var t = o.threads
         while t > 1 && fixed(t) > budget { t -= 1 }
         guard fixed(t) <= budget else {
-            let need = (fixed(1) + (1 << 20) - 1) >> 20
             let what = images > 1 ? "\(images) images" : "an image"
-            throw .invalidArgument("memory limit \(budget >> 20)M cannot hold \(what) at cluster_size \(cs) with \(o.compression?.description ?? "no compression"): at least \(need)M is needed")
+            throw .invalidArgument("memory limit \(budget >> 20)M cannot hold \(what) at cluster_size \(cs) with \(o.compression?.description ?? "no compression"): at least \(Self.smallestLimit(o, images: images) >> 20)M is needed")
         }
         threads = t
         let available = budget - tables - t * perWorker - (2 * t + 2) * cs
@@ -130,6 +128,24 @@ struct MemoryPlan {
         // zstd 3): 8 MiB of slots per worker + 32 MiB for bursts ran as fast as 220 MiB of slots.
         let useful = (t * (8 << 20) + (32 << 20)) / cs
         slotCount = max(2 * t + 2, min(max(useful, 4 * t + 4), forSlots / cs))
+    }
+
+    /// What a plan cannot cut below at `o.memoryLimit` with `t` workers: every image's floor of
+    /// write buffers (2 of 2 clusters), the tables' share (a sixteenth), and each worker's context
+    /// and cluster slots (one in hand, one queued, two more).
+    static func fixedBytes(_ o: EncoderOptions, images: Int, threads t: Int) -> Int {
+        let cs = o.clusterSize
+        return max(1, images) * 4 * cs + o.memoryLimit / 16 + t * workerBytes(o) + (2 * t + 2) * cs
+    }
+
+    /// The smallest limit in whole MiB that holds one worker and `images` images' smallest write
+    /// buffers: what a refusal names, so that the size it names is one that runs (the tables'
+    /// share grows with the limit: the shortfall at one limit is not the answer).
+    static func smallestLimit(_ o: EncoderOptions, images: Int) -> Int {
+        var e = o
+        e.memoryLimit = max(4, (o.memoryLimit + (1 << 20) - 1) >> 20) << 20
+        while fixedBytes(e, images: images, threads: 1) > e.memoryLimit { e.memoryLimit += 1 << 20 }
+        return e.memoryLimit
     }
 
     /// One image's write buffers out of what `inUse` leaves of the write-buffer budget, at most its

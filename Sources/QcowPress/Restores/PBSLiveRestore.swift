@@ -48,7 +48,7 @@ public final class PBSLiveRestore: Sendable {
         configs = all.configs
         let plans = try jobs.map { j throws(QcowPressError) in try restore.drive(j.archive) }
         let (o, e) = try PBSRestore.fit(options, encoder, chunkSize: plans.map(\.index.chunkSize).max() ?? 4 << 20,
-                                        cacheShare: 3, remote: restore.reader.store.isRemote)
+                                        cacheShare: 3, remote: restore.reader.store.isRemote, images: jobs.count)
         self.options = o
         // The cache serves the restore and the readers (its size comes out of the memory limit, but
         // holds at least two chunks: a reader's chunk must survive until it is copied out).

@@ -223,22 +223,33 @@ public struct PBSRestore: Sendable {
     /// 256M: 8 loaders (what was measured best here) and a 32 MiB cache. A live restore lets the
     /// cache take up to a third (`cacheShare` 3): its clients read what the restore loaded. From a
     /// server, the chunks received ahead of the loaders (``Options/streams``, one chunk each) take
-    /// at most another quarter: 16 streams of 4 MiB chunks at 256M.
+    /// at most another quarter: 16 streams of 4 MiB chunks at 256M. `images`: written at the same
+    /// time (a live restore's drives), each with its smallest write buffers in the engine's part.
+    ///
+    /// A limit that cannot hold one loader and the engine is refused with the smallest limit (whole
+    /// MiB) that can: the shares grow with the limit, so that is searched for, not subtracted.
     static func fit(_ o: Options, _ e: EncoderOptions, chunkSize: Int, cacheShare: Int = 8,
-                    remote: Bool = false) throws(QcowPressError) -> (Options, EncoderOptions) {
-        var o = o, e = e
-        let perLoader = 2 * chunkSize
-        o.loaders = max(1, min(o.loaders, e.memoryLimit / 4 / perLoader))
-        o.cacheBytes = min(o.cacheBytes, e.memoryLimit / cacheShare)
-        o.streams = remote ? max(1, min(o.streams, e.memoryLimit / 4 / chunkSize)) : 0
-        let rest = e.memoryLimit - o.loaders * perLoader - o.cacheBytes - o.streams * chunkSize
-        guard rest >= 4 << 20 else {
-            throw .invalidArgument("memory limit \(e.memoryLimit >> 20)M cannot hold a chunk loader (\(perLoader >> 20)M for \(chunkSize >> 20) MiB chunks) and the engine: at least \((perLoader + o.cacheBytes + o.streams * chunkSize + (4 << 20)) >> 20)M is needed")
-        }
-        e.memoryLimit = rest
-        return (o, e)
+                    remote: Bool = false, images: Int = 1) throws(QcowPressError) -> (Options, EncoderOptions) {
+        let split = { (limit: Int) in Self.split(o, e, limit: limit, chunkSize: chunkSize, cacheShare: cacheShare, remote: remote, images: images) }
+        if let fitted = split(e.memoryLimit) { return fitted }
+        var need = ((e.memoryLimit >> 20) + 1) << 20
+        while split(need) == nil { need += 1 << 20 }
+        throw .invalidArgument("memory limit \(e.memoryLimit >> 20)M cannot hold a chunk loader (\(2 * chunkSize >> 20)M for \(chunkSize >> 20) MiB chunks) and the engine: at least \(need >> 20)M is needed")
     }
 
+    /// `limit` divided as ``fit(_:_:chunkSize:cacheShare:remote:images:)`` says; nil when the
+    /// engine's part is under 4 MiB or cannot hold one worker and every image's write buffers.
+    private static func split(_ o: Options, _ e: EncoderOptions, limit: Int, chunkSize: Int, cacheShare: Int,
+                              remote: Bool, images: Int) -> (Options, EncoderOptions)? {
+        var o = o, e = e
+        let perLoader = 2 * chunkSize
+        o.loaders = max(1, min(o.loaders, limit / 4 / perLoader))
+        o.cacheBytes = min(o.cacheBytes, limit / cacheShare)
+        o.streams = remote ? max(1, min(o.streams, limit / 4 / chunkSize)) : 0
+        e.memoryLimit = limit - o.loaders * perLoader - o.cacheBytes - o.streams * chunkSize
+        guard e.memoryLimit >= 4 << 20, MemoryPlan.fixedBytes(e, images: images, threads: 1) <= e.memoryLimit else { return nil }
+        return (o, e)
+    }
 }
 
 extension QcowPressError {

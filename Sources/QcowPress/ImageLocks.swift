@@ -146,14 +146,18 @@ public final class ReadLocks: Sendable {
     /// headers, top first). `format` is the top image's when given (`-f`), else detected by magic.
     /// Throws the first refusal (QEMU's words, one line).
     public func lock(_ path: String, backingChain: Bool = true, purpose: Purpose = .read, format: String? = nil) throws(QcowPressError) {
-        do {
+        do throws(IOError) {
             if let top = try lockOne(path, purpose: purpose, format: format) { locks.withLock { $0.append(top) } }
-            guard backingChain else { return }
-            for input in ProtectedInput.imageAndBackingChain(path, role: "").dropFirst() {
-                if let l = try lockOne(input.path, purpose: purpose, format: nil) { locks.withLock { $0.append(l) } }
-            }
         } catch {
             throw .from(error)
+        }
+        guard backingChain else { return }
+        for input in try ProtectedInput.imageAndBackingChain(path, role: "").dropFirst() {
+            do throws(IOError) {
+                if let l = try lockOne(input.path, purpose: purpose, format: nil) { locks.withLock { $0.append(l) } }
+            } catch {
+                throw .from(error)
+            }
         }
     }
 

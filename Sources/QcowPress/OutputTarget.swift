@@ -17,11 +17,16 @@ public struct ProtectedInput: Sendable, Hashable {
 
     /// An image and every file of its backing chain (read from the headers, whether or not the
     /// job opens the backing files), as far as the chain can be followed.
-    public static func imageAndBackingChain(_ path: String, role: String) -> [ProtectedInput] {
+    /// A read error while probing is thrown, never taken for "not qcow2": a source whose first
+    /// bytes cannot be read is an error naming it. (Other formats end the chain: `-f raw` may
+    /// read any file.)
+    public static func imageAndBackingChain(_ path: String, role: String) throws(QcowPressError) -> [ProtectedInput] {
         var out = [ProtectedInput(path: path, role: role)]
         var current = path
         for _ in 0..<Qcow2Image.maxChainDepth {
-            guard (try? RawImageReader.detectFormat(path: current)) == "qcow2",
+            // A backing file that is missing is reported where it is opened (as before).
+            if current != path && FileNames.status(current) == nil { break }
+            guard try ImageFormat.probe(path: current) == "qcow2",
                   let image = try? Qcow2Image(path: current, openBacking: false),
                   let name = image.header.backingFile else { break }
             current = Qcow2Image.resolve(name, relativeTo: current)

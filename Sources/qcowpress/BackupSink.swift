@@ -25,7 +25,7 @@ extension Export {
         let virtualSize = (diskSize + 511) & ~511
         var options = try args.encoderOptions(virtualSize: virtualSize, compressByDefault: true)
         if let base {
-            options.protectedInputs = ProtectedInput.imageAndBackingChain(base, role: "the base (-b)")
+            options.protectedInputs = try ProtectedInput.imageAndBackingChain(base, role: "the base (-b)")
             options.backingFile = relativePath(from: destination, to: base)
             options.backingFormat = try RawImageReader.detectFormat(path: base)
         }

@@ -47,10 +47,10 @@ struct Convert: ParsableCommand {
             }
         }
         // --force never replaces what this run reads: SRC, its backing chain, the -B base.
-        var protected = ProtectedInput.imageAndBackingChain(source, role: "the source")
+        var protected = try ProtectedInput.imageAndBackingChain(source, role: "the source")
         if !noBacking { try locks.lock(paths: protected.dropFirst().map(\.path)) }
         if let backingName {
-            let base = ProtectedInput.imageAndBackingChain(resolveBesides(destination, backingName), role: "the backing file (-B)")
+            let base = try ProtectedInput.imageAndBackingChain(resolveBesides(destination, backingName), role: "the backing file (-B)")
             try locks.lock(paths: base.map(\.path))
             protected += base
         }

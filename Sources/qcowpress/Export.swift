@@ -64,11 +64,11 @@ struct Export: ParsableCommand {
         // it is ~6× faster than zlib level 6 for ~the same size (bench/results).
         if parsed.values["compression_type"] == nil { args.formatOptions.append("compression_type=zstd") }
         var options = try args.encoderOptions(virtualSize: image.virtualSize, compressByDefault: true)
-        options.protectedInputs = ProtectedInput.imageAndBackingChain(source, role: "the source")
+        options.protectedInputs = try ProtectedInput.imageAndBackingChain(source, role: "the source")
         warnAboutLeftovers(besides: destination)
         var baseImage: (any GuestImage)? = nil
         if let base {
-            options.protectedInputs += ProtectedInput.imageAndBackingChain(base, role: "the base (-b)")
+            options.protectedInputs += try ProtectedInput.imageAndBackingChain(base, role: "the base (-b)")
             let fmt = try RawImageReader.detectFormat(path: base)
             baseImage = try openImage(base, format: fmt, openBacking: true)
             options.backingFile = relativePath(from: destination, to: base)

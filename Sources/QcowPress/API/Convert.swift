@@ -129,7 +129,7 @@ public func convert(_ source: ImageSource, to destination: String, options: Enco
     o.virtualSize = try source.virtualSize()
     switch source {
     case .raw(let p), .qcow2(let p, _), .detect(let p):
-        let chain = ProtectedInput.imageAndBackingChain(p, role: "the source")
+        let chain = try ProtectedInput.imageAndBackingChain(p, role: "the source")
         if case .qcow2(_, false) = source {} else { try locks.lock(paths: chain.dropFirst().map(\.path)) }
         o.protectedInputs += chain
     case .vma(let a, _) where a != "-":

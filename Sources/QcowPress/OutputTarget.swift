@@ -24,8 +24,11 @@ public struct ProtectedInput: Sendable, Hashable {
         var out = [ProtectedInput(path: path, role: role)]
         var current = path
         for _ in 0..<Qcow2Image.maxChainDepth {
-            // A backing file that is missing is reported where it is opened (as before).
-            if current != path && FileNames.status(current) == nil { break }
+            // A backing file that is missing, or not a file or block device, is reported where
+            // it is opened ("does not resolve to a regular file").
+            if current != path {
+                guard let st = FileNames.status(current), st.kind == .regular || st.kind == .blockDevice else { break }
+            }
             guard try ImageFormat.probe(path: current) == "qcow2",
                   let image = try? Qcow2Image(path: current, openBacking: false),
                   let name = image.header.backingFile else { break }

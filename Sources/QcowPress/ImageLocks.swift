@@ -38,8 +38,17 @@ final class DestinationLock: Sendable {
         var s = State()
         do throws(IOError) {
             if !blockDevice {
-                s.name = try NameLock(lockFile: Self.lockFile(for: path), displayPath: destination)
-                if let n = s.name { TemporaryFiles.paths.withLock { _ = $0.insert(n.lockFile) } }
+                // Registered before it is created (as temporary outputs are), so a signal at any
+                // moment removes it; forgotten again when it is not ours.
+                let file = Self.lockFile(for: path)
+                TemporaryFiles.paths.withLock { _ = $0.insert(file) }
+                do throws(IOError) {
+                    s.name = try NameLock(lockFile: file, displayPath: destination)
+                } catch {
+                    TemporaryFiles.paths.withLock { _ = $0.remove(file) }
+                    throw error
+                }
+                if s.name == nil { TemporaryFiles.paths.withLock { _ = $0.remove(file) } }
             }
             if exists || blockDevice { s.existing = try ImageLock(path: path, use: .write, displayPath: destination) }
         } catch {
@@ -112,8 +121,10 @@ final class DestinationLock: Sendable {
 
     private static func releaseName(_ n: NameLock?) {
         guard let n else { return }
-        n.release()
+        // Forgotten first: once released, the name may be another run's lock file, which a
+        // signal here must not remove (a stale one left by a signal in between is taken over).
         TemporaryFiles.paths.withLock { _ = $0.remove(n.lockFile) }
+        n.release()
     }
     private func releaseName(_ n: NameLock?) { Self.releaseName(n) }
 }

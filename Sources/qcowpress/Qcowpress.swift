@@ -37,15 +37,6 @@ struct Qcowpress: ParsableCommand {
         // with one or two arenas; `restore pbs -c` of the 3 GiB bench disk took the same time
         // either way (8.3-8.7 s). (/tmp/rss.sh of the stop-20 note; bench/nbd_bench.py "rss".)
         limitMallocArenas(2)
-        // Blocks of 256 KiB and more always mmapped, and unmapped when freed. glibc raises its
-        // threshold to the size of any mapped block freed (up to 32 MiB), after which the 1–4 MiB
-        // chunk, write and codec buffers each drive allocates and frees came from the heap, which
-        // fragmented and never shrank: `restore pbs --all --memory-limit 32M -c` peaked at 50 MiB
-        // RSS for 1 drive, 109–162 MiB for 64, 131–158 MiB for 200 (8 MiB drives); with a fixed
-        // threshold of 256 KiB 42, 44 and 46 MiB (1 MiB: 42, 44, 49; 2 MiB: 95, 117). The 3 GiB
-        // bench disk's restore: the same user time (12.4–12.7 s), sys 0.41–0.48 → 0.58–0.66 s.
-        // (bench/memory_drives.sh, bench/RESULTS.md "memory over drives".)
-        mallocOption(M_MMAP_THRESHOLD, 256 << 10)
         // Block SIGINT/SIGTERM first, so a signal at any moment goes to the watcher thread (which
         // cancels whatever is running and exits 130/143), never to the default action.
         SignalWatcher.install()
@@ -168,6 +159,21 @@ enum CommandWords {
 }
 
 func writeStderr(_ s: String) { Terminal.write(s, to: 2) }
+
+/// For the commands that write many images at once (restore pbs, restore vma): blocks of 256 KiB
+/// and more always mmapped, and unmapped when freed. glibc raises its threshold to the size of any
+/// mapped block freed (up to 32 MiB), after which the 1–4 MiB chunk, write and codec buffers each
+/// drive allocates and frees came from the heap, which fragmented and never shrank: `restore pbs
+/// --all --memory-limit 32M -c` peaked at 50 MiB RSS for 1 drive, 109–162 MiB for 64, 131–158 MiB
+/// for 200 (8 MiB drives); with a fixed threshold of 256 KiB 42, 44 and 46 MiB (1 MiB: 42, 44, 49;
+/// 2 MiB: 95, 117). The 3 GiB bench disk's restore: the same user time (12.4–12.7 s), sys
+/// 0.41–0.48 → 0.58–0.66 s. (bench/memory_drives.sh, bench/RESULTS.md "memory over drives".)
+/// Not for every command: the NBD sink's 2 MiB request buffers were then mapped and faulted in
+/// per request (1 GiB through the sink: 0.84–0.95 s of system time instead of 0.39–0.42, wall
+/// 3.4 s instead of 2.9–3.1), and one image does not fragment the heap that way.
+func boundMallocForManyImages() {
+    mallocOption(M_MMAP_THRESHOLD, 256 << 10)
+}
 
 /// glibc's `mallopt(M_ARENA_MAX, n)`. <malloc.h> is not in Swift's Glibc module, so the function
 /// is looked up by name (it is always there in glibc; elsewhere this does nothing).

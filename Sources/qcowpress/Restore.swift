@@ -47,6 +47,7 @@ struct RestorePBS: ParsableCommand {
     var destination: String?
 
     func run() throws {
+        boundMallocForManyImages()
         let source = try pbs.resolve()
         if list && snapshot.split(separator: "/").count == 2 {
             // A group (vm/100): its snapshots.
@@ -218,6 +219,7 @@ struct RestoreVMA: ParsableCommand {
     var outdir: String
 
     func run() throws {
+        boundMallocForManyImages()
         _ = try ImageOptionParser(encoder.formatOptions)
         var r = VMARestore(archive: archive, outdir: outdir)
         r.device = device

@@ -35,7 +35,7 @@ public struct ImageCopier: Sendable {
     }
 
     /// Returns the number of clusters written (differing from the base, when there is one).
-    /// The work follows the data: a ``CopyPlan`` hands out zero runs whole (one
+    /// The work follows the data: a `CopyPlan` hands out zero runs whole (one
     /// `writeZeroesBlocking` each, nothing at all over a base that reads zero there) and chunks
     /// to read.
     @discardableResult

@@ -268,7 +268,7 @@ struct ImageLockTests {
     /// Block devices are locked as QEMU locks them: a qcow2 on a loop device that QEMU has open
     /// read-write is neither written nor read, as qemu-img refuses it; while QcowPress reads it,
     /// qemu-img does not write it.
-    @Test(.enabled(if: getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/sbin/losetup"), "needs root and losetup"))
+    @Test(.enabled(if: LoopDevice.available, "needs losetup (root and the loop module)"))
     func blockDeviceInUseIsRefused() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
@@ -276,10 +276,10 @@ struct ImageLockTests {
         try Data(count: 4 << 20).write(to: backing)
         let src = dir.appendingPathComponent("src.raw")
         try SourceImage.noise(1 << 20, seed: 7).write(to: src)
-        let attach = try Harness.run("/usr/sbin/losetup", ["-f", "--show", backing.path])
+        let attach = try Harness.run("/sbin/losetup", ["-f", "--show", backing.path])
         try #require(attach.status == 0, "losetup: \(attach.stderr)")
         let dev = attach.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        defer { _ = try? Harness.run("/usr/sbin/losetup", ["-d", dev]) }
+        defer { _ = try? Harness.run("/sbin/losetup", ["-d", dev]) }
         #expect(try Harness.qcowpress(["convert", "--force", src.path, dev]).status == 0)
         let before = try Data(contentsOf: backing)
         do {

@@ -10,10 +10,12 @@ extension Export {
         var args = encoder
         if parsed.values["compression_type"] == nil { args.formatOptions.append("compression_type=zstd") }
         var baseImage: (any GuestImage)? = nil
+        var baseFormat: String? = nil
         // The disk's size, as clients see it.
         let diskSize: UInt64
         if let base {
             let fmt = try RawImageReader.detectFormat(path: base)
+            baseFormat = fmt
             baseImage = try openImage(base, format: fmt, openBacking: true)
             diskSize = baseImage!.virtualSize
         } else {
@@ -27,7 +29,7 @@ extension Export {
         if let base {
             options.protectedInputs = try ProtectedInput.imageAndBackingChain(base, role: "the base (-b)")
             options.backingFile = relativePath(from: destination, to: base)
-            options.backingFormat = try RawImageReader.detectFormat(path: base)
+            options.backingFormat = baseFormat
         }
         warnAboutLeftovers(besides: destination)
         let enc = try Qcow2Encoder(destination: destination, options: options)

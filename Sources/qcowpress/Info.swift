@@ -24,7 +24,9 @@ struct Info: ParsableCommand {
 
     func run() throws {
         // As qemu-img info: a qcow2's metadata is locked against writers, a raw file not at all.
-        let locks = try lockForReading([(image, backingChain)], forceShare: forceShare, purpose: .inspect, format: format)
+        // The format probed once here (a foreign one refused), not again by the lock.
+        let locks = try lockForReading([(image, backingChain)], forceShare: forceShare, purpose: .inspect,
+                                       format: format ?? ImageFormat.resolve(path: image, given: nil))
         defer { locks.release() }
         if format == "qcow2", try RawImageReader.detectFormat(path: image) != "qcow2" { throw notQcow2(image) }
         let infos = backingChain ? try ImageInfo.chain(path: image, format: format) : [try ImageInfo(path: image, format: format)]

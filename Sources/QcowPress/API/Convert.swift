@@ -25,7 +25,8 @@ public enum ImageSource: Sendable {
 
     /// The image's virtual size in bytes.
     public func virtualSize() throws(QcowPressError) -> UInt64 {
-        switch try resolved() {
+        let (source, probed) = try resolved()
+        switch source {
         case .raw(let p): return try RawImageReader(path: p).size
         case .qcow2(let p, let b): return try Qcow2Image(path: p, openBacking: b).virtualSize
         case .pbs(let r, let a):
@@ -38,29 +39,37 @@ public enum ImageSource: Sendable {
                 throw .invalidArgument("\(a): no device '\(d)'")
             }
             return (size + 511) & ~511
-        case .detect(let p): return try ImageFormat.open(path: p, format: RawImageReader.detectFormat(path: p)).virtualSize
+        case .detect(let p): return try ImageFormat.open(path: p, format: try Self.format(probed, p)).virtualSize
         }
     }
 
-    func resolved() throws(QcowPressError) -> ImageSource {
+    /// The format `resolved()` probed, or probed now.
+    private static func format(_ probed: String?, _ path: String) throws(QcowPressError) -> String {
+        if let probed { return probed }
+        return try RawImageReader.detectFormat(path: path)
+    }
+
+    /// raw and qcow2 by their cases; another format QcowPress reads stays .detect, with the format
+    /// it was probed as (opened by that name, without probing again).
+    func resolved() throws(QcowPressError) -> (source: ImageSource, format: String?) {
         if case .detect(let p) = self {
-            // raw and qcow2 by their cases; another format QcowPress reads stays .detect (opened by name).
             let format = try RawImageReader.detectFormat(path: p)
-            return format == "qcow2" ? .qcow2(path: p) : format == "raw" ? .raw(path: p) : self
+            return (format == "qcow2" ? .qcow2(path: p) : format == "raw" ? .raw(path: p) : self, format)
         }
-        return self
+        return (self, nil)
     }
 
     /// Pipes every byte of the source into `encoder` (reader threads; the caller's thread waits).
     public func pipe(into encoder: Qcow2Encoder) throws(QcowPressError) {
-        switch try resolved() {
+        let (source, probed) = try resolved()
+        switch source {
         case .raw(let p): try RawImageReader(path: p).feed(encoder)
         case .qcow2(let p, let b):
             try ImageCopier(source: try Qcow2Image(path: p, openBacking: b), clusterSize: encoder.options.clusterSize).feed(encoder)
         case .pbs(let r, let a): try r.pipe(archive: a, into: encoder)
         case .vma(let a, let d): try VMARestore(archive: a, outdir: "").pipe(device: d, into: encoder)
         case .detect(let p):
-            let image = try ImageFormat.open(path: p, format: RawImageReader.detectFormat(path: p))
+            let image = try ImageFormat.open(path: p, format: try Self.format(probed, p))
             try ImageCopier(source: image, clusterSize: encoder.options.clusterSize).feed(encoder)
         }
     }

@@ -79,6 +79,15 @@ let package = Package(
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
+        // An S3 client (AWS Signature V4, GET/HEAD/ListObjectsV2 over kept-alive HTTP/1.1 on NIO,
+        // TLS by the system CAs or a pinned fingerprint): knows nothing of PBS.
+        .target(name: "S3Client", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         // QEMU's monitor (QMP) on a unix socket: knows nothing of qcow2, NBD or the command line;
         // its socket calls go through DirectIO's seam.
         .target(name: "QEMUControl", dependencies: ["DirectIO"]),
@@ -103,6 +112,7 @@ let package = Package(
         .testTarget(name: "QEMUControlTests", dependencies: ["TestSupport", "QEMUControl"]),
         .testTarget(name: "BackupSourcesTests", dependencies: ["TestSupport", "BackupSources"]),
         .testTarget(name: "QcowPressTests", dependencies: ["TestSupport", "QcowPress", "Qcow2Format", "ClusterCompression", "DirectIO"]),
+        .testTarget(name: "S3ClientTests", dependencies: ["TestSupport", "S3Client"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "Qcow2Format", "QcowPress", "qcowpress", "qcowpress-fuzz", "qcowpress-examples"]),
     ]
 )

@@ -87,9 +87,14 @@ public final class VDIImage: BlockMappedImage {
     let map: [UInt32]
     var blockSize: UInt64 { header.blockSize }
 
-    public init(path: String) throws(QcowPressError) {
+    public convenience init(path: String) throws(QcowPressError) {
+        try self.init(file: try FormatFile(path: path))
+    }
+
+    init(file: FormatFile) throws(QcowPressError) {
+        let path = file.path
         self.path = path
-        file = try FormatFile(path: path)
+        self.file = file
         let h = try VDIHeader(try file.bytes(at: 0, count: 512, what: "VDI header"), path: path, fileSize: file.size)
         header = h
         virtualSize = (h.diskSize + 511) & ~511  // as QEMU: an odd disk size rounds up to a sector

@@ -60,7 +60,10 @@ public struct VHDFooter: Sendable, Equatable {
 /// Opens a VHD as the right reader for its disk type.
 public enum VHDImage {
     public static func open(path: String) throws(QcowPressError) -> any GuestImage {
-        let file = try FormatFile(path: path)
+        try open(file: try FormatFile(path: path))
+    }
+
+    static func open(file: FormatFile) throws(QcowPressError) -> any GuestImage {
         let footer = try VHDFooter.read(file)
         switch footer.diskType {
         case .fixed: return try VHDFixedImage(file: file, footer: footer)
@@ -85,7 +88,7 @@ public final class VHDFixedImage: GuestImage {
         guard file.size >= 512, virtualSize <= file.size - 512 else {
             throw .inputDamaged(path: file.path, location: "VHD footer field current_size/disk_geometry: the fixed disk's \(footer.virtualSize) bytes do not fit before the footer (file \(file.size) bytes)")
         }
-        data = file.file.dataRanges(to: virtualSize)
+        data = file.dataRanges(to: virtualSize)
     }
 
     public func isKnownZero(at offset: UInt64, count: Int) throws(QcowPressError) -> Bool {

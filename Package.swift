@@ -46,6 +46,8 @@ let package = Package(
         .target(name: "QcowPress", dependencies: [
             "Qcow2Format", "ClusterCompression", "DirectIO", "BackupSources", "PBSRemote",
             .product(name: "Logging", package: "swift-log"),
+            // SHA-256/SHA-1 of an OVA's manifest, computed while the files stream.
+            .product(name: "Crypto", package: "swift-crypto"),
             // ByteBuffer only: the PBS chunk cache holds chunks in buffers an NBD reply can send.
             .product(name: "NIOCore", package: "swift-nio"),
         ]),

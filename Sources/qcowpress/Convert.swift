@@ -22,10 +22,11 @@ struct Convert: ParsableCommand {
     @OptionGroup var encoder: EncoderArguments
     @Argument(help: "Source image.", completion: .file())
     var source: String
-    @Argument(help: "Destination image.", completion: .file())
+    @Argument(help: "Destination image (for an OVA/OVF source, or - for an OVA on stdin: the output directory).", completion: .file())
     var destination: String
 
     func run() throws {
+        if sourceFormat == nil && OVAImport.isImport(source: source, destination: destination) { return try runImport() }
         let parsed = try ImageOptionParser(encoder.formatOptions)
         guard outputFormat == "qcow2" || outputFormat == "raw" else {
             throw QcowPressError.invalidArgument("output format '\(outputFormat)' is not supported (qcow2, raw)")

@@ -136,6 +136,16 @@ public enum ImageFormat {
         default: throw refusal(path: path, format: format)
         }
     }
+
+    /// Opens a vdi or vpc image (and the formats added here) from a ``FormatFile``: a file, or a
+    /// window of one (a disk inside an OVA's tar, read in place; errors name the window's name).
+    static func open(file: FormatFile, format: String) throws(QcowPressError) -> any GuestImage {
+        switch format {
+        case "vdi": return try VDIImage(file: file)
+        case "vpc": return try VHDImage.open(file: file)
+        default: throw refusal(path: file.path, format: format)
+        }
+    }
 }
 
 extension ImageInfo {

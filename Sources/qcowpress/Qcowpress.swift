@@ -25,7 +25,8 @@ struct Qcowpress: ParsableCommand {
             commit the image's lock shares everything (a live restore's drive is handed to QEMU).
             """,
         version: version,
-        subcommands: [Convert.self, Restore.self, Export.self, Info.self, Check.self, Serve.self])
+        subcommands: [Convert.self, Restore.self, Export.self, Info.self, Check.self, Serve.self,
+                      Compare.self, Map.self, Measure.self])
 
     /// Parses and runs; every failure is one line on stderr and exit status 1, as qemu-img users
     /// expect (a usage error adds a second line naming the command's --help); help and version

@@ -85,8 +85,8 @@ struct QemuImgHabitsTests {
         let ours = try Harness.qcowpress(["info", "-f", "qcow2", base])
         #expect(theirs.status == 1 && ours.status == 1, "\(ours.stderr)")
         #expect(ours.stderr.split(separator: "\n").count == 1 && ours.stderr.contains("base.raw") && ours.stderr.contains("not a qcow2 image"), "\(ours.stderr)")
-        let vmdk = try Harness.qcowpress(["info", "-f", "vmdk", top])
-        #expect(vmdk.status == 1 && vmdk.stderr.contains("-f 'vmdk'"), "\(vmdk.stderr)")
+        let qed = try Harness.qcowpress(["info", "-f", "qed", top])
+        #expect(qed.status == 1 && qed.stderr.contains("-f 'qed'"), "\(qed.stderr)")
 
         // A chain whose backing file is missing: both refuse --backing-chain; plain info works.
         let lost = dir.appendingPathComponent("lost.qcow2").path
@@ -328,7 +328,7 @@ struct QcowBytes {
             (["convert", "only-one"], "<destination>", "qcowpress convert"),
             (["convert", "--bogus", "a", "b"], "--bogus", "qcowpress convert"),
             (["restore", "vma"], "<archive>", "qcowpress restore vma"),
-            (["info", "-f", "vmdk", "x"], "vmdk", "qcowpress info"),
+            (["info", "-f", "qed", "x"], "qed", "qcowpress info"),
             (["check", "--output", "xml", "x"], "xml", "qcowpress check"),
             (["serve", "image", "x.qcow2"], "--socket", "qcowpress serve image"),
             (["export", "--memory-limit", "lots", src.path, dir.appendingPathComponent("o.qcow2").path], "--memory-limit", "qcowpress export"),

@@ -87,6 +87,7 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOTLS", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
@@ -114,7 +115,10 @@ let package = Package(
         .testTarget(name: "QEMUControlTests", dependencies: ["TestSupport", "QEMUControl"]),
         .testTarget(name: "BackupSourcesTests", dependencies: ["TestSupport", "BackupSources"]),
         .testTarget(name: "QcowPressTests", dependencies: ["TestSupport", "QcowPress", "Qcow2Format", "ClusterCompression", "DirectIO"]),
-        .testTarget(name: "S3ClientTests", dependencies: ["TestSupport", "S3Client"]),
+        .testTarget(name: "S3ClientTests", dependencies: [
+            "TestSupport", "S3Client",
+            .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "Qcow2Format", "QcowPress", "qcowpress", "qcowpress-fuzz", "qcowpress-examples"]),
     ]
 )

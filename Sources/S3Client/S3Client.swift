@@ -43,7 +43,8 @@ public final class S3Client: Sendable {
     }
 
     init(endpoint: S3Endpoint, bucket: String, credentials: S3Credentials, streams: Int,
-         now: @escaping @Sendable () -> Int, retry: RetryPolicy) throws(S3Error) {
+         now: @escaping @Sendable () -> Int, retry: RetryPolicy,
+         idleTimeout: TimeAmount = S3ResponseHandler.idleTimeout) throws(S3Error) {
         guard !bucket.isEmpty, !bucket.contains("/") else {
             throw S3Error(code: "endpoint", bucket: bucket, message: "'\(bucket)' is not a bucket name")
         }
@@ -57,7 +58,8 @@ public final class S3Client: Sendable {
         self.now = now
         self.retry = retry
         group = MultiThreadedEventLoopGroup.singleton
-        let connector = try S3Connector(endpoint: endpoint, bucket: bucket, group: group)
+        var connector = try S3Connector(endpoint: endpoint, bucket: bucket, group: group)
+        connector.idleTimeout = idleTimeout
         pool = S3Pool(streams: streams, connector: connector)
     }
 

@@ -69,8 +69,12 @@ final class S3ResponseHandler: ChannelDuplexHandler {
     private var lastActivity = NIODeadline.now()
     private var timer: Scheduled<Void>?
     private let seen: SeenFingerprint
+    private let idleTimeout: TimeAmount
 
-    init(seen: SeenFingerprint) { self.seen = seen }
+    init(seen: SeenFingerprint, idleTimeout: TimeAmount = S3ResponseHandler.idleTimeout) {
+        self.seen = seen
+        self.idleTimeout = idleTimeout
+    }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         let ex = unwrapOutboundIn(data)
@@ -87,7 +91,7 @@ final class S3ResponseHandler: ChannelDuplexHandler {
         body = []
         sawResponse = false
         lastActivity = .now()
-        armTimer(context: context, at: lastActivity + Self.idleTimeout)
+        armTimer(context: context, at: lastActivity + idleTimeout)
         context.write(wrapOutboundOut(.head(ex.head)), promise: nil)
         let written = context.eventLoop.makePromise(of: Void.self)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: written)
@@ -161,9 +165,9 @@ final class S3ResponseHandler: ChannelDuplexHandler {
         timer?.cancel()
         timer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
             guard current != nil else { return }
-            let due = lastActivity + Self.idleTimeout
+            let due = lastActivity + idleTimeout
             if due <= .now() {
-                fail(context: context, .timeout("no response for \(Self.idleTimeout.nanoseconds / 1_000_000_000) s"))
+                fail(context: context, .timeout("no response for \(Self.seconds(idleTimeout))"))
             } else {
                 armTimer(context: context, at: due)
             }
@@ -183,6 +187,11 @@ final class S3ResponseHandler: ChannelDuplexHandler {
     }
 
     static func describeErrno(_ code: Int32) -> String { String(cString: strerror(code)) }
+
+    /// "60 s", or "300 ms" below a second.
+    static func seconds(_ t: TimeAmount) -> String {
+        t.nanoseconds >= 1_000_000_000 ? "\(t.nanoseconds / 1_000_000_000) s" : "\(t.nanoseconds / 1_000_000) ms"
+    }
 }
 
 /// Opens connections to the endpoint: TCP (connect timeout), TLS (system CAs, or only the pinned
@@ -192,6 +201,8 @@ struct S3Connector: Sendable {
     let bucket: String
     let group: EventLoopGroup
     let tlsContext: NIOSSLContext?
+    /// See `S3ResponseHandler.idleTimeout` (tests shorten it).
+    var idleTimeout = S3ResponseHandler.idleTimeout
 
     /// Connecting gives up after this long (a host that drops SYNs); 10 s as the brief states,
     /// well above a cross-region TCP+TLS setup (~0.3 s).
@@ -231,6 +242,7 @@ struct S3Connector: Sendable {
         let serverName = endpoint.serverName(bucket: bucket)
         let pinned = endpoint.fingerprint
         let context = tlsContext
+        let idleTimeout = idleTimeout
         let seen = SeenFingerprint()
         let loop = group.next()
         let handshake = loop.makePromise(of: Void.self)
@@ -256,7 +268,7 @@ struct S3Connector: Sendable {
                         handshake.succeed(())
                     }
                     try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                    try channel.pipeline.syncOperations.addHandler(S3ResponseHandler(seen: seen))
+                    try channel.pipeline.syncOperations.addHandler(S3ResponseHandler(seen: seen, idleTimeout: idleTimeout))
                 }
             }
         let connected = bootstrap.connect(host: endpoint.connectHost(bucket: bucket), port: endpoint.port)

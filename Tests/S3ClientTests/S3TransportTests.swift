@@ -204,6 +204,18 @@ import Testing
         all.wait()
     }
 
+    @Test func aSilentServerTimesOut() throws {
+        let server = try StubServer { _, _ in .raw("", close: false) }
+        defer { server.stop() }
+        let c = try S3Client(endpoint: S3Endpoint(endpoint: "http://127.0.0.1:\(server.port)", pathStyle: true, fingerprint: nil),
+                             bucket: "bkt", credentials: Self.credentials, streams: 1, now: { Int(time(nil)) }, retry: Self.fastRetry,
+                             idleTimeout: .milliseconds(200))
+        defer { c.shutdown() }
+        let e = #expect(throws: S3Error.self) { try c.get("k", limit: 100) }
+        #expect(e?.description == "s3://bkt/k: timeout: http://127.0.0.1:\(server.port): no response for 200 ms")
+        #expect(c.requestCount == 1, "a timeout is not retried")
+    }
+
     @Test func shutdownFailsLaterCalls() throws {
         let server = try StubServer { _, _ in .raw(Self.ok, close: false) }
         defer { server.stop() }

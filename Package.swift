@@ -44,7 +44,7 @@ let package = Package(
             .product(name: "_CryptoExtras", package: "swift-crypto"),
         ]),
         .target(name: "QcowPress", dependencies: [
-            "Qcow2Format", "ClusterCompression", "DirectIO", "BackupSources", "PBSRemote",
+            "Qcow2Format", "ClusterCompression", "DirectIO", "BackupSources", "PBSRemote", "PBSS3",
             .product(name: "Logging", package: "swift-log"),
             // SHA-256/SHA-1 of an OVA's manifest, computed while the files stream.
             .product(name: "Crypto", package: "swift-crypto"),
@@ -91,6 +91,9 @@ let package = Package(
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
+        // A PBS 4 datastore on S3-compatible object storage, read from the bucket without a PBS
+        // server: snapshots, listings and chunk fetches over S3Client; verification stays in BackupSources.
+        .target(name: "PBSS3", dependencies: ["BackupSources", "S3Client"]),
         // QEMU's monitor (QMP) on a unix socket: knows nothing of qcow2, NBD or the command line;
         // its socket calls go through DirectIO's seam.
         .target(name: "QEMUControl", dependencies: ["DirectIO"]),

@@ -24,3 +24,10 @@ if ! python3 -c 'import h2' 2>/dev/null; then
     python3 -m pip install --quiet --user h2 2>/dev/null \
         || python3 -m pip install --quiet --user --break-system-packages h2
 fi
+# The S3 test server (Tests/Support/s3_server.py, PBS on object storage) is moto from PyPI with its
+# server extra; boto3 (botocore) is the reference signer of the S3 client's tests.
+if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
+    echo "bootstrap: installing the python moto[server] and boto3 packages" >&2
+    python3 -m pip install --quiet --user 'moto[server]' boto3 2>/dev/null \
+        || python3 -m pip install --quiet --user --break-system-packages 'moto[server]' boto3
+fi

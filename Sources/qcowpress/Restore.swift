@@ -24,7 +24,7 @@ struct RestorePBS: ParsableCommand {
     var noDedup = false
     @Option(name: .customLong("chunk-cache"), help: ArgumentHelp("Memory for chunks used more than once (default 64M; with --live 128M, for every chunk clients may read again, added to the memory limit).", valueName: "size"))
     var chunkCache: String?
-    @Option(help: ArgumentHelp("With --repository: chunk requests in flight (default 32, lowered to fit the memory limit).", valueName: "n"))
+    @Option(help: ArgumentHelp("With --repository or --s3: chunk requests in flight (default 32, lowered to fit the memory limit).", valueName: "n"))
     var streams: Int?
     @Option(help: ArgumentHelp("Serve every drive over NBD on this unix socket while it is restored (live restore).", valueName: "path"))
     var live: String?
@@ -39,8 +39,8 @@ struct RestorePBS: ParsableCommand {
     @Option(help: ArgumentHelp("With --qmp: the QEMU node (an overlay backed by the live export) to switch when EXPORT is restored.", valueName: "export=node"))
     var node: [String] = []
     @OptionGroup var encoder: EncoderArguments
-    @Argument(help: ArgumentHelp("The snapshot, e.g. vm/100/2026-11-20T10:00:00Z (with --list, a group such as vm/100 lists its snapshots).", valueName: "snapshot"))
-    var snapshot: String
+    @Argument(help: ArgumentHelp("The snapshot, e.g. vm/100/2026-11-20T10:00:00Z (with --list, a group such as vm/100 lists its snapshots; none lists the namespace's namespaces and groups).", valueName: "snapshot"))
+    var snapshot: String?
     @Argument(help: ArgumentHelp("The disk archive, e.g. drive-scsi0.img.fidx (\".fidx\" optional).", valueName: "archive"))
     var archive: String?
     @Argument(help: "Destination qcow2.", completion: .file())
@@ -48,7 +48,20 @@ struct RestorePBS: ParsableCommand {
 
     func run() throws {
         boundMallocForManyImages()
-        let source = try pbs.resolve()
+        let source = try pbs.resolve(streams: streams)
+        guard let snapshot else {
+            // A namespace (the root without --ns): its child namespaces and backup groups.
+            guard list else { throw QcowPressError.invalidArgument("restore pbs needs SNAPSHOT (or --list alone for the namespace's groups)") }
+            let c = try source.contents()
+            if encoder.output == .json {
+                struct Contents: Encodable { var namespaces: [String]; var groups: [String] }
+                print(try encodeJSON(Contents(namespaces: c.namespaces, groups: c.groups)))
+            } else {
+                for n in c.namespaces { print("ns \(n)") }
+                for g in c.groups { print(g) }
+            }
+            return
+        }
         if list && snapshot.split(separator: "/").count == 2 {
             // A group (vm/100): its snapshots.
             let snaps = try source.snapshots(group: snapshot)
@@ -147,6 +160,18 @@ struct PBSSourceArguments: ParsableArguments {
     var datastore: String?
     @Option(help: ArgumentHelp("A Proxmox Backup Server: [[USER@REALM[!TOKEN]@]HOST[:PORT]:]DATASTORE (default PBS_REPOSITORY; secret from PBS_PASSWORD, certificate fingerprint from PBS_FINGERPRINT).", valueName: "repo"))
     var repository: String?
+    @Option(help: ArgumentHelp("A PBS 4 datastore on S3-compatible object storage, read from the bucket (no PBS server).", valueName: "s3://bucket/datastore"))
+    var s3: String?
+    @Option(help: ArgumentHelp("With --s3: https://host[:port] or http://host:port (default the AWS endpoint of the region).", valueName: "url"))
+    var endpoint: String?
+    @Option(help: ArgumentHelp("With --s3: the region (default us-west-1, as PBS).", valueName: "region"))
+    var region: String?
+    @Flag(name: .customLong("path-style"), help: "With --s3: path-style addressing (host/bucket/key) instead of virtual-hosted style.")
+    var pathStyle = false
+    @Option(name: .customLong("s3-fingerprint"), help: ArgumentHelp("With --s3: the SHA-256 fingerprint of the endpoint's certificate, trusted instead of the system CAs.", valueName: "sha256"))
+    var s3Fingerprint: String?
+    @Option(name: .customLong("s3-credentials"), help: ArgumentHelp("With --s3: a file of two lines, access key id and secret (default AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN).", valueName: "file"), completion: .file())
+    var s3Credentials: String?
     @Option(help: ArgumentHelp("Namespace (a/b).", valueName: "ns"))
     var ns: String?
     @Option(help: ArgumentHelp("Key file of an encrypted backup.", valueName: "file"), completion: .file())
@@ -155,9 +180,19 @@ struct PBSSourceArguments: ParsableArguments {
     var passwordFile: String?
 
     /// The datastore or server these options name (a server's environment is read here).
-    func resolve() throws -> Source {
-        if datastore != nil && repository != nil {
-            throw QcowPressError.invalidArgument("give one of --datastore DIR or --repository REPO")
+    func resolve(streams: Int? = nil) throws -> Source {
+        if [datastore != nil, repository != nil, s3 != nil].filter({ $0 }).count > 1 {
+            throw QcowPressError.invalidArgument("give one of --datastore DIR, --repository REPO or --s3 s3://BUCKET/DATASTORE")
+        }
+        if s3 == nil, let stray = [endpoint.map { _ in "--endpoint" }, region.map { _ in "--region" }, pathStyle ? "--path-style" : nil,
+                                   s3Fingerprint.map { _ in "--s3-fingerprint" }, s3Credentials.map { _ in "--s3-credentials" }].compactMap({ $0 }).first {
+            throw QcowPressError.invalidArgument("\(stray) goes with --s3 s3://BUCKET/DATASTORE")
+        }
+        if let s3 {
+            let bucket = try PBSBucket(url: s3, endpoint: endpoint, region: region, pathStyle: pathStyle, fingerprint: s3Fingerprint,
+                                       credentialsFile: s3Credentials, environment: ProcessInfo.processInfo.environment,
+                                       streams: streams ?? PBSRestore.Options().streams)
+            return Source(options: self, datastore: nil, server: nil, bucket: bucket)
         }
         if let datastore { return Source(options: self, datastore: datastore, server: nil) }
         guard let server = try PBSServer.fromEnvironment(repository: repository, passwordFile: passwordFile) else {
@@ -170,8 +205,17 @@ struct PBSSourceArguments: ParsableArguments {
         let options: PBSSourceArguments
         let datastore: String?
         let server: PBSServer?
+        var bucket: PBSBucket? = nil
+
+        /// The namespace `--ns` (the root without it): child namespaces and backup groups.
+        func contents() throws -> (namespaces: [String], groups: [String]) {
+            if let bucket { return try PBSRestore.contents(bucket: bucket, namespace: options.ns) }
+            if let datastore { return try PBSRestore.contents(datastore: datastore, namespace: options.ns) }
+            throw QcowPressError.invalidArgument("--list without a group or snapshot lists a namespace of --datastore or --s3, not of a server")
+        }
 
         func snapshots(group: String) throws -> [String] {
+            if let bucket { return try PBSRestore.snapshots(bucket: bucket, namespace: options.ns, group: group) }
             if let server { return try PBSRestore.snapshots(server: server, namespace: options.ns, group: group) }
             return try PBSRestore.snapshots(datastore: datastore!, namespace: options.ns, group: group)
         }
@@ -181,6 +225,7 @@ struct PBSSourceArguments: ParsableArguments {
             let password = { () throws(QcowPressError) -> String in
                 try readPassword(file: o.passwordFile, prompt: "Passphrase for \(o.keyfile ?? "key"): ")
             }
+            if let bucket { return try PBSRestore(bucket: bucket, namespace: o.ns, snapshot: snapshot, keyFile: o.keyfile, password: password) }
             if let server { return try PBSRestore(server: server, namespace: o.ns, snapshot: snapshot, keyFile: o.keyfile, password: password) }
             return try PBSRestore(datastore: datastore!, namespace: o.ns, snapshot: snapshot, keyFile: o.keyfile, password: password)
         }

@@ -68,6 +68,8 @@ struct ServePBS: ParsableCommand {
     @OptionGroup(title: "Over TCP") var tcp: ServeSecurityArguments
     @Option(name: .customLong("cache-size"), help: ArgumentHelp("Memory for decoded chunks, shared by every export and client.", valueName: "size"))
     var cacheSize: String = "256M"
+    @Option(help: ArgumentHelp("With --s3: requests in flight (default 32).", valueName: "n"))
+    var streams: Int?
     @Argument(help: ArgumentHelp("The snapshot, e.g. vm/100/2026-11-20T10:00:00Z.", valueName: "snapshot"))
     var snapshot: String
     @Argument(help: ArgumentHelp("Archives to serve (drive-scsi0.img.fidx, \".img.fidx\" optional); all when none.", valueName: "archive"))
@@ -76,7 +78,7 @@ struct ServePBS: ParsableCommand {
     func validate() throws { try validateListen(socket, listen) }
 
     func run() throws {
-        let restore = try pbs.resolve().open(snapshot: snapshot)
+        let restore = try pbs.resolve(streams: streams).open(snapshot: snapshot)
         let set = try ExportSet.pbs(restore, archives: archives, cacheBytes: try parseSize(cacheSize, what: "--cache-size"))
         // At the stop, what the cache did (one line on stderr: stdout holds only the URLs).
         if let report = set.report { SignalWatcher.onExit { writeStderr("qcowpress serve: \(report())\n") } }

@@ -49,6 +49,8 @@ struct OVALocation {
 struct OVARandomAccess {
     let ovf: OVFDescriptor
     let ovfName: String
+    /// The OVA's path, or the OVF's (digest errors name it).
+    let package: String
     let manifest: OVAManifest?
     let outputs: OVAOutputs
     let readers: Int
@@ -90,7 +92,7 @@ struct OVARandomAccess {
             let hashed = HashingSource(WindowSource(file: input, window: window), digests: DigestSet(want.map { [$0.algorithm] } ?? []))
             let size = try OVAStreamDisk.convert(job, from: GzipSource(hashed, name: loc.name), name: loc.name, outputs: outputs,
                                                  protecting: protecting, streamHint: "stored gzip-compressed")
-            return (size, try checkDigest(hashed.digests, file: href, manifest: manifest, archive: ovfName))
+            return (size, try checkDigest(hashed.digests, file: href, manifest: manifest, archive: package))
         }
         let f = try FormatFile(path: loc.path, name: loc.name, window: loc.window)
         let format = try ImageFormat.probe(file: f)
@@ -127,7 +129,7 @@ struct OVARandomAccess {
         if let e = hash.wait() { throw e }
         guard let want, let got = result.get() else { return (image.virtualSize, nil) }
         guard got == want.digest else {
-            throw .inputDamaged(path: ovfName, location: "\(href): \(want.algorithm.rawValue) digest is \(got), the manifest says \(want.digest)")
+            throw .inputDamaged(path: package, location: "\(href): \(want.algorithm.rawValue) digest is \(got), the manifest says \(want.digest)")
         }
         return (image.virtualSize, "\(want.algorithm.rawValue) \(href)")
     }
@@ -211,7 +213,7 @@ struct OVAArchiveFile {
         let jobs = try OVADiskJob.plan(ovf, ovfName: ovfName, outdir: outputs.outdir)
         for j in jobs { if let h = j.href { _ = try locate(h) } }
         let verified = try checkManifestCoverage(manifest, jobs: jobs, present: Set(entries.keys), ovf: (ovfs[0].name, ovfBytes), archive: path)
-        let access = OVARandomAccess(ovf: ovf, ovfName: ovfName, manifest: manifest, outputs: outputs, readers: readers,
+        let access = OVARandomAccess(ovf: ovf, ovfName: ovfName, package: path, manifest: manifest, outputs: outputs, readers: readers,
                                      protecting: [ProtectedInput(path: path, role: "the OVA being converted")])
         var s = try access.run(jobs, locate: locate, verifiedBefore: verified)
         s.source = path
@@ -246,7 +248,7 @@ struct OVAFolder {
     let readers: Int
 
     func run() throws(QcowPressError) -> OVAImport.Summary {
-        let folder = ovfPath.contains("/") ? String(ovfPath[...ovfPath.lastIndex(of: "/")!]) : "./"
+        let folder = ovfPath.lastIndex(of: "/").map { String(ovfPath[...$0]) } ?? "./"
         let ovfBytes = try readSmall(OVALocation(path: ovfPath, name: ovfPath, window: nil), what: "OVF descriptor")
         let ovf = try OVFDescriptor(xml: ovfBytes, path: ovfPath)
         let ovfFile = String(ovfPath.split(separator: "/").last ?? "")
@@ -267,7 +269,7 @@ struct OVAFolder {
         let verified = try checkManifestCoverage(manifest, jobs: jobs, present: present.union([ovfFile]), ovf: (ovfFile, ovfBytes), archive: ovfPath)
         var protecting = [ProtectedInput(path: ovfPath, role: "the OVF being converted")]
         for j in jobs { if let h = j.href { protecting.append(ProtectedInput(path: try locate(h).path, role: "a disk of the OVF")) } }
-        let access = OVARandomAccess(ovf: ovf, ovfName: ovfPath, manifest: manifest, outputs: outputs, readers: readers, protecting: protecting)
+        let access = OVARandomAccess(ovf: ovf, ovfName: ovfPath, package: ovfPath, manifest: manifest, outputs: outputs, readers: readers, protecting: protecting)
         return try access.run(jobs, locate: locate, verifiedBefore: verified)
     }
 }

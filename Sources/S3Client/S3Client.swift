@@ -51,6 +51,8 @@ public final class S3Client: Sendable {
         guard streams >= 1 else {
             throw S3Error(code: "endpoint", bucket: bucket, message: "streams must be at least 1, not \(streams)")
         }
+        var endpoint = endpoint
+        if !endpoint.pathStyle, !Self.virtualHostable(bucket, tls: endpoint.tls) { endpoint.pathStyle = true }
         self.endpoint = endpoint
         self.bucket = bucket
         self.credentials = credentials
@@ -61,6 +63,16 @@ public final class S3Client: Sendable {
         var connector = try S3Connector(endpoint: endpoint, bucket: bucket, group: group)
         connector.idleTimeout = idleTimeout
         pool = S3Pool(streams: streams, connector: connector)
+    }
+
+    /// Whether `bucket` can be a host name label (as botocore decides): lowercase letters, digits
+    /// and '-', 3 to 63 characters; a '.' only over plain http (over TLS a dotted bucket would not
+    /// match the wildcard certificate *.s3.<region>.amazonaws.com). Otherwise path style is used.
+    static func virtualHostable(_ bucket: String, tls: Bool) -> Bool {
+        guard (3...63).contains(bucket.utf8.count), bucket.first != "-", bucket.last != "-" else { return false }
+        return bucket.utf8.allSatisfy { c in
+            (c >= 0x61 && c <= 0x7A) || (c >= 0x30 && c <= 0x39) || c == UInt8(ascii: "-") || (!tls && c == UInt8(ascii: "."))
+        }
     }
 
     /// The requests sent so far (retries included).

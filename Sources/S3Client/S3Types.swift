@@ -30,12 +30,22 @@ public struct S3Credentials: Sendable, CustomStringConvertible, CustomDebugStrin
     /// non-empty line, when present, is the session token. Blank lines around them, trailing
     /// spaces and CRLF line ends are accepted.
     public static func fromFile(_ path: String) throws(S3Error) -> S3Credentials {
-        let data: Data
-        do {
-            data = try Data(contentsOf: URL(fileURLWithPath: path))
-        } catch {
+        // A credentials file is two short lines; reading at most this much keeps a wrong path
+        // (a device, a disk image) from being read whole.
+        let maxSize = 64 << 10
+        guard let handle = FileHandle(forReadingAtPath: path) else {
             let why = FileManager.default.fileExists(atPath: path) ? "cannot be read" : "does not exist"
             throw S3Error(code: "credentials", bucket: "", message: "the credentials file \(path) \(why)")
+        }
+        defer { try? handle.close() }
+        let data: Data
+        do {
+            data = try handle.read(upToCount: maxSize + 1) ?? Data()
+        } catch {
+            throw S3Error(code: "credentials", bucket: "", message: "the credentials file \(path) cannot be read")
+        }
+        guard data.count <= maxSize else {
+            throw S3Error(code: "credentials", bucket: "", message: "the credentials file \(path) is over \(maxSize >> 10) KiB: not a credentials file")
         }
         guard let text = String(data: data, encoding: .utf8) else {
             throw S3Error(code: "credentials", bucket: "", message: "the credentials file \(path) is not UTF-8 text")

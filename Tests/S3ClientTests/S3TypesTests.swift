@@ -54,6 +54,29 @@ import Testing
         }
     }
 
+    @Test func aCredentialsFileTooLargeIsRefusedUnread() throws {
+        let path = try Self.file(String(repeating: "x", count: 70_000))
+        defer { unlink(path) }
+        let e = #expect(throws: S3Error.self) { try S3Credentials.fromFile(path) }
+        #expect(e?.description == "credentials: the credentials file \(path) is over 64 KiB: not a credentials file")
+        let dir = #expect(throws: S3Error.self) { try S3Credentials.fromFile("/") }
+        #expect(dir?.code == "credentials")
+    }
+
+    @Test func bucketsThatCannotBeHostNamesUsePathStyle() throws {
+        let creds = S3Credentials(accessKeyID: "a", secretAccessKey: "b")
+        let aws = try S3Endpoint(endpoint: nil, pathStyle: false, fingerprint: nil)
+        for (bucket, virtual) in [("pbs-bucket", true), ("my.bucket", false), ("Upper", false), ("under_score", false), ("ab", false)] {
+            let c = try S3Client(endpoint: aws, bucket: bucket, credentials: creds, streams: 1)
+            defer { c.shutdown() }
+            #expect(c.endpoint.pathStyle == !virtual, "\(bucket)")
+        }
+        let plain = try S3Client(endpoint: S3Endpoint(endpoint: "http://minio.lan:9000", pathStyle: false, fingerprint: nil),
+                                 bucket: "my.bucket", credentials: creds, streams: 1)
+        defer { plain.shutdown() }
+        #expect(!plain.endpoint.pathStyle, "a dotted bucket is a host name over plain http")
+    }
+
     @Test func endpoints() throws {
         let aws = try S3Endpoint(endpoint: nil, pathStyle: false, fingerprint: nil)
         #expect(aws.tls && aws.host == "s3.us-west-1.amazonaws.com" && aws.port == 443 && aws.region == "us-west-1")

@@ -9,12 +9,13 @@ struct Compare: ParsableCommand {
             Prints 'Images are identical.' (exit 0) or 'Content mismatch at offset N!' (exit 1; N is \
             the start of the first differing 512-byte sector, as qemu-img prints it). Images of \
             different sizes are compared over the common part, then the larger one's extra part \
-            must read as zeros ('Warning: Image size mismatch!'); with -s a size mismatch is a \
-            mismatch. Any error is one line and exit 2. Runs both images know to be zero are \
+            must read as zeros ('Warning: Image size mismatch!'); with -s a size mismatch, or a \
+            difference in block status (allocation, data, zero, host offset), is a mismatch, as \
+            qemu-img -s. Any error is one line and exit 2. Runs both images know to be zero are \
             skipped without a read; the rest is read on every core, 1 MiB per image per thread.
             """)
 
-    @Option(name: .customShort("f"), help: ArgumentHelp("Format of the first image: raw, qcow2, vdi or vpc (probed by magic when absent; a fixed VHD needs -f vpc).", valueName: "format"),
+    @Option(name: .customShort("f"), help: ArgumentHelp("Format of the first image: \(ImageFormat.readable.joined(separator: ", ")) (probed by magic when absent; a fixed VHD needs -f vpc).", valueName: "format"),
             completion: .list(ImageFormat.readable))
     var formatA: String?
     @Option(name: .customShort("F"), help: ArgumentHelp("Format of the second image (as -f).", valueName: "format"), completion: .list(ImageFormat.readable))
@@ -61,6 +62,9 @@ struct Compare: ParsableCommand {
             throw ExitCode(1)
         case .strictSizeMismatch:
             say("Strict mode: Image size mismatch!")
+            throw ExitCode(1)
+        case .strictStatusMismatch(let offset):
+            say("Strict mode: Offset \(offset) block status mismatch!")
             throw ExitCode(1)
         }
     }

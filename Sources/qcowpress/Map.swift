@@ -12,7 +12,7 @@ struct Map: ParsableCommand {
             an image with compressed clusters (they have no place to show): use --output json.
             """)
 
-    @Option(name: .customShort("f"), help: ArgumentHelp("Image format: raw, qcow2, vdi or vpc (probed by magic when absent; a fixed VHD needs -f vpc).", valueName: "format"),
+    @Option(name: .customShort("f"), help: ArgumentHelp("Image format: \(ImageFormat.readable.joined(separator: ", ")) (probed by magic when absent; a fixed VHD needs -f vpc).", valueName: "format"),
             completion: .list(ImageFormat.readable))
     var format: String?
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: forceShareHelp)

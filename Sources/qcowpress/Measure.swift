@@ -15,7 +15,7 @@ struct Measure: ParsableCommand {
             95 % confidence (0.02: within 2 %). The default output format is qcow2 (qemu-img's is raw).
             """)
 
-    @Option(name: .customShort("f"), help: ArgumentHelp("Input format: raw, qcow2, vdi or vpc (probed by magic when absent; a fixed VHD needs -f vpc).", valueName: "format"),
+    @Option(name: .customShort("f"), help: ArgumentHelp("Input format: \(ImageFormat.readable.joined(separator: ", ")) (probed by magic when absent; a fixed VHD needs -f vpc).", valueName: "format"),
             completion: .list(ImageFormat.readable))
     var format: String?
     @Option(name: .customShort("O"), help: ArgumentHelp("Output format: qcow2 (default) or raw.", valueName: "format"), completion: .list(["qcow2", "raw"]))

@@ -48,6 +48,10 @@ struct CompareMapMeasureTests {
         try Self.expectSame(["compare"], [i.qcow2, i.raw])
         try Self.expectSame(["compare"], [i.vdi, i.raw])
         try Self.expectSame(["compare", "-f", "vpc"], [i.vpc, i.raw])
+        // -s: block status must match too (qcow2's unallocated clusters are not a raw file's holes).
+        try Self.expectSame(["compare", "-s"], [i.qcow2, i.raw])
+        try Self.expectSame(["compare", "-s"], [i.raw, i.vdi])
+        try Self.expectSame(["compare", "-s"], [i.raw, i.raw])
         // One byte changed at an odd offset, inside data and inside a hole.
         for at in [4 * 1048576 + 70001, 7 * 1048576 + 333] {
             let other = dir.appendingPathComponent("b\(at).raw").path
@@ -150,5 +154,21 @@ struct CompareMapMeasureTests {
             #expect(error > 0 && error <= 0.05, "\(type): stated error \(error)")
             #expect(abs(estimate - real) <= error * real, "\(type): estimate \(estimate), real \(real), stated error \(error)")
         }
+    }
+}
+
+extension CompareMapMeasureTests {
+    /// The manual (generated from the help) and the shell completions know the new commands.
+    @Test func helpAndCompletionsNameTheCommands() throws {
+        let help = try Harness.qcowpress(["--help"])
+        for c in ["compare", "map", "measure"] { #expect(help.stdout.contains(c), "--help lacks \(c)") }
+        for shell in ["bash", "zsh", "fish"] {
+            let s = try Harness.qcowpress(["--generate-completion-script", shell])
+            for c in ["compare", "map", "measure", "force-share", "size"] {
+                #expect(s.stdout.contains(c), "\(shell) completion lacks \(c)")
+            }
+        }
+        let m = try Harness.qcowpress(["measure", "--help"])
+        #expect(m.stdout.contains("compressed-error") && m.stdout.contains("cluster_size"))
     }
 }

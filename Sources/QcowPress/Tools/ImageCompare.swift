@@ -14,6 +14,10 @@ public enum ImageCompare {
         case contentMismatch(offset: UInt64, sizeMismatch: Bool)
         /// Strict mode and the virtual sizes differ (nothing was read).
         case strictSizeMismatch
+        /// Strict mode and the images' block status differs from `offset` on (qemu-img's "Strict
+        /// mode: Offset N block status mismatch!"): allocation, data, zero or host-offset flags,
+        /// or one run reaching the end of the image where the other does not.
+        case strictStatusMismatch(offset: UInt64)
     }
 
     /// Bytes read per image per work unit. 1 MiB: a few O_DIRECT-sized requests, and two readers
@@ -30,15 +34,34 @@ public enum ImageCompare {
         let (sa, sb) = (a.virtualSize, b.virtualSize)
         if strict && sa != sb { return .strictSizeMismatch }
         let common = min(sa, sb)
-        if let at = try firstDifference(a, b, 0..<common, threads: threads) {
+        let statusMismatch = strict ? try firstStatusMismatch(a, b) : nil
+        if let at = try firstDifference(a, b, 0..<(statusMismatch ?? common), threads: threads) {
             return .contentMismatch(offset: at, sizeMismatch: false)
         }
+        if let statusMismatch { return .strictStatusMismatch(offset: statusMismatch) }
         guard sa != sb else { return .identical(sizeMismatch: false) }
         let larger = sa > sb ? a : b
         if let at = try firstDifference(larger, nil, common..<max(sa, sb), threads: threads) {
             return .contentMismatch(offset: at, sizeMismatch: true)
         }
         return .identical(sizeMismatch: true)
+    }
+
+    /// qemu-img compare -s walks both images' block status together (chunks end where either
+    /// run ends) and stops at the first chunk whose status words differ; the content before it
+    /// is compared as usual. The status word holds allocated, data, zero, offset-valid and
+    /// end-of-image (the run reaches the image's end).
+    static func firstStatusMismatch(_ a: any GuestImage, _ b: any GuestImage) throws(QcowPressError) -> UInt64? {
+        let size = a.virtualSize
+        var at: UInt64 = 0
+        while at < size {
+            let sa = try BlockStatusQuery.status(of: a, at: at, limit: size)
+            let sb = try BlockStatusQuery.status(of: b, at: at, limit: size)
+            func word(_ s: BlockStatus) -> [Bool] { [s.present, s.data, s.zero, s.offset != nil, at + s.length >= size] }
+            if word(sa) != word(sb) { return at }
+            at += max(1, min(sa.length, sb.length))
+        }
+        return nil
     }
 
     /// Every core.

@@ -25,6 +25,10 @@ make_source() {
         raw) echo "$RAW"; return ;;
         vmdk-stream) out=$WORK/src-stream.vmdk; opts=(-O vmdk -o subformat=streamOptimized) ;;
         vmdk-sparse) out=$WORK/src-sparse.vmdk; opts=(-O vmdk -o subformat=monolithicSparse) ;;
+        vhdx) out=$WORK/src-dynamic.vhdx; opts=(-O vhdx -o subformat=dynamic) ;;
+        vhdx-fixed) out=$WORK/src-fixed.vhdx; opts=(-O vhdx -o subformat=fixed) ;;
+        vhd) out=$WORK/src-dynamic.vhd; opts=(-O vpc -o subformat=dynamic,force_size=on) ;;
+        vdi) out=$WORK/src-dynamic.vdi; opts=(-O vdi -o static=off) ;;
         *) echo "unknown format $f" >&2; exit 2 ;;
     esac
     if [ ! -f "$out" ] || [ "$out" -ot "$RAW" ]; then

@@ -86,7 +86,7 @@ func mutate(_ seed: [UInt8], _ rng: inout Rng, others: [[UInt8]]) -> [UInt8] {
 let args = CommandLine.arguments
 guard args.count >= 3 else {
     print("usage: qcowpress-fuzz TARGET CORPUS_DIR [--runs N] [--seconds S] [--seed X]")
-    print("targets: qcow2-header qcow2-entries qcow2-image fidx blob manifest keyfile vma vmdk vmdk-stream")
+    print("targets: qcow2-header qcow2-entries qcow2-image fidx blob manifest keyfile vma vhdx vhd vdi vmdk vmdk-stream")
     exit(2)
 }
 let target = args[1]
@@ -174,6 +174,8 @@ func run(_ input: [UInt8]) {
         }
     case "vmdk", "vmdk-stream":
         fuzzVMDK(target, input)
+    case "vhdx", "vhd", "vdi":
+        fuzzBlockFormat(target, input)
     case "self-test":
         // Proves the crash path to the tests: an input starting with "CRASH" traps.
         if input.starts(with: Array("CRASH".utf8)) { fatalError("self-test crash") }
@@ -210,6 +212,8 @@ func fixChecksums(_ b: inout [UInt8]) {
             let blocks = Int(b[at + 6]) << 8 | Int(b[at + 7])
             at += 512 + blocks * 4096
         }
+    case "vhdx", "vhd":
+        fixFormatChecksums(target, &b)
     default: break
     }
 }

@@ -7,7 +7,7 @@ import Glibc
 /// magic names another format is never read as raw unless `-f raw` says so (as qemu-img).
 public enum ImageFormat {
     /// What `-f` accepts: the formats QcowPress reads.
-    public static let readable = ["raw", "qcow2", "vdi", "vpc", "vmdk"]
+    public static let readable = ["raw", "qcow2", "vdi", "vpc", "vhdx", "vmdk"]
 
     /// qemu reads the first 512 bytes (BLOCK_PROBE_BUF_SIZE) and gives them to every probe.
     static let probeBytes = 512
@@ -134,6 +134,7 @@ public enum ImageFormat {
         case "vdi": return try VDIImage(path: path)
         case "vpc": return try VHDImage.open(path: path)
         case "vmdk": return try VMDKImage.open(path: path)
+        case "vhdx": return try VHDXImage(path: path)
         default: throw refusal(path: path, format: format)
         }
     }
@@ -145,6 +146,7 @@ public enum ImageFormat {
         case "vdi": return try VDIImage(file: file)
         case "vpc": return try VHDImage.open(file: file)
         case "vmdk": return try VMDKImage.open(file: file)
+        case "vhdx": return try VHDXImage(file: file)
         default: throw refusal(path: file.path, format: format)
         }
     }
@@ -164,6 +166,9 @@ extension ImageInfo {
             case let d as VHDDynamicImage: (size, clusterSize, subformat) = (d.virtualSize, d.blockBytes, "dynamic")
             case let i: (size, subformat) = (i.virtualSize, "fixed")
             }
+        case "vhdx":
+            let i = try VHDXImage(path: path)
+            (size, clusterSize, subformat) = (i.virtualSize, i.blockBytes, i.subformat)
         case "vmdk":
             let i = try VMDKImage.open(path: path)
             (size, clusterSize, subformat) = (i.virtualSize, i.grainSize, i.createType)

@@ -101,6 +101,7 @@ public final class VDIImage: BlockMappedImage {
         let raw = try file.bytes(at: h.blockMapOffset, count: Int(h.blocksInImage * 4), what: "VDI block map")
         let fields = FieldReader(b: raw)
         var map = [UInt32](repeating: 0, count: Int(h.blocksInImage))
+        var owner = [UInt32](repeating: UInt32.max, count: map.count)  // the guest block in each data block
         for i in 0..<map.count {
             let e = fields.le32(i * 4)
             map[i] = e
@@ -111,6 +112,11 @@ public final class VDIImage: BlockMappedImage {
             guard UInt64(e) < h.blocksInImage, host + visible <= file.size else {
                 throw .inputDamaged(path: path, location: "VDI block map entry \(i) (offset \(h.blockMapOffset + UInt64(i) * 4)) is \(e): block data at \(host) lies past the end of the file (\(file.size) bytes)")
             }
+            // Two guest blocks in one data block: a damaged map (VirtualBox and qemu-img never share).
+            guard owner[Int(e)] == UInt32.max else {
+                throw .inputDamaged(path: path, location: "VDI block map entry \(i) (offset \(h.blockMapOffset + UInt64(i) * 4)) is \(e): entry \(owner[Int(e)]) points to the same data block")
+            }
+            owner[Int(e)] = UInt32(i)
         }
         self.map = map
     }

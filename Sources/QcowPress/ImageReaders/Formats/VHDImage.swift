@@ -149,6 +149,7 @@ public final class VHDDynamicImage: BlockMappedImage {
         }
         let raw = FieldReader(b: try file.bytes(at: table, count: Int(entries * 4), what: "VHD block allocation table"))
         var bat = [UInt32](repeating: 0, count: Int(entries))
+        var allocated: [(offset: UInt64, entry: Int)] = []
         for i in 0..<bat.count {
             let e = raw.be32(i * 4)
             bat[i] = e
@@ -156,6 +157,17 @@ public final class VHDDynamicImage: BlockMappedImage {
             guard e != 0xFFFF_FFFF else { continue }
             guard UInt64(e) * 512 + bitmapSize + blockSize <= file.size else {
                 throw .inputDamaged(path: file.path, location: "VHD block allocation table entry \(i) (offset \(table + UInt64(i) * 4)) is \(e): block at \(UInt64(e) * 512) lies past the end of the file (\(file.size) bytes)")
+            }
+            allocated.append((UInt64(e) * 512, i))
+        }
+        // Blocks (bitmap and data) overlapping each other or the table: a damaged table.
+        allocated.sort { $0.offset < $1.offset }
+        for k in allocated.indices {
+            let (o, i) = allocated[k]
+            let overlapsPrevious = k > 0 && o - allocated[k - 1].offset < bitmapSize + blockSize
+            guard !overlapsPrevious, o >= table + entries * 4 || o + bitmapSize + blockSize <= table else {
+                let what = overlapsPrevious ? "the block of entry \(allocated[k - 1].entry)" : "the block allocation table"
+                throw .inputDamaged(path: file.path, location: "VHD block allocation table entry \(i) (offset \(table + UInt64(i) * 4)): block at \(o) overlaps \(what)")
             }
         }
         self.bat = bat

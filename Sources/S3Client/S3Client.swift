@@ -183,6 +183,12 @@ public final class S3Client: Sendable {
     var pathStyleRoot: String { endpoint.pathStyle ? "/\(bucket)" : "/" }
 
     private func wait<T: Sendable>(_ f: EventLoopFuture<T>, key: String) throws(S3Error) -> T {
+        // Blocking an event loop on a request that needs the same loop would never return (NIO
+        // traps in debug builds): refused with an error instead.
+        guard MultiThreadedEventLoopGroup.currentEventLoop == nil else {
+            throw S3Error(code: "internal", bucket: bucket, key: key,
+                          message: "a blocking S3 call on a NIO event-loop thread (use startGet there)")
+        }
         do {
             return try f.wait()
         } catch let e as S3Error {

@@ -216,6 +216,21 @@ import Testing
         #expect(c.requestCount == 1, "a timeout is not retried")
     }
 
+    @Test func aBlockingCallOnAnEventLoopIsRefusedNotDeadlocked() throws {
+        let server = try StubServer { _, _ in .raw(Self.ok, close: false) }
+        defer { server.stop() }
+        let c = try Self.client(server)
+        defer { c.shutdown() }
+        let inner = Mutex<S3Error?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        c.startGet("k", limit: 100) { _ in
+            do throws(S3Error) { _ = try c.get("k", limit: 100) } catch { inner.withLock { $0 = error } }
+            done.signal()
+        }
+        done.wait()
+        #expect(inner.withLock { $0 }?.code == "internal")
+    }
+
     @Test func shutdownFailsLaterCalls() throws {
         let server = try StubServer { _, _ in .raw(Self.ok, close: false) }
         defer { server.stop() }

@@ -22,22 +22,6 @@ final class MotoServer: Sendable {
     static let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         .deletingLastPathComponent().appendingPathComponent("Support/s3_server.py").path
 
-    /// Runs s3_server.py (argv[1]) with werkzeug's after-request drain switched off: it reads
-    /// whatever arrives within 10 ms of a response until EOF, so a kept-alive connection's next
-    /// request (sent at once by this client) was swallowed and never answered. Harmless once
-    /// s3_server.py does the same itself (reported to pbss3 in notes/s3.md).
-    static let keepAliveFix = #"""
-    import runpy, sys, types
-    import werkzeug.serving as ws
-    class NoDrain:
-        def register(self, *a, **k): pass
-        def select(self, *a, **k): return []
-        def close(self): pass
-    ws.selectors = types.SimpleNamespace(DefaultSelector=NoDrain, EVENT_READ=1)
-    sys.argv = sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-    """#
-
     /// The files loaded into bucket "bkt" as datastore "store": relative path → content. The server
     /// names `.chunks/…` `store/.chunks/…` and everything else `store/.cnt/…` (PBS 4's layout).
     static let files: [String: String] = [
@@ -67,7 +51,7 @@ final class MotoServer: Sendable {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", "-c", Self.keepAliveFix, Self.script, "--exit-on-eof", "--load", "bkt/store=\(dir)", "--load", "other-bucket/store=\(dir)@eu-central-1"]
+        p.arguments = ["python3", Self.script, "--exit-on-eof", "--load", "bkt/store=\(dir)", "--load", "other-bucket/store=\(dir)@eu-central-1"]
             + (tls ? ["--tls"] : [])
         let inPipe = Pipe(), outPipe = Pipe()
         p.standardInput = inPipe

@@ -127,6 +127,28 @@ struct OVATests {
         try Self.expectImported(out2, d, files: ["disk1.img", "disk2.img"])
     }
 
+    @Test func stdinStreamOptimizedAndGzipVMDKs() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let d = try Self.makeDisks(dir)
+        // streamOptimized VMDKs decoded as the tar streams by (SHA-256 manifest after the OVF).
+        let ova = try Self.make(dir.appendingPathComponent("vm.ova").path, Self.diskArgs(d) + ["--mf", "sha256"])
+        let out = dir.appendingPathComponent("out")
+        let r = try Harness.run(Harness.binary, ["convert", "-c", "-o", "compression_type=zstd", "-", out.path], stdin: try Self.stdin(ova))
+        #expect(r.status == 0, "\(r.stderr)")
+        try Self.expectImported(out, d)
+        // gzip-stored VMDKs in an OVA file: inflated and decoded as a stream, the stored bytes hashed.
+        let gz = try Self.make(dir.appendingPathComponent("gz.ova").path, Self.diskArgs(d, gzip: true) + ["--mf", "sha1"])
+        let out2 = dir.appendingPathComponent("out2")
+        let r2 = try Harness.qcowpress(["convert", "-c", gz, out2.path])
+        #expect(r2.status == 0, "\(r2.stderr)")
+        try Self.expectImported(out2, d)
+        // A VMDK cut short inside the stream: one line, nothing left.
+        let cut = try Self.make(dir.appendingPathComponent("cut.ova").path, Self.diskArgs(d) + ["--truncate", "70000"])
+        let out3 = dir.appendingPathComponent("out3")
+        Self.expectRefused(try Harness.run(Harness.binary, ["convert", "-", out3.path], stdin: try Self.stdin(cut)), out3, mentioning: "truncated")
+    }
+
     @Test func longNamesUstarGnuPax() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }

@@ -250,3 +250,28 @@ extension Array where Element == UInt8 {
         try withUnsafeMutableBytes { p in Result { () throws(QcowPressError) -> R in try body(p) } }.get()
     }
 }
+
+extension OVAImport {
+    /// The files of a tar archive (an OVA) as the import walks them: names checked, links and
+    /// other non-file entries refused, the end-of-archive block required. An archive file is read
+    /// header by header (its data is skipped); "-", a pipe, or any file with `asStream` is read
+    /// once, to its end, as `convert - OUTDIR` reads stdin.
+    public static func entries(ofArchive path: String, asStream: Bool = false) throws(QcowPressError) -> [TarEntry] {
+        let input: TarInput
+        if !asStream, path != "-", FileNames.status(path)?.kind == .regular {
+            do { input = TarFileInput(file: try InputFile(path: path, direct: false)) } catch { throw .from(error) }
+        } else {
+            do { input = TarStreamInput(file: try StreamFile(path: path)) } catch { throw .from(error) }
+        }
+        let walker = TarWalker(input: input, archive: path)
+        var out: [TarEntry] = []
+        while let e = try walker.next() { out.append(e) }
+        try walker.checkTrailer()
+        return out
+    }
+
+    /// The files a manifest (`.mf`) lists, with their digests as "ALGORITHM hex".
+    public static func manifest(_ text: [UInt8], path: String) throws(QcowPressError) -> [String: String] {
+        try OVAManifest(text: text, path: path).entries.mapValues { "\($0.algorithm.rawValue) \($0.digest)" }
+    }
+}

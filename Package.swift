@@ -106,7 +106,7 @@ let package = Package(
         ]),
         // Mutation fuzzer over every input parser (fuzz/run.sh); not part of the library.
         .executableTarget(name: "qcowpress-fuzz", dependencies: [
-            "QcowPress", "Qcow2Format", "BackupSources", "DirectIO",
+            "QcowPress", "Qcow2Format", "BackupSources", "DirectIO", "S3Client",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // What every test target shares: the Swift Testing tags (fast, e2e, nbd, pbs, faults,

@@ -86,7 +86,7 @@ func mutate(_ seed: [UInt8], _ rng: inout Rng, others: [[UInt8]]) -> [UInt8] {
 let args = CommandLine.arguments
 guard args.count >= 3 else {
     print("usage: qcowpress-fuzz TARGET CORPUS_DIR [--runs N] [--seconds S] [--seed X]")
-    print("targets: qcow2-header qcow2-entries qcow2-image fidx blob manifest keyfile vma vhdx vhd vdi vmdk vmdk-stream ova-tar ovf")
+    print("targets: qcow2-header qcow2-entries qcow2-image fidx blob manifest keyfile vma vhdx vhd vdi vmdk vmdk-stream ova-tar ovf s3-xml")
     exit(2)
 }
 let target = args[1]
@@ -176,6 +176,8 @@ func run(_ input: [UInt8]) {
         fuzzVMDK(target, input)
     case "vhdx", "vhd", "vdi":
         fuzzBlockFormat(target, input)
+    case "s3-xml":
+        fuzzS3XML(input)
     case "ova-tar", "ovf":
         fuzzOVA(target, input)
     case "self-test":

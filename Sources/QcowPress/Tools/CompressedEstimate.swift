@@ -25,7 +25,7 @@ public enum CompressedEstimate {
     static let modelError = 0.003
 
     /// The estimate in bytes and its relative error: the sample's 95 % interval, plus the final
-    /// cluster's padding (up to half a cluster either way) and ``modelError``. `seed` fixes which
+    /// cluster's padding (up to half a cluster either way) and the layout model's 0.3 %. `seed` fixes which
     /// clusters are sampled.
     public static func estimate(_ image: any GuestImage, options o: MeasureOptions, threads: Int = ImageCompare.defaultThreads,
                                 seed: UInt64 = 0x5EED_C0DE) throws(QcowPressError) -> (bytes: UInt64, error: Double) {

@@ -1,9 +1,9 @@
-import Crypto
+#if canImport(Glibc)
+import Glibc
+#endif
 import NIOCore
 import NIOHTTP1
-import NIOPosix
 import NIOSSL
-import NIOTLS
 import Synchronization
 
 /// A response as read off the wire: status, headers, the body (for an error status, at most
@@ -180,6 +180,9 @@ final class S3ResponseHandler: ChannelDuplexHandler {
             if let fp = seen.value.withLock({ $0 }) {
                 return .tls("the server's certificate has the fingerprint \(fp), not the pinned one")
             }
+            if "\(e)".contains("WRONG_VERSION_NUMBER") {
+                return .tls("the server does not speak TLS (is the endpoint http://?)")
+            }
             return .tls("the TLS handshake failed: \(e)")
         }
         if let io = e as? IOError { return .dropped(describeErrno(io.errnoCode), sawResponse: sawResponse) }
@@ -192,153 +195,4 @@ final class S3ResponseHandler: ChannelDuplexHandler {
     static func seconds(_ t: TimeAmount) -> String {
         t.nanoseconds >= 1_000_000_000 ? "\(t.nanoseconds / 1_000_000_000) s" : "\(t.nanoseconds / 1_000_000) ms"
     }
-}
-
-/// Opens connections to the endpoint: TCP (connect timeout), TLS (system CAs, or only the pinned
-/// SHA-256 fingerprint of the leaf certificate), HTTP/1.1 codec, the response handler.
-struct S3Connector: Sendable {
-    let endpoint: S3Endpoint
-    let bucket: String
-    let group: EventLoopGroup
-    let tlsContext: NIOSSLContext?
-    /// See `S3ResponseHandler.idleTimeout` (tests shorten it).
-    var idleTimeout = S3ResponseHandler.idleTimeout
-
-    /// Connecting gives up after this long (a host that drops SYNs); 10 s as the brief states,
-    /// well above a cross-region TCP+TLS setup (~0.3 s).
-    static let connectTimeout = TimeAmount.seconds(10)
-
-    init(endpoint: S3Endpoint, bucket: String, group: EventLoopGroup) throws(S3Error) {
-        self.endpoint = endpoint
-        self.bucket = bucket
-        self.group = group
-        guard endpoint.tls else {
-            tlsContext = nil
-            return
-        }
-        var tls = TLSConfiguration.makeClientConfiguration()
-        // Pinned: the chain is not checked against CAs, nor the name; only the fingerprint counts
-        // (the custom callback below). Otherwise: system CAs and the host name.
-        tls.certificateVerification = endpoint.fingerprint == nil ? .fullVerification : .noHostnameVerification
-        do {
-            tlsContext = try NIOSSLContext(configuration: tls)
-        } catch {
-            throw S3Error(code: "tls", bucket: bucket, message: "cannot set up TLS: \(error)")
-        }
-    }
-
-    /// Colon-separated lowercase hex of SHA-256 over the certificate's DER form (the form PBS uses).
-    static func fingerprint(of cert: NIOSSLCertificate) -> String? {
-        guard let der = try? cert.toDERBytes() else { return nil }
-        return SHA256.hash(data: der).map { b in
-            let h = String(b, radix: 16)
-            return h.count == 1 ? "0" + h : h
-        }.joined(separator: ":")
-    }
-
-    /// A connected channel, with TLS up when the endpoint is https. Fails with an
-    /// `S3TransportError` (.connect, .tls or .timeout).
-    func connect() -> EventLoopFuture<Channel> {
-        let serverName = endpoint.serverName(bucket: bucket)
-        let pinned = endpoint.fingerprint
-        let context = tlsContext
-        let idleTimeout = idleTimeout
-        let seen = SeenFingerprint()
-        let loop = group.next()
-        let handshake = loop.makePromise(of: Void.self)
-        let bootstrap = ClientBootstrap(group: loop)
-            .connectTimeout(Self.connectTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    if let context {
-                        let ssl: NIOSSLClientHandler
-                        if let pinned {
-                            ssl = try NIOSSLClientHandler(context: context, serverHostname: serverName) { certs, promise in
-                                let fp = certs.first.flatMap(Self.fingerprint(of:))
-                                seen.value.withLock { $0 = fp }
-                                promise.succeed(fp != nil && fp == pinned ? .certificateVerified : .failed)
-                            }
-                        } else {
-                            ssl = try NIOSSLClientHandler(context: context, serverHostname: serverName)
-                        }
-                        try channel.pipeline.syncOperations.addHandler(ssl)
-                        try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(promise: handshake))
-                    } else {
-                        handshake.succeed(())
-                    }
-                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                    try channel.pipeline.syncOperations.addHandler(S3ResponseHandler(seen: seen, idleTimeout: idleTimeout))
-                }
-            }
-        let connected = bootstrap.connect(host: endpoint.connectHost(bucket: bucket), port: endpoint.port)
-        connected.whenFailure { handshake.fail($0) }
-        return connected.flatMap { ch in
-            // A server that accepts and then says nothing must not hang the request.
-            let timer = ch.eventLoop.scheduleTask(in: Self.connectTimeout) {
-                handshake.fail(S3TransportError.timeout("no TLS handshake within \(Self.connectTimeout.nanoseconds / 1_000_000_000) s"))
-            }
-            return handshake.futureResult.map { _ -> Channel in
-                timer.cancel()
-                return ch
-            }.flatMapErrorThrowing { e in
-                timer.cancel()
-                ch.close(promise: nil)
-                throw e
-            }
-        }.flatMapErrorThrowing { e in
-            if let t = e as? S3TransportError { throw t }
-            if e is NIOSSLError || e is BoringSSLError {
-                throw S3ResponseHandler.transportError(e, sawResponse: false, seen: seen)
-            }
-            throw S3TransportError.connect(describeConnectFailure(e))
-        }
-    }
-
-    /// One line for a failed connect: the endpoint and the reason.
-    func describeConnectFailure(_ e: Error) -> String {
-        let target = "\(endpoint.tls ? "https" : "http")://\(endpoint.connectHost(bucket: bucket)):\(endpoint.port)"
-        if let c = e as? NIOConnectionError {
-            if let first = c.connectionErrors.first {
-                if let io = first.error as? IOError {
-                    return "cannot connect to \(target): \(S3ResponseHandler.describeErrno(io.errnoCode))"
-                }
-                return "cannot connect to \(target): \(first.error)"
-            }
-            if c.dnsAAAAError != nil || c.dnsAError != nil { return "cannot resolve the host name of \(target)" }
-            return "cannot connect to \(target)"
-        }
-        if let ch = e as? ChannelError, case .connectTimeout = ch {
-            return "cannot connect to \(target): no answer within \(Self.connectTimeout.nanoseconds / 1_000_000_000) s"
-        }
-        if let io = e as? IOError { return "cannot connect to \(target): \(S3ResponseHandler.describeErrno(io.errnoCode))" }
-        return "cannot connect to \(target): \(e)"
-    }
-}
-
-/// Completes when the TLS handshake is done, or fails with the handshake's error.
-final class HandshakeWaiter: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = NIOAny
-    let promise: EventLoopPromise<Void>
-    init(promise: EventLoopPromise<Void>) { self.promise = promise }
-
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case TLSUserEvent.handshakeCompleted = event {
-            promise.succeed(())
-            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-        }
-        context.fireUserInboundEventTriggered(event)
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        promise.fail(error)
-        context.fireErrorCaught(error)
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        promise.fail(S3TransportError.tls("the server closed the connection during the TLS handshake"))
-        context.fireChannelInactive()
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) { context.fireChannelRead(data) }
 }

@@ -157,7 +157,28 @@ struct S3TLSTests {
     @Test func untrustedCertificate() throws {
         let e = #expect(throws: S3Error.self) { try get(fingerprint: nil) }
         #expect(e?.code == "tls")
+        let fp = try #require(moto.fingerprint)
+        #expect(e?.message == "https://127.0.0.1:\(moto.port): the server's certificate (SHA-256 fingerprint \(fp)) is not trusted by "
+            + "the system CAs; check the fingerprint and pin it to trust this certificate")
         #expect(e?.description.contains("\n") == false)
+    }
+
+    @Test func theWrongSchemeIsOneLine() throws {
+        let creds = S3Credentials(accessKeyID: MotoServer.keyID, secretAccessKey: MotoServer.secret)
+        let plainToTLS = try S3Client(endpoint: S3Endpoint(endpoint: "http://127.0.0.1:\(moto.port)", pathStyle: true, fingerprint: nil),
+                                      bucket: "bkt", credentials: creds, streams: 1, now: { Int(time(nil)) },
+                                      retry: .init(backoffBase: 0.001, backoffCap: 0.002))
+        defer { plainToTLS.shutdown() }
+        let e1 = #expect(throws: S3Error.self) { try plainToTLS.get("store/.cnt/plain", limit: 100) }
+        #expect(e1?.code == "connection")
+        let plain = try MotoServer.plain.get()
+        let tlsToPlain = try S3Client(endpoint: S3Endpoint(endpoint: "https://127.0.0.1:\(plain.port)", pathStyle: true, fingerprint: nil),
+                                      bucket: "bkt", credentials: creds, streams: 1)
+        defer { tlsToPlain.shutdown() }
+        let e2 = #expect(throws: S3Error.self) { try tlsToPlain.get("store/.cnt/plain", limit: 100) }
+        #expect(e2?.code == "tls")
+        #expect(e2?.message == "https://127.0.0.1:\(plain.port): the server does not speak TLS (is the endpoint http://?)")
+        for e in [e1, e2] { #expect(e?.description.contains("\n") == false) }
     }
 
     @Test func wrongPinnedFingerprint() throws {

@@ -31,9 +31,12 @@ final class S3Pool: Sendable {
         var channels: [ObjectIdentifier: Channel] = [:]
     }
 
-    /// A kept-alive connection idle longer than this is closed instead of reused: AWS S3 closes
-    /// idle connections after about 20 s, MinIO and Ceph RGW after longer; reusing one the server
-    /// is closing costs a retry.
+    /// A kept-alive connection idle longer than this is closed instead of reused. Servers close
+    /// idle connections on their own schedule (not measured here: nginx in front of MinIO/RGW
+    /// defaults to 75 s, AWS S3 is reported at about 20 s); reusing one the server is closing
+    /// costs an immediate retry (`staleRetries`), reconnecting costs one handshake. During a
+    /// restore connections are never idle this long, so the value only matters between commands
+    /// of a long-lived process.
     static let maxIdle = TimeAmount.seconds(15)
 
     let streams: Int

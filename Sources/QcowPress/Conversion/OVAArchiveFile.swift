@@ -109,7 +109,8 @@ struct OVARandomAccess {
         let result = ResultBox()
         if let want {
             hash.spawn(name: "qp-ova-digest") { () throws(QcowPressError) in
-                result.set(try digestOfWindow(input, window, want.algorithm).hex(want.algorithm) ?? "")
+                let set = try digestOfWindow(input, window, want.algorithm) { result.stopped }
+                result.set(set.hex(want.algorithm) ?? "")
             }
         }
         let enc: Qcow2Encoder
@@ -123,6 +124,7 @@ struct OVARandomAccess {
             }
             outputs.finished(try enc.finishBlocking())
         } catch {
+            result.stop()
             _ = hash.wait()
             throw error
         }
@@ -138,8 +140,12 @@ struct OVARandomAccess {
 /// The digest pass's result, handed from its thread.
 final class ResultBox: Sendable {
     private let value = Mutex<String?>(nil)
+    private let stopFlag = Atomic<Bool>(false)
     func set(_ v: String) { value.withLock { $0 = v } }
     func get() -> String? { value.withLock { $0 } }
+    /// The conversion failed: the pass ends at its next read.
+    func stop() { stopFlag.store(true, ordering: .relaxed) }
+    var stopped: Bool { stopFlag.load(ordering: .relaxed) }
 }
 
 /// Bytes of another source, hashed as they pass.

@@ -158,15 +158,17 @@ extension OVAByteSource {
 
 /// The digest of a window of a file, by one sequential pass (a disk read in place: its reads
 /// are out of order, so the manifest is checked by this pass, run beside the conversion).
-func digestOfWindow(_ file: InputFile, _ window: Range<UInt64>, _ algorithm: OVAManifest.Algorithm) throws(QcowPressError) -> DigestSet {
+func digestOfWindow(_ file: InputFile, _ window: Range<UInt64>, _ algorithm: OVAManifest.Algorithm,
+                    stopped: () -> Bool) throws(QcowPressError) -> DigestSet {
     var set = DigestSet([algorithm])
     let src = WindowSource(file: file, window: window)
     // 1 MiB reads: sequential buffered reads at disk speed (the file is dropped from the cache behind).
     let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
     defer { buf.deallocate() }
-    while true {
+    while !stopped() {
         let n = try src.read(into: buf)
         if n == 0 { return set }
         set.update(UnsafeRawBufferPointer(rebasing: buf[0..<n]))
     }
+    return set
 }

@@ -74,10 +74,10 @@ extension S3Client {
     }
 
     /// 500 InternalError, 502 and 504 from a proxy in front, 503 SlowDown / ServiceUnavailable.
-    static var retriedStatuses: Set<Int> { [500, 502, 503, 504] }
+    static let retriedStatuses: Set<Int> = [500, 502, 503, 504]
 
     private func scheduleRetry(_ op: Operation, attempt: Int,
-                       done: @escaping @Sendable (Result<S3HTTPResponse, S3Error>) -> Void) {
+                               done: @escaping @Sendable (Result<S3HTTPResponse, S3Error>) -> Void) {
         let d = min(retry.backoffBase * Double(1 << attempt), retry.backoffCap)
         let delay = Double.random(in: (d / 2)...d)
         group.next().scheduleTask(in: .nanoseconds(Int64(delay * 1e9))) {

@@ -94,12 +94,8 @@ final class PBSS3Chunks: PBSChunkStore {
         guard bytes.count <= PBSBlob.maxBlobSize else {
             throw SourceError(.damaged, path: location(of: digest), "\(what): chunk object is over 128 MiB")
         }
-        if buffer.count < bytes.count { buffer = [UInt8](repeating: 0, count: bytes.count) }
-        buffer.withUnsafeMutableBytes { out in
-            bytes.withUnsafeBytes { src in
-                if !bytes.isEmpty { out.baseAddress!.copyMemory(from: src.baseAddress!, byteCount: bytes.count) }
-            }
-        }
+        // The received array becomes the loader's buffer (no 4 MiB copy per chunk).
+        buffer = bytes
         return bytes.count
     }
 }

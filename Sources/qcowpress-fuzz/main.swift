@@ -86,7 +86,7 @@ func mutate(_ seed: [UInt8], _ rng: inout Rng, others: [[UInt8]]) -> [UInt8] {
 let args = CommandLine.arguments
 guard args.count >= 3 else {
     print("usage: qcowpress-fuzz TARGET CORPUS_DIR [--runs N] [--seconds S] [--seed X]")
-    print("targets: qcow2-header qcow2-entries qcow2-image fidx blob manifest keyfile vma vhdx vhd vdi vmdk vmdk-stream ova-tar ovf s3-xml")
+    print("targets: qcow2-header qcow2-entries qcow2-image fidx blob manifest keyfile vma vhdx vhd vdi vmdk vmdk-stream ova-tar ovf s3-xml image-tools")
     exit(2)
 }
 let target = args[1]
@@ -180,6 +180,8 @@ func run(_ input: [UInt8]) {
         fuzzS3XML(input)
     case "ova-tar", "ovf":
         fuzzOVA(target, input)
+    case "image-tools":
+        fuzzImageTools(input)
     case "self-test":
         // Proves the crash path to the tests: an input starting with "CRASH" traps.
         if input.starts(with: Array("CRASH".utf8)) { fatalError("self-test crash") }

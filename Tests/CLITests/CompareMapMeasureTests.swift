@@ -124,6 +124,14 @@ struct CompareMapMeasureTests {
                 try Self.expectSame(["measure", "-O", "qcow2", "--output=json", "--size", size, "-o", o], [])
             }
         }
+        // Persistent dirty bitmaps count in qemu-img's "bitmaps" (qemu-img bitmap --add).
+        let bm = dir.appendingPathComponent("bitmaps.qcow2").path
+        try Self.qemu(["create", "-q", "-f", "qcow2", bm, "64M"])
+        try Self.qemu(["bitmap", "--add", bm, "b0"])
+        try Self.qemu(["bitmap", "--add", "-g", "64k", bm, "second-bitmap"])
+        for o in ["cluster_size=64k", "cluster_size=4k"] {
+            try Self.expectSame(["measure", "-O", "qcow2", "--output=json", "-o", o], [bm])
+        }
         // The size qemu refuses (L1 table over 32 MiB) is refused too.
         let big = try Harness.qcowpress(["measure", "--size", "1024T", "-o", "cluster_size=512"])
         #expect(big.status == 1 && big.stderr.contains("too large"), "\(big.stderr)")

@@ -86,8 +86,11 @@ final class FormatFile: Sendable {
     }
 
     /// Below this a misaligned data read goes buffered; at or above it, O_DIRECT plus a memmove.
-    /// Measured (bench/ova_bench.sh's window read, 1 GiB cold, 4 MiB reads at file offsets 512 mod
-    /// 4096): see ``shiftedDirectRead``.
+    /// Measured on this machine's virtio disk (1 GiB cold, reads at file offsets 512 mod 4096, the
+    /// buffered ones dropped behind as InputFile does): 4 MiB reads on 2 threads, O_DIRECT+memmove
+    /// 553-699 MB/s for 0.19-0.23 CPU s, buffered 447-744 MB/s for 0.47-0.89 CPU s; 256 KiB on one
+    /// thread 325 vs 188-202 MB/s (0.54 vs 1.5-1.7 CPU s); 64 KiB 151-163 vs 320-1154 MB/s (the
+    /// shifted read loses there). Script: bench/window_read.py.
     static let shiftedDirectMinimum = 256 << 10
 
     /// A data read whose file offset is 512-aligned but not 4 KiB-aligned (a tar entry's data):

@@ -270,8 +270,42 @@ extension OVAImport {
         return out
     }
 
+    /// The files of a tar archive held in memory, walked as ``entries(ofArchive:asStream:)`` walks a file.
+    public static func entries(ofArchiveBytes bytes: [UInt8], name: String) throws(QcowPressError) -> [TarEntry] {
+        let walker = TarWalker(input: TarMemoryInput(bytes), archive: name)
+        var out: [TarEntry] = []
+        while let e = try walker.next() { out.append(e) }
+        try walker.checkTrailer()
+        return out
+    }
+
     /// The files a manifest (`.mf`) lists, with their digests as "ALGORITHM hex".
     public static func manifest(_ text: [UInt8], path: String) throws(QcowPressError) -> [String: String] {
         try OVAManifest(text: text, path: path).entries.mapValues { "\($0.algorithm.rawValue) \($0.digest)" }
+    }
+}
+
+/// An archive in memory (the fuzzer's input): reads copy, skips move on.
+final class TarMemoryInput: TarInput {
+    let bytes: [UInt8]
+    private(set) var position: UInt64 = 0
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+
+    func read(into p: UnsafeMutableRawPointer, count: Int) throws(QcowPressError) -> Int {
+        let at = Int(min(position, UInt64(bytes.count)))
+        let n = min(count, bytes.count - at)
+        guard n > 0 else { return 0 }
+        bytes.withUnsafeBytes { p.copyMemory(from: $0.baseAddress! + at, byteCount: n) }
+        position += UInt64(n)
+        return n
+    }
+
+    func skip(_ count: UInt64) throws(QcowPressError) -> Bool {
+        guard count <= UInt64(bytes.count) - min(position, UInt64(bytes.count)) else {
+            position = UInt64(bytes.count)
+            return false
+        }
+        position += count
+        return true
     }
 }

@@ -26,6 +26,8 @@ struct Compare: ParsableCommand {
     var forceShare = false
     @Flag(name: .customShort("q"), help: "Quiet: print nothing; the exit status says the result.")
     var quiet = false
+    @Option(help: ArgumentHelp("Reader threads (default: twice the cores, so reads overlap).", valueName: "n"))
+    var threads: Int?
     @Argument(help: "The first image.", completion: .file())
     var imageA: String
     @Argument(help: "The second image.", completion: .file())
@@ -45,7 +47,7 @@ struct Compare: ParsableCommand {
             try locks.lock(imageB, backingChain: true, format: fb)
             let a = try openImage(imageA, format: fa, openBacking: true)
             let b = try openImage(imageB, format: fb, openBacking: true)
-            result = try ImageCompare.compare(a, b, strict: strict)
+            result = try ImageCompare.compare(a, b, strict: strict, threads: max(1, threads ?? ImageCompare.defaultThreads))
         } catch {
             let message = (error as? QcowPressError)?.message ?? "\(error)"
             writeStderr("qcowpress: \(message)\n")

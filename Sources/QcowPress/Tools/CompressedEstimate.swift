@@ -27,7 +27,7 @@ public enum CompressedEstimate {
     /// The estimate in bytes and its relative error: the sample's 95 % interval, plus the final
     /// cluster's padding (up to half a cluster either way) and the layout model's 0.3 %. `seed` fixes which
     /// clusters are sampled.
-    public static func estimate(_ image: any GuestImage, options o: MeasureOptions, threads: Int = ImageCompare.defaultThreads,
+    public static func estimate(_ image: any GuestImage, options o: MeasureOptions, threads: Int = ImageCompare.cores,
                                 seed: UInt64 = 0x5EED_C0DE) throws(QcowPressError) -> (bytes: UInt64, error: Double) {
         let cs = UInt64(o.clusterSize)
         let l2Span = cs * (cs / (o.extendedL2 ? 16 : 8))
@@ -53,7 +53,7 @@ public enum CompressedEstimate {
         let mean = sizes.isEmpty ? 0 : Double(sizes.reduce(0, +)) / Double(sizes.count)
         let data = mean * Double(clusters)
         let gaps = data / packerBuffer * mean / 2
-        let l1 = ImageMeasure.roundUp((image.virtualSize + l2Span - 1) / l2Span * 8, cs)
+        let l1 = ImageMeasure.roundUp(ImageMeasure.roundUp(image.virtualSize, l2Span) / l2Span * 8, cs)
         var meta = cs + l1 + regions * cs
         let hostClusters = (meta + UInt64(data + gaps) + cs - 1) / cs
         meta += ImageMeasure.refcountMetadataSize(clusters: hostClusters, clusterSize: cs, refcountOrder: o.refcountOrder)

@@ -64,8 +64,14 @@ public enum ImageCompare {
         return nil
     }
 
-    /// Every core.
-    public static var defaultThreads: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
+    /// Two reader threads per core: each thread waits on its two reads, and reads overlap only
+    /// across threads. The 3 GiB bench disk (raw) against its zlib qcow2, on this 2-core machine
+    /// under a load average of 10-14: 2 threads 23.7 s, 4 threads 19.5 s, 8 threads 19.4 s
+    /// (qemu-img compare 26.6 s); user time the same (7.1-7.3 s).
+    public static var defaultThreads: Int { 2 * cores }
+
+    /// The online cores.
+    public static var cores: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
 
     /// The first 512-byte sector in `range` where `a` and `b` (zeros when nil) differ, or nil.
     static func firstDifference(_ a: any GuestImage, _ b: (any GuestImage)?, _ range: Range<UInt64>,

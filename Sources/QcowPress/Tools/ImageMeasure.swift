@@ -60,6 +60,7 @@ public enum ImageMeasure {
         let cs = UInt64(o.clusterSize)
         let ssize = image.virtualSize
         let virtual = roundUp(ssize, cs)
+        if virtual > maxVirtualSize { throw .invalidArgument("The image size is too large (\(ssize) bytes)") }
         var required: UInt64 = 0
         if o.hasBackingFile || o.fullPreallocation {
             required = virtual
@@ -122,7 +123,14 @@ public enum ImageMeasure {
         return (blocks + table) * cs
     }
 
-    static func roundUp(_ v: UInt64, _ a: UInt64) -> UInt64 { (v + a - 1) / a * a }
+    /// `v` rounded up to a multiple of `a` (saturating: never traps on a hostile size).
+    static func roundUp(_ v: UInt64, _ a: UInt64) -> UInt64 {
+        v > UInt64.max - a ? UInt64.max / a * a : (v + a - 1) / a * a
+    }
+
+    /// Sizes past this make no qcow2 image (QEMU's 32 MiB L1 limit stops far below) and would
+    /// overflow the arithmetic: refused as qemu-img refuses an image size that is too large.
+    static let maxVirtualSize: UInt64 = 1 << 62
 }
 
 extension ImageMeasure {
@@ -138,7 +146,7 @@ extension ImageMeasure {
         guard let p = payload, p.count >= 24 else { return 0 }
         func be(_ b: [UInt8], _ o: Int, _ n: Int) -> UInt64 { b[o..<(o + n)].reduce(0) { $0 << 8 | UInt64($1) } }
         let count = be(p, 0, 4), dirSize = be(p, 8, 8), dirOffset = be(p, 16, 8)
-        guard dirSize <= 64 << 20, dirOffset + dirSize <= image.fileSize else {
+        guard dirSize <= 64 << 20, dirOffset <= image.fileSize, dirSize <= image.fileSize - dirOffset else {
             throw .inputDamaged(path: image.path, location: "bitmaps extension: directory at \(dirOffset) (\(dirSize) bytes) lies outside the file")
         }
         let buf = AlignedBuffer(capacity: max(1, Int(dirSize)))
@@ -151,10 +159,11 @@ extension ImageMeasure {
                 throw .inputDamaged(path: image.path, location: "bitmap directory entry \(i) at \(dirOffset + UInt64(at)) is truncated")
             }
             let granularityBits = be(dir, at + 17, 1), nameSize = be(dir, at + 18, 2), extra = be(dir, at + 20, 4)
-            guard granularityBits < 64 else {
-                throw .inputDamaged(path: image.path, location: "bitmap directory entry \(i): granularity_bits \(granularityBits)")
+            // QEMU's bounds (BME_MIN/MAX_GRANULARITY_BITS).
+            guard (9...31).contains(granularityBits) else {
+                throw .inputDamaged(path: image.path, location: "bitmap directory entry \(i): granularity_bits \(granularityBits) is not 9 to 31")
             }
-            let bits = (image.virtualSize + (1 << granularityBits) - 1) >> granularityBits
+            let bits = (image.virtualSize >> granularityBits) + (image.virtualSize & ((1 << granularityBits) - 1) == 0 ? 0 : 1)
             let bmClusters = ((bits + 7) / 8 + cs - 1) / cs
             total += bmClusters * cs + roundUp(bmClusters * 8, cs)
             dirBytes += roundUp(24 + nameSize, 8)

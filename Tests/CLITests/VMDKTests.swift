@@ -283,3 +283,30 @@ extension VMDKTests {
         try ImageFormatTests.expectRefused(big.path, field: "VMDK descriptor is 2097152 bytes", dir: dir, args: ["-f", "vmdk"])
     }
 }
+
+extension VMDKTests {
+    /// map and compare as qemu-img on every subformat (unallocated, zeroed and plain grains with
+    /// their places, compressed grains without, flat extents with their files' holes).
+    @Test func mapAndCompareAsQemuImg() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let src = dir.appendingPathComponent("src.raw")
+        try ImageFormatTests.mixedRaw(src, size: 5 * 1_048_576 + 3 * 512, seed: 61)
+        var images: [String] = []
+        for s in Self.subformats {
+            let vmdk = dir.appendingPathComponent("\(s).vmdk").path
+            #expect(try Harness.qemuImg(["convert", "-O", "vmdk", "-o", "subformat=\(s)", src.path, vmdk]).status == 0)
+            images.append(vmdk)
+        }
+        let z = dir.appendingPathComponent("zeroed.vmdk").path
+        #expect(try Harness.qemuImg(["create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", z, "3000000"]).status == 0)
+        #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "vmdk", "-c", "write -P 0x5a 0 1M", "-c", "write -z 65536 131072", z]).status == 0)
+        images.append(z)
+        for img in images {
+            try CompareMapMeasureTests.expectSame(["map", "--output=json"], [img])
+            try CompareMapMeasureTests.expectSame(["map"], [img])
+        }
+        try CompareMapMeasureTests.expectSame(["compare"], [images[0], src.path])
+        try CompareMapMeasureTests.expectSame(["compare"], [images[1], images[3]])
+    }
+}

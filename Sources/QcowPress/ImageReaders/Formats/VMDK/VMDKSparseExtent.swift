@@ -156,8 +156,13 @@ final class VMDKSparseExtent: Sendable {
             var j = i + 1
             while j < pieces.count && pieces[j].host - start < Self.spanBytes { j += 1 }
             var end = min(file.size, (pieces[j - 1].host + 4096 + 4095) & ~4095)
-            let buf = context.compressedBuffer(Int(end - start) + maxData + 8192)
-            try file.read(at: start, count: Int(end - start), into: buf.pointer)
+            // Through the page cache: memory 512 bytes past a page boundary makes FormatFile read
+            // buffered. The engine asks for a few grains at a time (its free cluster slots), and
+            // O_DIRECT reads that small waited on the disk each time: measured on the 3 GiB bench
+            // disk as a stream, 31.9 s wall with 14.3 s of CPU; the kernel's readahead keeps the
+            // sequential stream ahead of the readers instead.
+            let mem = context.compressedBuffer(Int(end - start) + maxData + 8192 + 512).pointer + 512
+            try file.read(at: start, count: Int(end - start), into: mem)
             var k = i
             while k < j {
                 // Pieces of one grain (an encoder's small cluster slots) share one inflate.
@@ -169,10 +174,10 @@ final class VMDKSparseExtent: Sendable {
                 var data = at
                 if header.hasMarkers {
                     if UInt64(at + VMDKMarker.grainHeaderBytes) > end - start {
-                        try file.read(at: end, count: Int(p.host + 12 - end), into: buf.pointer + Int(end - start))
+                        try file.read(at: end, count: Int(p.host + 12 - end), into: mem + Int(end - start))
                         end = p.host + 12
                     }
-                    let m = FieldReader(b: Array(UnsafeRawBufferPointer(start: buf.pointer + at, count: 12)))
+                    let m = FieldReader(b: Array(UnsafeRawBufferPointer(start: mem + at, count: 12)))
                     let lba = m.le64(0)
                     len = Int(m.le32(8))
                     for q in pieces[k..<l] {
@@ -188,10 +193,10 @@ final class VMDKSparseExtent: Sendable {
                 }
                 let dataEnd = UInt64(data + len)
                 if dataEnd > end - start {
-                    try file.read(at: end, count: Int(start + dataEnd - end), into: buf.pointer + Int(end - start))
+                    try file.read(at: end, count: Int(start + dataEnd - end), into: mem + Int(end - start))
                     end = start + dataEnd
                 }
-                try inflate(pieces[k..<l], UnsafeRawBufferPointer(start: buf.pointer + data, count: len), inflater, context)
+                try inflate(pieces[k..<l], UnsafeRawBufferPointer(start: mem + data, count: len), inflater, context)
                 k = l
             }
             i = j

@@ -134,3 +134,12 @@ extension VDIImage: BlockStatusReporting {
         return s
     }
 }
+
+extension VHDXImage: BlockStatusReporting {
+    /// qemu's vhdx driver has no block status: the generic layer reports the whole image as data,
+    /// allocated, without an offset (qemu-img map prints one entry; measure counts every cluster).
+    /// Reported the same so map and measure agree with qemu-img.
+    public func blockStatus(at offset: UInt64, limit: UInt64) -> BlockStatus {
+        BlockStatus(length: limit - offset, data: true, zero: false, present: true)
+    }
+}

@@ -204,3 +204,31 @@ extension CompareMapMeasureTests {
         #expect(m.stdout.contains("compressed-error") && m.stdout.contains("cluster_size"))
     }
 }
+
+/// compare, map and measure take qemu-img's read lock: a disk QEMU has open read-write is refused
+/// as qemu-img refuses it (compare with its exit status 2), and read with -U.
+@Suite(.tags(.e2e, .faults), .enabled(if: Harness.haveQemuImg && FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-storage-daemon"),
+                                       "needs qemu-utils and qemu-system-common"))
+struct CompareMapMeasureLockTests {
+    @Test func diskInUseIsRefusedAsQemuImgRefusesIt() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let disk = dir.appendingPathComponent("vm.qcow2").path
+        let src = dir.appendingPathComponent("src.raw")
+        try SourceImage.noise(1 << 20, seed: 5).write(to: src)
+        #expect(try Harness.qemuImg(["convert", "-O", "qcow2", src.path, disk]).status == 0)
+        let vm = try ImageLockTests.QEMUHolding(disk, format: "qcow2", in: dir)
+        defer { vm.stop() }
+        for cmd in [["map", "--output=json", disk], ["measure", "-O", "qcow2", disk], ["compare", disk, src.path]] {
+            let q = try Harness.qemuImg(cmd)
+            let r = try Harness.qcowpress(cmd)
+            let lock = ImageLockTests.refusal(q)
+            #expect(lock != nil, "qemu-img \(cmd) was not refused: \(q.stderr)")
+            #expect(ImageLockTests.refusal(r) == lock, "\(cmd): \(r.stderr)")
+            #expect(r.status == (cmd[0] == "compare" ? 2 : 1) && r.stderr.split(separator: "\n").count == 1, "\(cmd): \(r.status) \(r.stderr)")
+            let shared = try Harness.qcowpress([cmd[0], "-U"] + cmd.dropFirst())
+            let theirs = try Harness.qemuImg([cmd[0], "-U"] + cmd.dropFirst())
+            #expect(shared.status == 0 && shared.stdout == theirs.stdout, "\(cmd) -U: \(shared.stderr)\n\(shared.stdout)\n\(theirs.stdout)")
+        }
+    }
+}

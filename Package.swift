@@ -6,6 +6,8 @@ import PackageDescription
 //   ClusterCompression codecs; the only place zlib/zstd/ISA-L enter
 //   DirectIO           the only target that talks to the kernel (files, io_uring, pwrite, unix sockets)
 //   QcowPress          the engine, image readers, and the public library API
+//   S3Client           S3 on SwiftNIO: SigV4, GET/HEAD/ListObjectsV2, pinned TLS; knows nothing of PBS
+//   PBSS3              a PBS 4 datastore in an S3 bucket as a PBS snapshot source and chunk store
 //   NBDServer          the NBD protocol on SwiftNIO (serves anything behind NBDExport)
 //   NBDExports         the engine's images, PBS snapshots, live restores and backup sink as exports
 //   QEMUControl        QEMU's monitor (QMP): a client with a deadline on every exchange, and the

@@ -156,6 +156,16 @@ struct CompareMapMeasureTests {
         for o in ["cluster_size=64k", "cluster_size=4k"] {
             try Self.expectSame(["measure", "-O", "qcow2", "--output=json", "-o", o], [bm])
         }
+        // A bitmap directory past the end of the file: one line naming the file and the field.
+        let bad = dir.appendingPathComponent("bad-bitmaps.qcow2")
+        var b = try Data(contentsOf: URL(fileURLWithPath: bm))
+        let ext = b.range(of: Data([0x23, 0x85, 0x28, 0x75]), in: 0..<4096)?.lowerBound ?? 0
+        #expect(ext > 0)
+        b.replaceSubrange((ext + 24)..<(ext + 32), with: [UInt8](repeating: 0xFF, count: 7) + [0])
+        try b.write(to: bad)
+        let r = try Harness.qcowpress(["measure", bad.path])
+        #expect(r.status == 1 && r.stderr.contains(bad.path) && r.stderr.contains("bitmaps extension")
+                && r.stderr.split(separator: "\n").count == 1, "\(r.stderr)")
         // The size qemu refuses (L1 table over 32 MiB) is refused too.
         let big = try Harness.qcowpress(["measure", "--size", "1024T", "-o", "cluster_size=512"])
         #expect(big.status == 1 && big.stderr.contains("too large"), "\(big.stderr)")

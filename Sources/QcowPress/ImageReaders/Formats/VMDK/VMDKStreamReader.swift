@@ -41,8 +41,8 @@ public final class VMDKStreamReader {
         guard h.compressed, h.hasMarkers else {
             throw .unsupported(path: name, what: "a VMDK that is not streamOptimized (flags 0x\(String(h.flags, radix: 16)), compressAlgorithm \(h.compressAlgorithm)) cannot be read from a stream; pass the file")
         }
-        guard h.overhead >= 1 else {
-            throw .inputDamaged(path: name, location: "VMDK header field overHead (offset 64) is 0: grains would overlap the header")
+        guard h.overhead >= 1, h.overhead <= 1 << 32 else {
+            throw .inputDamaged(path: name, location: "VMDK header field overHead (offset 64) is \(h.overhead): not from 1 to 2^32 sectors")
         }
         header = h
         virtualSize = h.capacity * 512

@@ -9,7 +9,7 @@ import Foundation
 /// format's own reader, in parallel), a disk in a stream (stdin, or a gzip-compressed file) is
 /// decoded as it passes (a streamOptimized VMDK, or raw). The manifest's digests are computed
 /// over the bytes as stored and checked before anything is put in place; the run's outputs appear
-/// together or not at all (``OutputSet``). Hostile archives — names that would leave OUTDIR,
+/// together or not at all (an output set). Hostile archives — names that would leave OUTDIR,
 /// links, a truncated tar, a disk the OVF names and the tar lacks, names given twice, a digest
 /// that does not match — are refused with one line.
 public struct OVAImport: Sendable {

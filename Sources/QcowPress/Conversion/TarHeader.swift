@@ -1,7 +1,7 @@
 /// One 512-byte tar header block (POSIX ustar, GNU's "ustar  " variant, v7), parsed and checked:
 /// the checksum (the unsigned sum of the block with the checksum field read as spaces; the signed
 /// sum old tars wrote is accepted too), the octal (or GNU base-256) numbers, the name (with the
-/// ustar prefix). Extension headers (pax `x`/`g`, GNU `L`/`K`) are resolved by ``TarWalker``.
+/// ustar prefix). Extension headers (pax `x`/`g`, GNU `L`/`K`) are resolved by `TarWalker`.
 public struct TarHeader: Sendable, Equatable {
     public var name: String
     public var size: UInt64

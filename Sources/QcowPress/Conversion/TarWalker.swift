@@ -1,7 +1,7 @@
 import DirectIO
 import Glibc
 
-/// What a ``TarWalker`` reads: an archive file (skipping costs nothing) or a stream (stdin).
+/// What a `TarWalker` reads: an archive file (skipping costs nothing) or a stream (stdin).
 protocol TarInput: AnyObject {
     /// Bytes of the archive consumed so far.
     var position: UInt64 { get }

@@ -14,8 +14,16 @@ public struct PBSBucket: Sendable {
     public let streams: Int
 
     /// - Parameters:
+    ///   - url: `s3://BUCKET/DATASTORE`.
+    ///   - endpoint: `https://host[:port]` or `http://host:port`; nil is AWS's endpoint of `region`.
+    ///   - region: the signing region (nil: us-west-1, as PBS).
+    ///   - pathStyle: `/BUCKET/KEY` instead of a virtual-hosted `BUCKET.host`.
+    ///   - fingerprint: the SHA-256 of the endpoint's certificate to pin (PBS's `aa:bb:…` form);
+    ///     nil verifies it by the system CAs.
     ///   - credentialsFile: two lines (key id, secret; a third: session token); when nil, the
     ///     credentials come from `environment` (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN).
+    ///   - environment: the process environment to take credentials from.
+    ///   - streams: requests in flight (kept-alive connections).
     public init(url: String, endpoint: String?, region: String?, pathStyle: Bool, fingerprint: String?,
                 credentialsFile: String?, environment: [String: String], streams: Int) throws(QcowPressError) {
         do throws(SourceError) { _ = try PBSS3Datastore.parse(url) } catch {

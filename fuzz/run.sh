@@ -8,7 +8,7 @@ secs=${1:-10}
 runs=${2:-}
 shift $(( $# > 2 ? 2 : $# )) || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(qcow2-header qcow2-entries qcow2-image fidx blob manifest keyfile vma)
+[ ${#targets[@]} -eq 0 ] && targets=(qcow2-header qcow2-entries qcow2-image fidx blob manifest keyfile vma vmdk vmdk-stream vhdx vhd vdi ova-tar ovf s3-xml image-tools)
 bin=${QCOWPRESS_FUZZ:-.build/release/qcowpress-fuzz}
 [ -x "$bin" ] || swift build -c release --product qcowpress-fuzz >/dev/null
 for t in "${targets[@]}"; do

@@ -47,7 +47,8 @@ import Testing
 @Suite(.tags(.e2e, .faults)) struct FuzzSmokeTests {
     static var fuzzer: String { URL(fileURLWithPath: Harness.binary).deletingLastPathComponent().appendingPathComponent("qcowpress-fuzz").path }
 
-    @Test(arguments: ["qcow2-header", "qcow2-entries", "qcow2-image", "fidx", "blob", "manifest", "keyfile", "vma"])
+    @Test(arguments: ["qcow2-header", "qcow2-entries", "qcow2-image", "fidx", "blob", "manifest", "keyfile", "vma",
+                      "vmdk", "vmdk-stream", "vhdx", "vhd", "vdi", "ova-tar", "ovf", "s3-xml", "image-tools"])
     func runsWithoutFindings(target: String) throws {
         let root = BadCorpusTests.dir.deletingLastPathComponent()
         let r = try Harness.run(Self.fuzzer, [target, root.appendingPathComponent("fuzz/\(target)").path, "--runs", "300", "--seconds", "3"])

@@ -3,9 +3,9 @@ import Foundation
 import QcowPress
 
 struct Convert: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Convert a raw, qcow2, vdi or vpc (VHD) image to qcow2 (compressed with -c) or raw.")
+    static let configuration = CommandConfiguration(abstract: "Convert a raw, qcow2, vmdk, vhdx, vdi or vpc (VHD) image, or an OVA/OVF, to qcow2 (compressed with -c) or raw.")
 
-    @Option(name: .customShort("f"), help: ArgumentHelp("Source format: raw, qcow2, vdi or vpc (probed by magic when absent; a fixed VHD needs -f vpc).", valueName: "format"), completion: .list(["raw", "qcow2", "vdi", "vpc"]))
+    @Option(name: .customShort("f"), help: ArgumentHelp("Source format: \(ImageFormat.readable.joined(separator: ", ")) (probed by magic when absent; a fixed VHD needs -f vpc).", valueName: "format"), completion: .list(ImageFormat.readable))
     var sourceFormat: String?
     @Option(name: .customShort("O"), help: ArgumentHelp("Output format: qcow2 or raw.", valueName: "format"), completion: .list(["qcow2", "raw"]))
     var outputFormat: String = "qcow2"

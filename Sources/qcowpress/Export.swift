@@ -19,7 +19,7 @@ struct Export: ParsableCommand {
 
     @Option(name: .customShort("b"), help: ArgumentHelp("A previous export (qcow2): DST names it as its backing file and holds only clusters that differ from what it reads (with --nbd-sink: only what the client writes; DST's size is the base's).", valueName: "base"), completion: .file())
     var base: String?
-    @Option(name: .customShort("f"), help: ArgumentHelp("Source format: raw, qcow2, vdi or vpc (probed by magic when absent; a fixed VHD needs -f vpc).", valueName: "format"), completion: .list(["raw", "qcow2", "vdi", "vpc"]))
+    @Option(name: .customShort("f"), help: ArgumentHelp("Source format: \(ImageFormat.readable.joined(separator: ", ")) (probed by magic when absent; a fixed VHD needs -f vpc).", valueName: "format"), completion: .list(ImageFormat.readable))
     var sourceFormat: String?
     @Option(name: .customLong("nbd-sink"), help: ArgumentHelp("Serve a writable NBD export named \"backup\" on this unix socket and encode what a client (QEMU's backup job) writes into it.", valueName: "path"), completion: .file())
     var nbdSink: String?

@@ -5,8 +5,8 @@ import QcowPress
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Show an image's header fields, named as qemu-img info names them.")
 
-    @Option(name: .customShort("f"), help: ArgumentHelp("Image format: raw, qcow2, vdi or vpc (probed by magic when absent). As in qemu-img, -f qcow2 on a file that is not qcow2 is an error and -f raw shows any file as raw.", valueName: "format"),
-            completion: .list(["raw", "qcow2", "vdi", "vpc"]))
+    @Option(name: .customShort("f"), help: ArgumentHelp("Image format: \(ImageFormat.readable.joined(separator: ", ")) (probed by magic when absent). As in qemu-img, -f qcow2 on a file that is not qcow2 is an error and -f raw shows any file as raw.", valueName: "format"),
+            completion: .list(ImageFormat.readable))
     var format: String?
     @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain, top first (with --output json: a list).")
     var backingChain = false

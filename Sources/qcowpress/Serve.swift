@@ -22,7 +22,7 @@ struct ServeImage: ParsableCommand {
     @Option(help: ArgumentHelp("TCP address to listen on.", valueName: "addr:port"))
     var listen: String?
     @OptionGroup(title: "Over TCP") var tcp: ServeSecurityArguments
-    @Option(name: .customShort("f"), help: ArgumentHelp("Format of every FILE: raw, qcow2, vdi or vpc (probed by magic when absent).", valueName: "format"))
+    @Option(name: .customShort("f"), help: ArgumentHelp("Format of every FILE: \(ImageFormat.readable.joined(separator: ", ")) (probed by magic when absent).", valueName: "format"))
     var format: String?
     @Option(name: .customLong("cache-size"), help: ArgumentHelp("Memory for decoded qcow2 clusters, shared by every export and client (0 for none).", valueName: "size"))
     var cacheSize: String = "256M"

@@ -127,7 +127,7 @@ public enum ImageFormat {
         return probed
     }
 
-    /// Opens a raw, vdi or vpc image (qcow2 has its own options: ``Qcow2Image``).
+    /// Opens a raw, vmdk, vhdx, vdi or vpc image (qcow2 has its own options: ``Qcow2Image``).
     public static func open(path: String, format: String) throws(QcowPressError) -> any GuestImage {
         switch format {
         case "raw": return try RawGuestImage(path: path)

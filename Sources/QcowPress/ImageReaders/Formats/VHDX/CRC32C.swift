@@ -22,7 +22,7 @@ public struct CRC32C: Sendable {
     private var state: UInt32 = 0xFFFF_FFFF
     public init() {}
 
-    /// The checksum of everything passed to ``update(_:)`` so far.
+    /// The checksum of everything passed to `update` so far.
     public var value: UInt32 { ~state }
 
     public mutating func update(_ bytes: UnsafeRawBufferPointer) {

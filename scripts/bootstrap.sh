@@ -26,8 +26,9 @@ if ! python3 -c 'import h2' 2>/dev/null; then
 fi
 # The S3 test server (Tests/Support/s3_server.py, PBS on object storage) is moto from PyPI with its
 # server extra; boto3 (botocore) is the reference signer of the S3 client's tests.
-if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
-    echo "bootstrap: installing the python moto[server] and boto3 packages" >&2
-    python3 -m pip install --quiet --user 'moto[server]' boto3 2>/dev/null \
-        || python3 -m pip install --quiet --user --break-system-packages 'moto[server]' boto3
+# s3_server.py adapts moto 5.2's signature check (keys with ':'), so the version is held to 5.2.x.
+if ! python3 -c 'import moto.server, boto3, moto; assert moto.__version__.startswith("5.2.")' 2>/dev/null; then
+    echo "bootstrap: installing the python moto[server] 5.2 and boto3 packages" >&2
+    python3 -m pip install --quiet --user 'moto[server]>=5.2,<5.3' boto3 2>/dev/null \
+        || python3 -m pip install --quiet --user --break-system-packages 'moto[server]>=5.2,<5.3' boto3
 fi

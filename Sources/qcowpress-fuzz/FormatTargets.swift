@@ -10,14 +10,24 @@ nonisolated(unsafe) let formatReadBuffer = UnsafeMutableRawPointer.allocate(byte
 /// tmpfs, so a megabyte-sized input per run costs no disk writes), which is opened as that format
 /// and read in a few ranges, with the zero extents asked for, all bounded whatever the header says.
 func fuzzBlockFormat(_ target: String, _ input: [UInt8]) {
+    withInputFile(input, suffix: target) { p in fuzzBlockFormat(target, path: p) }
+}
+
+/// Writes `input` to a scratch file (in /dev/shm when there is one: a tmpfs, so a megabyte-sized
+/// input per run costs no disk writes), runs `body` on its path and removes it.
+func withInputFile(_ input: [UInt8], suffix: String, _ body: (String) -> Void) {
     let dir = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"
-    let p = "\(dir)/qcowpress-fuzz-\(getpid()).\(target)"
+    let p = "\(dir)/qcowpress-fuzz-\(getpid()).\(suffix)"
     let fd = open(p, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
     guard fd >= 0 else { return }
     defer { unlink(p) }
     let wrote = input.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
     close(fd)
     guard wrote == input.count else { return }
+    body(p)
+}
+
+private func fuzzBlockFormat(_ target: String, path p: String) {
     guard let img = try? ImageFormat.open(path: p, format: target == "vhd" ? "vpc" : target) else { return }
     let ctx = ReadContext()
     let n = formatReadSize

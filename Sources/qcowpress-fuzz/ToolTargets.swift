@@ -7,14 +7,10 @@ import QcowPress
 /// preallocated-zero cluster's entry), the bitmaps directory measure sizes, and qcow2_measure's
 /// arithmetic on sizes and options taken from the input. The walk is bounded (4096 runs).
 func fuzzImageTools(_ input: [UInt8]) {
-    let dir = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"
-    let p = "\(dir)/qcowpress-fuzz-\(getpid()).tools.qcow2"
-    let fd = open(p, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-    guard fd >= 0 else { return }
-    defer { unlink(p) }
-    let wrote = input.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-    close(fd)
-    guard wrote == input.count else { return }
+    withInputFile(input, suffix: "tools.qcow2") { p in fuzzImageTools(input, path: p) }
+}
+
+private func fuzzImageTools(_ input: [UInt8], path p: String) {
     var word: UInt64 = 0x9E37_79B9
     for b in input.prefix(4096) { word = word &* 31 &+ UInt64(b) }
     var o = MeasureOptions()

@@ -6,6 +6,7 @@ import PackageDescription
 //   ClusterCompression codecs; the only place zlib/zstd/ISA-L enter
 //   DirectIO           the only target that talks to the kernel (files, io_uring, pwrite, unix sockets)
 //   QcowPress          the engine, image readers, and the public library API
+//   NIOSupport         what the NIO clients share: the TLS handshake waiter, certificate fingerprints
 //   S3Client           S3 on SwiftNIO: SigV4, GET/HEAD/ListObjectsV2, pinned TLS; knows nothing of PBS
 //   PBSS3              a PBS 4 datastore in an S3 bucket as a PBS snapshot source and chunk store
 //   NBDServer          the NBD protocol on SwiftNIO (serves anything behind NBDExport)
@@ -74,22 +75,30 @@ let package = Package(
         // manifests, indexes and raw chunk blobs; verification stays in BackupSources.
         .target(name: "PBSRemote", dependencies: [
             "BackupSources",
+            "NIOSupport",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
-            .product(name: "NIOTLS", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
+        // What the NIO clients (PBSRemote, S3Client) share: the handler that waits for the TLS
+        // handshake, and the SHA-256 fingerprint of a certificate.
+        .target(name: "NIOSupport", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOTLS", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         // An S3 client (AWS Signature V4, GET/HEAD/ListObjectsV2 over kept-alive HTTP/1.1 on NIO,
         // TLS by the system CAs or a pinned fingerprint): knows nothing of PBS.
         .target(name: "S3Client", dependencies: [
+            "NIOSupport",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
-            .product(name: "NIOTLS", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Crypto", package: "swift-crypto"),
         ]),

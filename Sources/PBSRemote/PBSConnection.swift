@@ -1,5 +1,4 @@
 import BackupSources
-import Crypto
 import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
@@ -7,7 +6,7 @@ import NIOHTTP1
 import NIOHTTP2
 import NIOPosix
 import NIOSSL
-import NIOTLS
+import NIOSupport
 import Synchronization
 
 /// A response as the client keeps it: status, the `Set-Cookie`-free headers it needs, the body.
@@ -46,12 +45,6 @@ final class PBSConnector: Sendable {
 
     func error(_ detail: String, errno: Int32? = nil) -> SourceError {
         SourceError(.network, path: repository.server, detail, errno: errno)
-    }
-
-    /// Colon-separated lowercase hex of SHA-256 over the DER form.
-    static func fingerprint(of cert: NIOSSLCertificate) -> String? {
-        guard let der = try? cert.toDERBytes() else { return nil }
-        return SHA256.hash(data: der).map { String(format: "%02x", $0) }.joined(separator: ":")
     }
 
     /// A connected channel with TLS up, then `configure` run on it (on its event loop).
@@ -109,13 +102,15 @@ final class PBSConnector: Sendable {
                         handler = try NIOSSLClientHandler(context: context, serverHostname: hostname)
                     case .fingerprint:
                         handler = try NIOSSLClientHandler(context: context, serverHostname: hostname) { certs, promise in
-                            let fp = certs.first.flatMap(Self.fingerprint(of:))
+                            let fp = certs.first.flatMap(sha256Fingerprint(of:))
                             seenBox.withLockedValue { $0 = fp }
                             promise.succeed(fp != nil && fp == expected ? .certificateVerified : .failed)
                         }
                     }
                     try channel.pipeline.syncOperations.addHandler(handler)
-                    try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(promise: handshake))
+                    try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(
+                        promise: handshake,
+                        closedError: PBSTransportError.connectionLost("the server closed the connection during the TLS handshake")))
                     try configure(channel)
                 }
             }
@@ -161,27 +156,4 @@ final class PBSConnector: Sendable {
         if case PBSTransportError.connectionLost(let why) = e { return why }
         return "\(e)"
     }
-}
-
-/// Completes when the TLS handshake is done (or fails with the handshake's error).
-final class HandshakeWaiter: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = NIOAny
-    let promise: EventLoopPromise<Void>
-    init(promise: EventLoopPromise<Void>) { self.promise = promise }
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case TLSUserEvent.handshakeCompleted = event {
-            promise.succeed(())
-            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-        }
-        context.fireUserInboundEventTriggered(event)
-    }
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        promise.fail(error)
-        context.fireErrorCaught(error)
-    }
-    func channelInactive(context: ChannelHandlerContext) {
-        promise.fail(PBSTransportError.connectionLost("the server closed the connection during the TLS handshake"))
-        context.fireChannelInactive()
-    }
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) { context.fireChannelRead(data) }
 }

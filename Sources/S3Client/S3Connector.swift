@@ -1,9 +1,8 @@
-import Crypto
 import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
-import NIOTLS
+import NIOSupport
 
 /// Opens connections to the endpoint: TCP (connect timeout), TLS (system CAs, or only the pinned
 /// SHA-256 fingerprint of the leaf certificate), HTTP/1.1 codec, the response handler.
@@ -36,15 +35,6 @@ struct S3Connector: Sendable {
         } catch {
             throw S3Error(code: "tls", bucket: bucket, message: "cannot set up TLS: \(error)")
         }
-    }
-
-    /// Colon-separated lowercase hex of SHA-256 over the certificate's DER form (the form PBS uses).
-    static func fingerprint(of cert: NIOSSLCertificate) -> String? {
-        guard let der = try? cert.toDERBytes() else { return nil }
-        return SHA256.hash(data: der).map { b in
-            let h = String(b, radix: 16)
-            return h.count == 1 ? "0" + h : h
-        }.joined(separator: ":")
     }
 
     /// A connected channel, with TLS up when the endpoint is https. Fails with an
@@ -89,7 +79,7 @@ struct S3Connector: Sendable {
                         let ssl: NIOSSLClientHandler
                         if pinned != nil || probe {
                             ssl = try NIOSSLClientHandler(context: context, serverHostname: serverName) { certs, promise in
-                                let fp = certs.first.flatMap(Self.fingerprint(of:))
+                                let fp = certs.first.flatMap(sha256Fingerprint(of:))
                                 seen.value.withLock { $0 = fp }
                                 promise.succeed(!probe && fp != nil && fp == pinned ? .certificateVerified : .failed)
                             }
@@ -97,7 +87,9 @@ struct S3Connector: Sendable {
                             ssl = try NIOSSLClientHandler(context: context, serverHostname: serverName)
                         }
                         try channel.pipeline.syncOperations.addHandler(ssl)
-                        try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(promise: handshake))
+                        try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(
+                            promise: handshake,
+                            closedError: S3TransportError.tls("the server closed the connection during the TLS handshake")))
                     } else {
                         handshake.succeed(())
                     }
@@ -148,31 +140,4 @@ struct S3Connector: Sendable {
         if let io = e as? IOError { return "cannot connect to \(target): \(S3ResponseHandler.describeErrno(io.errnoCode))" }
         return "cannot connect to \(target): \(e)"
     }
-}
-
-/// Completes when the TLS handshake is done, or fails with the handshake's error.
-final class HandshakeWaiter: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = NIOAny
-    let promise: EventLoopPromise<Void>
-    init(promise: EventLoopPromise<Void>) { self.promise = promise }
-
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case TLSUserEvent.handshakeCompleted = event {
-            promise.succeed(())
-            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-        }
-        context.fireUserInboundEventTriggered(event)
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        promise.fail(error)
-        context.fireErrorCaught(error)
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        promise.fail(S3TransportError.tls("the server closed the connection during the TLS handshake"))
-        context.fireChannelInactive()
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) { context.fireChannelRead(data) }
 }

@@ -30,7 +30,7 @@ struct Info: ParsableCommand {
         defer { locks.release() }
         if format == "qcow2", try RawImageReader.detectFormat(path: image) != "qcow2" { throw notQcow2(image) }
         let infos = backingChain ? try ImageInfo.chain(path: image, format: format) : [try ImageInfo(path: image, format: format)]
-        for i in infos where i.formatSpecific?.data.corrupt == true { warnMarkedCorrupt(i.filename) }
+        for i in infos where i.formatSpecific?.qcow2?.corrupt == true { warnMarkedCorrupt(i.filename) }
         switch (output, backingChain) {
         case (.human, _): print(infos.map(\.text).joined(separator: "\n"), terminator: "")
         case (.json, false): print(try encodeJSON(infos[0]))

@@ -310,3 +310,30 @@ extension VMDKTests {
         try CompareMapMeasureTests.expectSame(["compare"], [images[1], images[3]])
     }
 }
+
+extension VMDKTests {
+    /// info's format-specific block (cid, parent cid, create type, extents) as qemu-img shows it,
+    /// in JSON and in the human layout, for the sparse, stream and descriptor forms; a sparse delta
+    /// disk (its parent named in the embedded descriptor) is refused instead of read without it.
+    @Test func infoAsQemuImg() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let src = dir.appendingPathComponent("src.raw")
+        try ImageFormatTests.mixedRaw(src, size: 3 * 1_048_576, seed: 71)
+        func specific(_ json: String) -> NSDictionary? {
+            (try? JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])?["format-specific"] as? NSDictionary
+        }
+        func block(_ text: String) -> String { text.components(separatedBy: "Format specific information:\n").last ?? "" }
+        for s in ["monolithicSparse", "streamOptimized", "twoGbMaxExtentSparse", "monolithicFlat"] {
+            let vmdk = dir.appendingPathComponent("\(s).vmdk").path
+            #expect(try Harness.qemuImg(["convert", "-O", "vmdk", "-o", "subformat=\(s)", src.path, vmdk]).status == 0)
+            let mine = try Harness.qcowpress(["info", "--output", "json", vmdk]), theirs = try Harness.qemuImg(["info", "--output", "json", vmdk])
+            #expect(mine.status == 0 && specific(mine.stdout) != nil && specific(mine.stdout) == specific(theirs.stdout), "\(s): \(mine.stdout) vs \(theirs.stdout)")
+            let human = try Harness.qcowpress(["info", vmdk]), qemu = try Harness.qemuImg(["info", vmdk])
+            #expect(human.stdout.contains("Format specific information:\n") && block(human.stdout) == block(qemu.stdout), "\(s): \(human.stdout) vs \(qemu.stdout)")
+        }
+        let delta = dir.appendingPathComponent("delta.vmdk").path
+        #expect(try Harness.qemuImg(["create", "-q", "-f", "vmdk", "-b", dir.appendingPathComponent("monolithicSparse.vmdk").path, "-F", "vmdk", delta]).status == 0)
+        try ImageFormatTests.expectRefused(delta, field: "parentFileNameHint", dir: dir)
+    }
+}

@@ -20,9 +20,44 @@ public struct ImageInfo: Sendable, Codable, Equatable {
             case extendedL2 = "extended-l2"
         }
     }
+    /// qemu-img's `format-specific`: `type` names the format, `data` holds its fields.
     public struct FormatSpecific: Sendable, Codable, Equatable {
+        public enum Content: Sendable, Equatable { case qcow2(Qcow2Specific), vmdk(VMDKSpecific) }
         public var type: String
-        public var data: Qcow2Specific
+        public var data: Content
+        public init(_ data: Content) {
+            self.data = data
+            switch data {
+            case .qcow2: type = "qcow2"
+            case .vmdk: type = "vmdk"
+            }
+        }
+        public var qcow2: Qcow2Specific? { if case .qcow2(let q) = data { q } else { nil } }
+        public var vmdk: VMDKSpecific? { if case .vmdk(let v) = data { v } else { nil } }
+        enum CodingKeys: String, CodingKey { case type, data }
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            switch try c.decode(String.self, forKey: .type) {
+            case "vmdk": self.init(.vmdk(try c.decode(VMDKSpecific.self, forKey: .data)))
+            default: self.init(.qcow2(try c.decode(Qcow2Specific.self, forKey: .data)))
+            }
+        }
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(type, forKey: .type)
+            switch data {
+            case .qcow2(let q): try c.encode(q, forKey: .data)
+            case .vmdk(let v): try c.encode(v, forKey: .data)
+            }
+        }
+        /// The lines under "Format specific information:", laid out as qemu-img's.
+        var text: String {
+            switch data {
+            case .qcow2(let q):
+                "    compat: \(q.compat)\n    compression type: \(q.compressionType)\n    lazy refcounts: \(q.lazyRefcounts)\n    refcount bits: \(q.refcountBits)\n    corrupt: \(q.corrupt)\n    extended l2: \(q.extendedL2)\n"
+            case .vmdk(let v): v.text
+            }
+        }
     }
     public var virtualSize: UInt64
     public var filename: String
@@ -80,13 +115,13 @@ public struct ImageInfo: Sendable, Codable, Equatable {
         backingFilename = h.backingFile
         fullBackingFilename = h.backingFile.map { Qcow2Image.resolve($0, relativeTo: path) }
         backingFilenameFormat = h.backingFormat
-        formatSpecific = FormatSpecific(type: "qcow2", data: Qcow2Specific(
+        formatSpecific = FormatSpecific(.qcow2(Qcow2Specific(
             compat: h.version == 3 ? "1.1" : "0.10",
             compressionType: h.compressionType.name,
             lazyRefcounts: h.compatibleFeatures.contains(.lazyRefcounts),
             refcountBits: 1 << Int(h.refcountOrder),
             corrupt: h.incompatibleFeatures.contains(.corrupt),
-            extendedL2: h.incompatibleFeatures.contains(.extendedL2)))
+            extendedL2: h.incompatibleFeatures.contains(.extendedL2))))
     }
 
     /// The human-readable form, laid out like `qemu-img info`.
@@ -99,9 +134,7 @@ public struct ImageInfo: Sendable, Codable, Equatable {
             s += "backing file: \(backingFilename)\(full == backingFilename ? "" : " (actual path: \(full))")\n"
         }
         if let backingFilenameFormat { s += "backing file format: \(backingFilenameFormat)\n" }
-        if let q = formatSpecific?.data {
-            s += "Format specific information:\n    compat: \(q.compat)\n    compression type: \(q.compressionType)\n    lazy refcounts: \(q.lazyRefcounts)\n    refcount bits: \(q.refcountBits)\n    corrupt: \(q.corrupt)\n    extended l2: \(q.extendedL2)\n"
-        }
+        if let formatSpecific { s += "Format specific information:\n" + formatSpecific.text }
         return s
     }
 

@@ -172,6 +172,7 @@ extension ImageInfo {
         case "vmdk":
             let i = try VMDKImage.open(path: path)
             (size, clusterSize, subformat) = (i.virtualSize, i.grainSize, i.createType)
+            formatSpecific = FormatSpecific(.vmdk(i.formatSpecific))
         default: return nil
         }
         virtualSize = size

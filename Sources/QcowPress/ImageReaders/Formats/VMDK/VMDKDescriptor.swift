@@ -118,6 +118,51 @@ public struct VMDKDescriptor: Sendable, Equatable {
     }
 }
 
+extension VMDKDescriptor {
+    /// The bytes of a descriptor qemu looks in for CID, parentCID and parentFileNameHint
+    /// (DESC_SIZE: 20 sectors; its last byte is the string's end).
+    static let keyWindow = 20 * 512
+
+    /// The value of `CID` (or `parentCID`) as qemu's vmdk_read_cid finds it: the first place the
+    /// key occurs in `text` (up to its first NUL), one character (the `=`) skipped, then a hex
+    /// number as `sscanf("%x")` reads it (blanks, an optional 0x, hex digits). nil when absent.
+    static func hexKey(_ key: String, in text: ArraySlice<UInt8>) -> UInt32? {
+        let text = text.prefix(keyWindow - 1).prefix { $0 != 0 }
+        let k = Array(key.utf8)
+        guard text.count >= k.count,
+              let at = (text.startIndex...(text.endIndex - k.count)).first(where: { text[$0..<($0 + k.count)].elementsEqual(k) })
+        else { return nil }
+        var i = at + k.count + 1
+        while i < text.endIndex, [0x20, 0x09, 0x0A, 0x0B, 0x0C, 0x0D].contains(text[i]) { i += 1 }
+        if i + 2 < text.endIndex, text[i] == 0x30, text[i + 1] | 0x20 == 0x78, hexDigit(text[i + 2]) != nil { i += 2 }
+        var value: UInt64 = 0, digits = 0
+        while i < text.endIndex, let d = hexDigit(text[i]) {
+            // strtoul saturates past 64 bits; %x then keeps the low 32 of what it got.
+            value = digits < 16 ? value << 4 | UInt64(d) : UInt64.max
+            digits += 1
+            i += 1
+        }
+        return digits == 0 ? nil : UInt32(truncatingIfNeeded: value)
+    }
+
+    /// Whether `key` occurs in `text` up to its first NUL (qemu's strstr over DESC_SIZE bytes).
+    static func find(_ key: String, in text: ArraySlice<UInt8>) -> Bool {
+        let text = text.prefix(keyWindow - 1).prefix { $0 != 0 }
+        let k = Array(key.utf8)
+        guard text.count >= k.count else { return false }
+        return (text.startIndex...(text.endIndex - k.count)).contains { text[$0..<($0 + k.count)].elementsEqual(k) }
+    }
+
+    private static func hexDigit(_ c: UInt8) -> UInt8? {
+        switch c {
+        case 0x30...0x39: c - 0x30
+        case 0x61...0x66: c - 0x61 + 10
+        case 0x41...0x46: c - 0x41 + 10
+        default: nil
+        }
+    }
+}
+
 /// `s` without leading and trailing blanks.
 private func trim(_ s: Substring) -> String {
     var s = s

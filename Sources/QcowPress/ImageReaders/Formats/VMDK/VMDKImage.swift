@@ -14,6 +14,11 @@ public final class VMDKImage: GuestImage {
     public let createType: String
     /// The grain size of the first sparse extent (qemu-img info's cluster-size), nil when flat.
     public let grainSize: Int?
+    /// The descriptor's CID and parentCID as qemu reads them (``VMDKDescriptor/hexKey(_:in:)``).
+    public let cid: UInt32?
+    public let parentCID: UInt32?
+    /// The extents as `info` lists them (ZERO extents left out, as qemu leaves them out).
+    let extentInfo: [ImageInfo.VMDKSpecific.Extent]
     let pieces: [Piece]
 
     enum Part: Sendable {
@@ -29,10 +34,13 @@ public final class VMDKImage: GuestImage {
     /// table's 32 MiB at a time, so 64 serve 64 threads and the zero scans ahead of them.
     static let cachedTables = 64
 
-    init(path: String, createType: String, pieces: [Piece]) {
+    init(path: String, createType: String, pieces: [Piece], descriptor: ArraySlice<UInt8>, extentInfo: [ImageInfo.VMDKSpecific.Extent]) {
         self.path = path
         self.createType = createType
         self.pieces = pieces
+        self.extentInfo = extentInfo
+        cid = VMDKDescriptor.hexKey("CID", in: descriptor)
+        parentCID = VMDKDescriptor.hexKey("parentCID", in: descriptor)
         virtualSize = pieces.last.map { $0.start + $0.length } ?? 0
         grainSize = pieces.lazy.compactMap { if case .sparse(let s) = $0.part { Int(s.grainBytes) } else { nil } }.first
     }
@@ -52,7 +60,14 @@ public final class VMDKImage: GuestImage {
                 throw .unsupported(path: file.path, what: "a VMDK sparse file with capacity 0 that holds only a descriptor")
             }
             let kind = e.header.compressed ? "streamOptimized" : "monolithicSparse"
-            return VMDKImage(path: file.path, createType: kind, pieces: e.size == 0 ? [] : [Piece(start: 0, length: e.size, part: .sparse(e))])
+            // qemu looks for the embedded descriptor's keys at byte 512 whatever the header says;
+            // here only when the header says there is one (grains could begin at 512 otherwise).
+            let text = file.size > 512 && e.header.descriptorOffset != 0 ? try file.bytes(at: 512, count: Int(min(file.size - 512, UInt64(VMDKDescriptor.keyWindow))), what: "VMDK embedded descriptor") : []
+            if VMDKDescriptor.find("parentFileNameHint", in: text[...]) {
+                throw .unsupported(path: file.path, what: "a VMDK delta disk (its embedded descriptor names a parentFileNameHint): its data lives partly in a parent image; convert the chain with qemu-img")
+            }
+            return VMDKImage(path: file.path, createType: kind, pieces: e.size == 0 ? [] : [Piece(start: 0, length: e.size, part: .sparse(e))],
+                             descriptor: text[...], extentInfo: [extentInfo(file: file.path, format: "", size: e.size, sparse: e)])
         }
         if magic == 0x4457_4F43 {  // "COWD"
             throw .unsupported(path: file.path, what: "a VMFS sparse (COWD) VMDK extent; QcowPress reads VMDK4 (KDMV) sparse extents")
@@ -60,16 +75,18 @@ public final class VMDKImage: GuestImage {
         guard file.size <= UInt64(VMDKDescriptor.maxBytes) else {
             throw .inputDamaged(path: file.path, location: "VMDK descriptor is \(file.size) bytes, more than \(VMDKDescriptor.maxBytes) (not a descriptor?)")
         }
-        let d = try VMDKDescriptor(try file.bytes(at: 0, count: Int(file.size), what: "VMDK descriptor"), path: file.path)
-        return try VMDKImage(descriptor: d, path: file.path, folderOf: file.filePath, tables: tables)
+        let text = try file.bytes(at: 0, count: Int(file.size), what: "VMDK descriptor")
+        let d = try VMDKDescriptor(text, path: file.path)
+        return try VMDKImage(descriptor: d, text: text[...], path: file.path, folderOf: file.filePath, tables: tables)
     }
 
     /// Opens the extents a descriptor at `path` names, in its folder. A file named twice as a
     /// sparse extent, FLAT ranges of one file that overlap, or an extent that is the descriptor
     /// itself are refused (a loop or a damaged descriptor).
-    convenience init(descriptor d: VMDKDescriptor, path: String, folderOf disk: String, tables: L2TableCache) throws(QcowPressError) {
+    convenience init(descriptor d: VMDKDescriptor, text: ArraySlice<UInt8>, path: String, folderOf disk: String, tables: L2TableCache) throws(QcowPressError) {
         let folder = disk.lastIndex(of: "/").map { String(disk[...$0]) } ?? ""
         var pieces: [Piece] = []
+        var infos: [ImageInfo.VMDKSpecific.Extent] = []
         var used: [String: [Range<UInt64>]] = [:]  // identity: byte ranges taken (sparse: everything)
         used[Qcow2Image.identity(disk)] = [0..<UInt64.max]
         var start: UInt64 = 0
@@ -100,6 +117,7 @@ public final class VMDKImage: GuestImage {
                         throw bad("has \(x.sectors) sectors, but its header's capacity (offset 12) is \(e.header.capacity)")
                     }
                     part = .sparse(e)
+                    infos.append(Self.extentInfo(file: name, format: x.type.rawValue, size: length, sparse: e))
                 } else {
                     guard off <= file.size, length <= file.size - off else {
                         throw bad("needs \(length) bytes from offset \(off), but the file has \(file.size)")
@@ -108,6 +126,7 @@ public final class VMDKImage: GuestImage {
                         r.upperBound > off ? (max(r.lowerBound, off) - off)..<(r.upperBound - off) : nil
                     }
                     part = .flat(file, offset: off, data: data)
+                    infos.append(Self.extentInfo(file: name, format: x.type.rawValue, size: length, sparse: nil))
                 }
             }
             guard length <= UInt64.max - start else { throw bad("makes the disk larger than 2^64 bytes") }
@@ -115,7 +134,7 @@ public final class VMDKImage: GuestImage {
             pieces.append(Piece(start: start, length: length, part: part))
             start += length
         }
-        self.init(path: path, createType: d.createType, pieces: pieces)
+        self.init(path: path, createType: d.createType, pieces: pieces, descriptor: text, extentInfo: infos)
     }
 
     /// The piece holding guest byte `offset` (which is below virtualSize).

@@ -39,10 +39,12 @@ let package = Package(
         .target(name: "ClusterCompression", dependencies: ["CZstd", "CZlib", "CISAL"]),
         .target(name: "DirectIO", dependencies: ["CURing"]),
         // Backup formats (PBS datastore, VMA archives): parsing, verification, decryption. Knows
-        // nothing of qcow2 allocation; zstd/zlib enter here for whole-blob and whole-stream
-        // decoding, ISA-L for the blobs' CRC.
+        // nothing of qcow2 allocation; zstd enters here for whole-blob and whole-stream
+        // decoding, ISA-L for the blobs' CRC; a .vma.gz inflates through ClusterCompression's
+        // GzipStreamInflater (the one the OVA import uses).
         .target(name: "BackupSources", dependencies: [
-            "DirectIO", "CZstd", "CZlib", "CISAL",
+            "DirectIO", "CZstd", "CISAL",
+            "ClusterCompression",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "_CryptoExtras", package: "swift-crypto"),
         ]),

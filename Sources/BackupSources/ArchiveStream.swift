@@ -1,4 +1,4 @@
-import CZlib
+import ClusterCompression
 import CZstd
 import DirectIO
 import Glibc
@@ -18,8 +18,7 @@ public final class ArchiveStream {
     private var inLen = 0
     private var inEOF = false
     private var zstd: OpaquePointer?
-    private var z = z_stream()
-    private var zActive = false
+    private var gzip: GzipStreamInflater?
 
     public init(file: StreamFile) throws(SourceError) {
         self.file = file
@@ -34,18 +33,17 @@ public final class ArchiveStream {
                 ZSTD_initDStream(zstd)
             } else if b[0] == 0x1F && b[1] == 0x8B {
                 compression = .gzip
-                // 15 + 32: zlib or gzip header, detected.
-                guard czlib_inflate_init2(&z, 15 + 32) == Z_OK else {
+                let inflater = GzipStreamInflater(wrapper: .gzipOrZlib)
+                guard inflater.isReady else {
                     throw SourceError(.io, path: file.path, "cannot initialise gzip decoding")
                 }
-                zActive = true
+                gzip = inflater
             }
         }
     }
     deinit {
         inBuf.deallocate()
         if let zstd { ZSTD_freeDStream(zstd) }
-        if zActive { inflateEnd(&z) }
     }
 
     /// Compressed bytes read from the file (for progress against the file size).
@@ -94,34 +92,31 @@ public final class ArchiveStream {
                 if output.pos == 0 && input.pos == inLen && inEOF { break }
                 continue
             case .gzip:
+                // The stream ends where the file does, inside a member or not: the VMA reader
+                // names a short archive by what it was reading.
                 if inPos == inLen && inEOF { break }
-                z.next_in = inBuf.advanced(by: inPos).assumingMemoryBound(to: Bytef.self)
-                z.avail_in = uInt(inLen - inPos)
-                z.next_out = out.advanced(by: produced).assumingMemoryBound(to: Bytef.self)
-                z.avail_out = uInt(count - produced)
-                let before = count - produced
-                let r = inflate(&z, Z_NO_FLUSH)
-                inPos = inLen - Int(z.avail_in)
-                produced += before - Int(z.avail_out)
-                if r == Z_STREAM_END {
-                    // pigz/gzip may concatenate members: continue with the next one.
-                    inflateReset(&z)
-                    if inPos == inLen { try fill(min: 1) }
-                    if inPos == inLen && inEOF { break }
-                    continue
+                guard let gzip else { break }
+                let r: (consumed: Int, produced: Int)
+                do {
+                    r = try gzip.decode(UnsafeRawBufferPointer(start: inBuf + inPos, count: inLen - inPos),
+                                        into: UnsafeMutableRawBufferPointer(start: out + produced, count: count - produced))
+                } catch {
+                    throw damagedGzip(at: produced + error.produced, zlibCode: error.code)
                 }
-                if r != Z_OK && r != Z_BUF_ERROR {
-                    throw SourceError(.damaged, path: file.path, "gzip stream is damaged near archive offset \(offset + UInt64(produced)) (zlib \(r))")
-                }
-                if r == Z_BUF_ERROR && inPos == inLen && inEOF {
-                    throw SourceError(.damaged, path: file.path, "gzip stream is truncated at archive offset \(offset + UInt64(produced))")
-                }
+                inPos += r.consumed
+                produced += r.produced
+                // Input and room were there and zlib took none of it nor gave anything.
+                if r.consumed == 0 && r.produced == 0 { throw damagedGzip(at: produced, zlibCode: -5) }  // Z_BUF_ERROR
                 continue
             }
             break
         }
         offset += UInt64(produced)
         return produced
+    }
+
+    private func damagedGzip(at produced: Int, zlibCode: Int32) -> SourceError {
+        SourceError(.damaged, path: file.path, "gzip stream is damaged near archive offset \(offset + UInt64(produced)) (zlib \(zlibCode))")
     }
 
     /// Reads into `array[from..<from+count]`; returns how many bytes arrived before the end.

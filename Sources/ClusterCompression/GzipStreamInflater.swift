@@ -1,25 +1,56 @@
 import CZlib
 
-/// Inflates a gzip stream piece by piece (an OVA file stored with `ovf:compression="gzip"`):
-/// feed input as it arrives, take output into any buffer. Concatenated members (pigz, gzip -c a b)
-/// are one stream, as gzip reads them. The CRC-32 and length of every member are checked by zlib.
+/// Why a gzip stream did not inflate: zlib's return code and message, and how many bytes the
+/// failing call had produced before it (callers name the offset in their own words).
+public struct GzipStreamError: Error, Sendable {
+    /// zlib's return code (`Z_DATA_ERROR`, `Z_MEM_ERROR`, …).
+    public var code: Int32
+    /// zlib's message, or "zlib error N" when it gave none.
+    public var message: String
+    /// Bytes written to the output by this call before the failure.
+    public var produced: Int
+}
+
+/// Inflates a gzip stream piece by piece (an OVA file stored with `ovf:compression="gzip"`, a
+/// `.vma.gz`): feed input as it arrives, take output into any buffer. Concatenated members (pigz,
+/// gzip -c a b) are one stream, as gzip reads them. The CRC-32 and length of every member are
+/// checked by zlib.
 public final class GzipStreamInflater {
+    /// Which wrapper a member may have.
+    public enum Wrapper: Sendable {
+        /// gzip only (15 + 16): a zlib or raw stream is not what an OVF's "gzip" says.
+        case gzip
+        /// gzip or zlib, detected per member (15 + 32): what the VMA reader has always accepted
+        /// after it saw the gzip magic.
+        case gzipOrZlib
+    }
+
     private var z = z_stream()
     private let ok: Bool
-    /// True once the last member ended and no input followed.
-    public private(set) var finished = false
     private var memberEnded = false
 
-    public init() {
-        // 15 + 16: a gzip wrapper only (a zlib or raw stream is not what the OVF says).
-        ok = czlib_inflate_init2(&z, 15 + 16) == Z_OK
+    public init(wrapper: Wrapper = .gzip) {
+        ok = czlib_inflate_init2(&z, wrapper == .gzip ? 15 + 16 : 15 + 32) == Z_OK
     }
     deinit { if ok { inflateEnd(&z) } }
 
+    /// False when zlib could not set up its state (out of memory); every inflate then fails.
+    public var isReady: Bool { ok }
+
     /// Inflates from `input` into `output`: returns the bytes consumed and produced. A member's
-    /// end followed by more input starts the next member.
+    /// end followed by more input starts the next member. Returns early when the input is used
+    /// up (feed more) or the output is full; (0, 0) with both non-empty means zlib made no progress.
     public func inflate(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) throws(DecompressionError) -> (consumed: Int, produced: Int) {
-        guard ok else { throw DecompressionError(codec: "gzip", reason: "cannot initialise zlib") }
+        do {
+            return try decode(input, into: output)
+        } catch {
+            throw DecompressionError(codec: "gzip", reason: error.message)
+        }
+    }
+
+    /// `inflate(_:into:)` with zlib's code and the bytes produced before a failure in the error.
+    public func decode(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) throws(GzipStreamError) -> (consumed: Int, produced: Int) {
+        guard ok else { throw GzipStreamError(code: Z_MEM_ERROR, message: "cannot initialise zlib", produced: 0) }
         var consumed = 0
         var produced = 0
         while produced < output.count {
@@ -43,7 +74,7 @@ public final class GzipStreamInflater {
             if r == Z_BUF_ERROR || (r == Z_OK && z.avail_in == 0) { break }
             guard r == Z_OK else {
                 let msg = z.msg.map { String(cString: $0) } ?? "zlib error \(r)"
-                throw DecompressionError(codec: "gzip", reason: msg)
+                throw GzipStreamError(code: r, message: msg, produced: produced)
             }
         }
         return (consumed, produced)

@@ -10,46 +10,20 @@ the added latency (median of --runs, caches dropped before each). Every image is
 `qemu-img compare`. The test server runs on the same cores as the restore (Python: TLS, HTTP/2
 framing), so the remote column carries its CPU too. Writes bench/results/remote.md.
 """
-import argparse, os, shutil, statistics, subprocess, sys, time
+import argparse, os, statistics, sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QP = os.environ.get("QCOWPRESS_BIN", os.path.join(ROOT, ".build", "release", "qcowpress"))
-SNAP = "vm/100/2026-11-20T10:00:00Z"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pbs_bench import ROOT, ListeningServer, check_same, datastore, restore  # noqa: E402  (shared with s3_bench.py)
+
 TOKEN, SECRET = "root@pam!bench", "bench-secret"
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from restore_bench import drop  # noqa: E402  (sync + drop the page cache, one definition)
-
-
-class Server:
+class Server(ListeningServer):
     def __init__(self, ds, latency, work):
-        self.err = open(os.path.join(work, "server-%d.log" % latency), "w")
-        self.p = subprocess.Popen([sys.executable, os.path.join(ROOT, "Tests/Support/pbs_server.py"), "--store", "store=" + ds,
-                                   "--token", "%s:%s" % (TOKEN, SECRET), "--latency-ms", str(latency)],
-                                  stdout=subprocess.PIPE, stderr=self.err, text=True)
-        line = self.p.stdout.readline().split()
-        if not line or line[0] != "LISTENING":
-            sys.exit("pbs_server.py did not start")
-        self.port, self.fingerprint = int(line[1]), line[2]
-
-    def stop(self):
-        self.p.kill()
-        self.p.wait()
-        self.err.close()
-
-
-def restore(args, dst, env=None):
-    if os.path.exists(dst):
-        os.unlink(dst)
-    drop()
-    t = time.monotonic()
-    p = subprocess.run([QP, "restore", "pbs"] + args + [SNAP, "drive-scsi0.img", dst], capture_output=True, text=True,
-                       env=dict(os.environ, **(env or {})))
-    dt = time.monotonic() - t
-    if p.returncode != 0:
-        sys.exit("failed: %s\n%s" % (args, p.stderr))
-    return dt
+        super().__init__([sys.executable, os.path.join(ROOT, "Tests/Support/pbs_server.py"), "--store", "store=" + ds,
+                          "--token", "%s:%s" % (TOKEN, SECRET), "--latency-ms", str(latency)],
+                         os.path.join(work, "server-%d.log" % latency))
+        self.port, self.fingerprint = int(self.fields[0]), self.fields[1]
 
 
 def main():
@@ -62,25 +36,20 @@ def main():
     raw = os.path.abspath(a.raw)
     work = a.work or os.path.join(os.path.dirname(raw), "remote-bench")
     os.makedirs(work, exist_ok=True)
-    ds = os.path.join(work, "pbs")
-    if not os.path.exists(ds):
-        subprocess.run([sys.executable, os.path.join(ROOT, "Tests/Support/pbs_datastore.py"), "--datastore", ds,
-                        "--snapshot", SNAP, "--drive", "drive-scsi0.img=" + raw], check=True, stdout=subprocess.DEVNULL)
+    ds = datastore(work, raw)
     size = os.path.getsize(raw)
     dst = os.path.join(work, "out.qcow2")
     rows = []
     for codec_name, codec in [("zstd", ["-c", "-o", "compression_type=zstd"]), ("uncompressed", [])]:
         times = {}
-        times["directory"] = [restore(["--datastore", ds] + codec, dst) for _ in range(a.runs)]
+        times["directory"] = [restore(["--datastore", ds] + codec, dst)[0] for _ in range(a.runs)]
         for latency in (0, a.latency_ms):
             srv = Server(ds, latency, work)
             try:
                 env = {"PBS_PASSWORD": SECRET, "PBS_FINGERPRINT": srv.fingerprint}
                 repo = "%s@127.0.0.1:%d:store" % (TOKEN, srv.port)
-                times["server %d ms" % latency] = [restore(["--repository", repo] + codec, dst, env) for _ in range(a.runs)]
-                cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, dst], capture_output=True, text=True)
-                if cmp.returncode != 0:
-                    sys.exit("remote restore differs: " + cmp.stdout)
+                times["server %d ms" % latency] = [restore(["--repository", repo] + codec, dst, env)[0] for _ in range(a.runs)]
+                check_same(raw, dst, "server %d ms" % latency)
             finally:
                 srv.stop()
         base = statistics.median(times["server 0 ms"])

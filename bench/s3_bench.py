@@ -12,26 +12,20 @@ distinct chunks), peak RSS of qcowpress (wait4's ru_maxrss), and the server's CP
 runs in Python on the same 2 cores: when it is the bottleneck, its CPU says so). Every image is
 compared with `qemu-img compare`. Writes bench/results/s3.md.
 """
-import argparse, json, os, statistics, subprocess, sys, time, urllib.request
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QP = os.environ.get("QCOWPRESS_BIN", os.path.join(ROOT, ".build", "release", "qcowpress"))
-SNAP = "vm/100/2026-11-20T10:00:00Z"
-KEY_ID, SECRET = "AKIAQCOWPRESSTEST001", "qcowpress/Test+Secret/0123456789abcdefABCDEF"
+import argparse, json, os, statistics, sys, time, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from restore_bench import drop  # noqa: E402  (sync + drop the page cache, one definition)
+from pbs_bench import ROOT, ListeningServer, check_same, datastore, restore  # noqa: E402  (shared with remote_bench.py)
+
+KEY_ID, SECRET = "AKIAQCOWPRESSTEST001", "qcowpress/Test+Secret/0123456789abcdefABCDEF"
+ZSTD = ["-c", "-o", "compression_type=zstd"]
 
 
-class Server:
+class Server(ListeningServer):
     def __init__(self, ds, work):
-        self.err = open(os.path.join(work, "s3-server.log"), "w")
-        self.p = subprocess.Popen(["/usr/bin/python3", os.path.join(ROOT, "Tests/Support/s3_server.py"), "--load", "bench/store=" + ds],
-                                  stdout=subprocess.PIPE, stderr=self.err, text=True)
-        line = self.p.stdout.readline().split()
-        if not line or line[0] != "LISTENING":
-            sys.exit("s3_server.py did not start")
-        self.port, self.control_port = int(line[1]), int(line[2])
+        super().__init__(["/usr/bin/python3", os.path.join(ROOT, "Tests/Support/s3_server.py"), "--load", "bench/store=" + ds],
+                         os.path.join(work, "s3-server.log"))
+        self.port, self.control_port = int(self.fields[0]), int(self.fields[1])
 
     def control(self, route, method="POST"):
         req = urllib.request.Request("http://127.0.0.1:%d/%s" % (self.control_port, route), method=method)
@@ -41,27 +35,6 @@ class Server:
         with open("/proc/%d/stat" % self.p.pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self):
-        self.p.kill()
-        self.p.wait()
-        self.err.close()
-
-
-def restore(args, dst, env=None):
-    """(seconds, peak RSS MiB) of one restore."""
-    if os.path.exists(dst):
-        os.unlink(dst)
-    drop()
-    t = time.monotonic()
-    p = subprocess.Popen([QP, "restore", "pbs"] + args + [SNAP, "drive-scsi0.img", dst, "-c", "-o", "compression_type=zstd"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
-    err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    dt = time.monotonic() - t
-    if status != 0:
-        sys.exit("failed: %s\n%s" % (args, err))
-    return dt, usage.ru_maxrss / 1024
 
 
 def main():
@@ -75,10 +48,7 @@ def main():
     raw = os.path.abspath(a.raw)
     work = a.work or os.path.join(os.path.dirname(raw), "s3-bench")
     os.makedirs(work, exist_ok=True)
-    ds = os.path.join(work, "pbs")
-    if not os.path.exists(ds):
-        subprocess.run([sys.executable, os.path.join(ROOT, "Tests/Support/pbs_datastore.py"), "--datastore", ds,
-                        "--snapshot", SNAP, "--drive", "drive-scsi0.img=" + raw], check=True, stdout=subprocess.DEVNULL)
+    ds = datastore(work, raw)
     size = os.path.getsize(raw)
     dst = os.path.join(work, "out.qcow2")
     t = time.monotonic()
@@ -100,16 +70,14 @@ def main():
                     srv.control("delay?ms=%d" % delay)
                     srv.control("reset")
                 cpu0 = srv.cpu()
-                dt, rss = restore(args, dst, e)
+                dt, rss = restore(args + ZSTD, dst, e)
                 cpu = srv.cpu() - cpu0
                 per_chunk = None
                 if e is not None:
                     c = srv.control("count?match=store/.chunks/", method="GET")
                     per_chunk = c["chunkGets"] / max(1, c["distinctChunks"])
                 results[name].append((dt, rss, per_chunk, cpu if e is not None else None))
-                cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, dst], capture_output=True, text=True)
-                if cmp.returncode != 0:
-                    sys.exit("%s: restored image differs: %s" % (name, cmp.stdout))
+                check_same(raw, dst, name)
         # Ratios paired round by round (same machine load), then their median.
         def ratio(name, base):
             return statistics.median(x[0] / y[0] for x, y in zip(results[name], results[base]))

@@ -30,21 +30,10 @@ public struct PBSSnapshot: PBSSnapshotSource {
             throw SourceError(.damaged, path: datastore, "not a datastore (no .chunks directory)")
         }
         var dir = datastore
-        if let namespace, !namespace.isEmpty {
-            let parts = namespace.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
-            guard parts.count <= 7 else { throw SourceError(.damaged, path: namespace, "namespace deeper than 7 levels") }
-            for p in parts {
-                try Self.checkComponent(p, what: "namespace component")
-                dir += "/ns/" + p
-            }
-        }
-        let parts = snapshot.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count == 3, ["vm", "ct", "host"].contains(parts[0]) else {
-            throw SourceError(.damaged, path: snapshot, "snapshot must be TYPE/ID/TIME with TYPE vm, ct or host")
-        }
-        try Self.checkComponent(parts[1], what: "backup id")
-        try Self.checkComponent(parts[2], what: "backup time")
-        dir += "/" + parts.joined(separator: "/")
+        for p in try Self.checkedNamespace(namespace) { dir += "/ns/" + p }
+        let parts = try Self.checkedSnapshot(snapshot)
+        try Self.checkComponent(parts.time, what: "backup time")
+        dir += "/" + snapshot
         guard try kind(dir) != nil else {
             throw SourceError(.missing, path: dir, "snapshot does not exist")
         }
@@ -57,17 +46,8 @@ public struct PBSSnapshot: PBSSnapshotSource {
     /// group that hold a manifest, as `vm/100/2026-11-20T10:00:00Z`.
     public static func snapshots(datastore: String, namespace: String?, group: String) throws(SourceError) -> [String] {
         var dir = datastore
-        if let namespace, !namespace.isEmpty {
-            for p in namespace.split(separator: "/", omittingEmptySubsequences: false).map(String.init) {
-                try checkComponent(p, what: "namespace component")
-                dir += "/ns/" + p
-            }
-        }
-        let parts = group.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count == 2, ["vm", "ct", "host"].contains(parts[0]) else {
-            throw SourceError(.damaged, path: group, "group must be TYPE/ID with TYPE vm, ct or host")
-        }
-        try checkComponent(parts[1], what: "backup id")
+        for p in try checkedNamespace(namespace) { dir += "/ns/" + p }
+        _ = try checkedGroup(group)
         dir += "/" + group
         let names: [String]
         do throws(IOError) { names = try FileNames.listing(dir) } catch {

@@ -111,12 +111,8 @@ public final class PBSRemoteClient: Sendable {
     /// The snapshots of a group (`vm/100`), oldest first, as `vm/100/2026-11-20T10:00:00Z`
     /// (`GET /api2/json/admin/datastore/{store}/snapshots`).
     public func snapshots(namespace: String?, group: String) throws(SourceError) -> [String] {
-        let parts = group.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count == 2, ["vm", "ct", "host"].contains(parts[0]) else {
-            throw SourceError(.damaged, path: group, "group must be TYPE/ID with TYPE vm, ct or host")
-        }
-        try PBSSnapshot.checkComponent(parts[1], what: "backup id")
-        var q = [("backup-type", parts[0]), ("backup-id", parts[1])]
+        let parts = try PBSSnapshot.checkedGroup(group)
+        var q = [("backup-type", parts.type), ("backup-id", parts.id)]
         if let namespace, !namespace.isEmpty { q.append(("ns", namespace)) }
         let target = "/api2/json/admin/datastore/\(Self.percent(repository.datastore))/snapshots?" + Self.query(q)
         guard let list = try apiGet(target, doing: "listing \(group)") as? [[String: Any]] else {
@@ -127,7 +123,7 @@ public final class PBSRemoteClient: Sendable {
             guard let t = (item["backup-time"] as? NSNumber)?.int64Value else {
                 throw SourceError(.network, path: repository.server, "listing \(group): an entry lacks backup-time")
             }
-            if item["backup-type"] as? String == parts[0], item["backup-id"] as? String == parts[1] { times.append(t) }
+            if item["backup-type"] as? String == parts.type, item["backup-id"] as? String == parts.id { times.append(t) }
         }
         if times.isEmpty {
             throw SourceError(.missing, path: "\(repository.server):\(repository.datastore)", "backup group \(group) has no snapshots")
@@ -137,24 +133,18 @@ public final class PBSRemoteClient: Sendable {
 
     /// Opens a snapshot (`vm/100/2026-11-20T10:00:00Z`) for reading: a reader session, the manifest.
     public func openSnapshot(namespace: String?, snapshot: String) throws(SourceError) -> PBSRemoteSnapshot {
-        let parts = snapshot.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count == 3, ["vm", "ct", "host"].contains(parts[0]) else {
-            throw SourceError(.damaged, path: snapshot, "snapshot must be TYPE/ID/TIME with TYPE vm, ct or host")
-        }
-        try PBSSnapshot.checkComponent(parts[1], what: "backup id")
-        guard let epoch = Self.epoch(parts[2]) else {
-            throw SourceError(.damaged, path: snapshot, "backup time '\(parts[2])' is not YYYY-MM-DDTHH:MM:SSZ")
+        let parts = try PBSSnapshot.checkedSnapshot(snapshot)
+        guard let epoch = Self.epoch(parts.time) else {
+            throw SourceError(.damaged, path: snapshot, "backup time '\(parts.time)' is not YYYY-MM-DDTHH:MM:SSZ")
         }
         var q = [("store", repository.datastore)]
         var display = "\(repository.server):\(repository.datastore)"
         if let namespace, !namespace.isEmpty {
-            for c in namespace.split(separator: "/", omittingEmptySubsequences: false) {
-                try PBSSnapshot.checkComponent(String(c), what: "namespace component")
-            }
+            _ = try PBSSnapshot.checkedNamespace(namespace)
             q.append(("ns", namespace))
             display += "/ns/" + namespace.split(separator: "/").joined(separator: "/ns/")
         }
-        q += [("backup-type", parts[0]), ("backup-id", parts[1]), ("backup-time", String(epoch)), ("debug", "false")]
+        q += [("backup-type", parts.type), ("backup-id", parts.id), ("backup-time", String(epoch)), ("debug", "false")]
         let reader = PBSRemoteReader(client: self, target: "/api2/json/reader?" + Self.query(q), display: display + "/" + snapshot)
         try reader.connect()
         return try PBSRemoteSnapshot(reader: reader)

@@ -44,14 +44,7 @@ public final class PBSS3Datastore: Sendable {
     /// The key prefix of a namespace's content, ending in "/": `<store>/.cnt/[ns/a/ns/b/]`.
     func contentPrefix(namespace: String?) throws(SourceError) -> String {
         var p = store + "/.cnt/"
-        if let namespace, !namespace.isEmpty {
-            let parts = namespace.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
-            guard parts.count <= 7 else { throw SourceError(.damaged, path: namespace, "namespace deeper than 7 levels") }
-            for c in parts {
-                try PBSSnapshot.checkComponent(c, what: "namespace component")
-                p += "ns/" + c + "/"
-            }
-        }
+        for c in try PBSSnapshot.checkedNamespace(namespace) { p += "ns/" + c + "/" }
         return p
     }
 
@@ -83,11 +76,7 @@ public final class PBSS3Datastore: Sendable {
     /// The snapshots of a backup group (`vm/100`), oldest first: the time-named prefixes of the
     /// group that hold a manifest, as `vm/100/2026-11-20T10:00:00Z`.
     public func snapshots(namespace: String?, group: String) throws(SourceError) -> [String] {
-        let parts = group.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count == 2, ["vm", "ct", "host"].contains(parts[0]) else {
-            throw SourceError(.damaged, path: group, "group must be TYPE/ID with TYPE vm, ct or host")
-        }
-        try PBSSnapshot.checkComponent(parts[1], what: "backup id")
+        _ = try PBSSnapshot.checkedGroup(group)
         let prefix = try contentPrefix(namespace: namespace) + group + "/"
         let listing = try list(prefix, delimiter: nil, doing: "listing the backup group")
         var times: [String] = []
@@ -131,12 +120,8 @@ public final class PBSS3Datastore: Sendable {
 
     /// Opens a snapshot (`vm/100/2026-11-20T10:00:00Z`): reads and parses its manifest.
     public func openSnapshot(namespace: String?, snapshot: String) throws(SourceError) -> PBSS3Snapshot {
-        let parts = snapshot.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count == 3, ["vm", "ct", "host"].contains(parts[0]) else {
-            throw SourceError(.damaged, path: snapshot, "snapshot must be TYPE/ID/TIME with TYPE vm, ct or host")
-        }
-        try PBSSnapshot.checkComponent(parts[1], what: "backup id")
-        try PBSSnapshot.checkComponent(parts[2], what: "backup time")
+        let parts = try PBSSnapshot.checkedSnapshot(snapshot)
+        try PBSSnapshot.checkComponent(parts.time, what: "backup time")
         let prefix = try contentPrefix(namespace: namespace) + snapshot + "/"
         return try PBSS3Snapshot(datastore: self, prefix: prefix)
     }

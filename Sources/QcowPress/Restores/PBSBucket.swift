@@ -85,12 +85,7 @@ extension PBSRestore {
         var dir = datastore
         let base = (namespace ?? "").isEmpty ? "" : namespace! + "/"
         do throws(SourceError) {
-            if let namespace, !namespace.isEmpty {
-                for p in namespace.split(separator: "/", omittingEmptySubsequences: false) {
-                    try PBSSnapshot.checkComponent(String(p), what: "namespace component")
-                    dir += "/ns/" + p
-                }
-            }
+            for p in try PBSSnapshot.checkedNamespace(namespace) { dir += "/ns/" + p }
             func names(_ d: String, required: Bool) throws(SourceError) -> [String] {
                 do throws(IOError) { return try FileNames.listing(d).filter { !$0.hasPrefix(".") }.sorted() } catch {
                     if !required && (error.errno == ENOENT || error.errno == ENOTDIR) { return [] }

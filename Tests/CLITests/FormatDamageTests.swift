@@ -158,3 +158,49 @@ struct FormatDamageTests {
         try Self.expectAllRefused(good, cuts.map { n in ("cut-\(n)", "past the end", { try Self.truncate($0, to: n) }) }, dir: dir, args: ["-f", "vdi"])
     }
 }
+
+extension FormatDamageTests {
+    /// A monolithicSparse's redundant grain directory (header flag 1, rgdOffset) stands in for a
+    /// primary directory or grain table that cannot be used, said once on stderr; both unusable is
+    /// a one-line refusal naming both.
+    @Test func vmdkRedundantGrainDirectory() throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let src = dir.appendingPathComponent("src.raw")
+        try ImageFormatTests.mixedRaw(src, size: 3 * 1_048_576, seed: 21)
+        let good = dir.appendingPathComponent("good.vmdk").path
+        #expect(try Harness.qemuImg(["convert", "-O", "vmdk", src.path, good]).status == 0)
+        let h = try VHDXBytes.read(good, at: 0, count: 512)
+        #expect(VHDXBytes.le(h, 8, 4) & 2 != 0, "qemu-img writes a redundant grain directory")
+        let rgd = VHDXBytes.le(h, 48, 8) * 512, gd = VHDXBytes.le(h, 56, 8) * 512
+        let gt = VHDXBytes.le(try VHDXBytes.read(good, at: gd, count: 4), 0, 4) * 512
+        let rgt = VHDXBytes.le(try VHDXBytes.read(good, at: rgd, count: 4), 0, 4) * 512
+        let far = Self.le32(0x7FFF_FFFF)
+        let healed: [Damage] = [
+            ("gd-entry", "redundant grain directory", { try VHDXBytes.patch($0, at: gd, far) }),
+            ("gd-offset", "redundant grain directory", { try VHDXBytes.patch($0, at: 56, Self.le64(1 << 40)) }),
+            ("gd-over-itself", "redundant grain directory", { try VHDXBytes.patch($0, at: gd, Self.le32(gd / 512)) }),
+            ("gt-entry", "redundant copy of grain table 0", { try VHDXBytes.patch($0, at: gt + 8, far) }),
+        ]
+        for c in healed {
+            let p = dir.appendingPathComponent("\(c.name).vmdk").path
+            try VHDXBytes.copy(good, p)
+            try c.damage(p)
+            let dst = dir.appendingPathComponent("\(c.name).qcow2").path
+            let r = try Harness.qcowpress(["convert", "-c", p, dst])
+            #expect(r.status == 0 && r.stderr.contains(c.field) && r.stderr.split(separator: "\n").count == 1, "\(c.name): \(r.stderr)")
+            try Harness.expectGood(dst, equals: src.path)
+        }
+        try Self.expectAllRefused(good, [
+            ("both-gd", "grain directory entry 0", { p in try VHDXBytes.patch(p, at: gd, far); try VHDXBytes.patch(p, at: rgd, far) }),
+            ("gd-and-rgd-offset", "rgdOffset", { p in try VHDXBytes.patch(p, at: 56, Self.le64(1 << 40)); try VHDXBytes.patch(p, at: 48, Self.le64(1 << 40)) }),
+            ("no-copy", "grain directory entry 0", { p in try VHDXBytes.patch(p, at: gd, far); try VHDXBytes.patch(p, at: 8, Self.le32(1)) }),
+        ], dir: dir)
+        // Grain tables are read when used: info opens this one, convert refuses it.
+        let bothGT = dir.appendingPathComponent("both-gt.vmdk").path
+        try VHDXBytes.copy(good, bothGT)
+        try VHDXBytes.patch(bothGT, at: gt + 8, far)
+        try VHDXBytes.patch(bothGT, at: rgt + 8, far)
+        try ImageFormatTests.expectRefused(bothGT, field: "the redundant copy is unusable too: VMDK redundant grain table 0 entry 2", dir: dir)
+    }
+}

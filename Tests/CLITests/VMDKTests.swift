@@ -211,10 +211,12 @@ extension VMDKTests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let (good, _) = try Self.images(dir)
         // qemu-img's layout: descriptor at sector 1, grain directory at 26, its first table at 27.
+        // The directory's cases clear flag 1 (no redundant copy; FormatDamageTests has those).
+        let noCopy = (8, Self.le32(1))
         let cases: [(String, [(Int, [UInt8])], Int?, String)] = [
-            ("gd-eof", [(56, Self.le64(0x1000_0000))], nil, "gdOffset"),
-            ("gd-entry-eof", [(26 * 512, Self.le32(0x7FFF_FFFF))], nil, "grain directory entry 0"),
-            ("gt-entry-eof", [(27 * 512, Self.le32(0x7FFF_FFFF))], nil, "grain table 0 entry 0"),
+            ("gd-eof", [noCopy, (56, Self.le64(0x1000_0000))], nil, "gdOffset"),
+            ("gd-entry-eof", [noCopy, (26 * 512, Self.le32(0x7FFF_FFFF))], nil, "grain directory entry 0"),
+            ("gt-entry-eof", [noCopy, (27 * 512, Self.le32(0x7FFF_FFFF))], nil, "grain table 0 entry 0"),
             ("grain-size", [(20, Self.le64(100))], nil, "grainSize"),
             ("gtes", [(44, Self.le32(513))], nil, "numGTEsPerGT"),
             ("version", [(4, Self.le32(9))], nil, "version 9"),

@@ -82,7 +82,7 @@ public struct VMDKSparseHeader: Sendable, Equatable {
         }
     }
 
-    /// Checks the tables' places against the file (a footer's header has its real gdOffset).
+    /// Checks the descriptor's and the grains' places against the file (a footer's header has its real gdOffset).
     func checkPlacement(fileSize: UInt64, at: UInt64, path: String) throws(QcowPressError) {
         func bad(_ field: String, _ o: Int, _ why: String) -> QcowPressError {
             .inputDamaged(path: path, location: "VMDK header (offset \(at)) field \(field) (offset \(at + UInt64(o))) \(why)")
@@ -96,10 +96,7 @@ public struct VMDKSparseHeader: Sendable, Equatable {
         guard overhead <= sectors else {
             throw bad("overHead", 64, "is \(overhead) sectors: the file (\(fileSize) bytes) is truncated")
         }
-        guard capacity == 0 || gdOffset != 0 else { throw bad("gdOffset", 56, "is 0: no grain directory") }
-        guard gdOffset <= sectors, gdEntries * 4 <= fileSize - gdOffset * 512 else {
-            throw bad("gdOffset", 56, "is \(gdOffset): the grain directory (\(gdEntries) entries) runs past the end of the file (\(fileSize) bytes)")
-        }
+        // The grain directory is checked where it is read (VMDKGrainDirectory: it has a copy).
     }
 
     /// The header a reader uses: the one at 0, or for a stream whose header says the directory

@@ -17,6 +17,8 @@ final class VMDKSparseExtent: Sendable {
     let guestSector: UInt64
     let gd: [UInt32]
     let gdAt: UInt64
+    /// The redundant grain directory, for a table of `gd` that cannot be used (``VMDKGrainDirectory``).
+    let redundant: VMDKRedundantDirectory?
     let tables: L2TableCache
     /// This extent's key bits in the shared table cache (table offsets are below 2^41).
     let cacheKey: UInt64
@@ -34,19 +36,10 @@ final class VMDKSparseExtent: Sendable {
         self.guestSector = guestSector
         self.tables = tables
         cacheKey = UInt64(index) << 42
-        gdAt = h.gdOffset * 512
-        let raw = FieldReader(b: try file.bytes(at: gdAt, count: Int(h.gdEntries * 4), what: "VMDK grain directory (header at \(at))"))
-        var gd = [UInt32](repeating: 0, count: Int(h.gdEntries))
-        let tableBytes = UInt64(h.gtesPerGT) * 4
-        for i in 0..<gd.count {
-            let e = raw.le32(i * 4)
-            gd[i] = e
-            guard e != 0 else { continue }
-            guard UInt64(e) * 512 + tableBytes <= file.size else {
-                throw .inputDamaged(path: file.path, location: "VMDK grain directory entry \(i) (offset \(gdAt + UInt64(i) * 4)) is \(e): its grain table lies past the end of the file (\(file.size) bytes)")
-            }
-        }
-        self.gd = gd
+        let (directory, redundant) = try VMDKGrainDirectory.open(file, header: h, headerAt: at)
+        gd = directory.entries
+        gdAt = directory.at
+        self.redundant = redundant
     }
 
     enum Grain: Equatable { case unallocated, zero, data(UInt64) }
@@ -62,11 +55,21 @@ final class VMDKSparseExtent: Sendable {
         return .data(e * 512)
     }
 
-    /// Grain table `t`, every entry for a grain inside the extent checked against the file.
+    /// Grain table `t`, every entry for a grain inside the extent checked against the file; the
+    /// redundant copy when the primary one cannot be used.
     func loadTable(_ t: Int) throws(QcowPressError) -> [UInt64] {
-        let at = UInt64(gd[t]) * 512
+        do {
+            return try readTable(t, sector: UInt64(gd[t]), what: "VMDK grain table \(t)")
+        } catch {
+            guard let redundant else { throw error }
+            return try redundant.table(t, after: error) { (sector, what) throws(QcowPressError) in try readTable(t, sector: sector, what: what) }
+        }
+    }
+
+    private func readTable(_ t: Int, sector: UInt64, what: String) throws(QcowPressError) -> [UInt64] {
+        let at = sector * 512
         let n = Int(header.gtesPerGT)
-        let raw = FieldReader(b: try file.bytes(at: at, count: n * 4, what: "VMDK grain table \(t)"))
+        let raw = FieldReader(b: try file.bytes(at: at, count: n * 4, what: what))
         var out = [UInt64](repeating: 0, count: n)
         for i in 0..<n {
             let e = UInt64(raw.le32(i * 4))
@@ -77,7 +80,7 @@ final class VMDKSparseExtent: Sendable {
             // (its length is checked when it is read).
             let need = header.compressed ? UInt64(VMDKMarker.grainHeaderBytes) : min(grainBytes, size - start)
             guard e * 512 + need <= file.size else {
-                throw .inputDamaged(path: file.path, location: "VMDK grain table \(t) entry \(i) (offset \(at + UInt64(i) * 4)) is \(e): grain at \(e * 512) lies past the end of the file (\(file.size) bytes)")
+                throw .inputDamaged(path: file.path, location: "\(what) entry \(i) (offset \(at + UInt64(i) * 4)) is \(e): grain at \(e * 512) lies past the end of the file (\(file.size) bytes)")
             }
         }
         return out

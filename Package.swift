@@ -6,7 +6,7 @@ import PackageDescription
 //   ClusterCompression codecs; the only place zlib/zstd/ISA-L enter
 //   DirectIO           the only target that talks to the kernel (files, io_uring, pwrite, unix sockets)
 //   QcowPress          the engine, image readers, and the public library API
-//   NIOSupport         what the NIO clients share: the TLS handshake waiter, certificate fingerprints
+//   NIOSupport         what the NIO clients share: connect awaiting the TLS handshake, certificate fingerprints
 //   S3Client           S3 on SwiftNIO: SigV4, GET/HEAD/ListObjectsV2, pinned TLS; knows nothing of PBS
 //   PBSS3              a PBS 4 datastore in an S3 bucket as a PBS snapshot source and chunk store
 //   NBDServer          the NBD protocol on SwiftNIO (serves anything behind NBDExport)
@@ -86,10 +86,11 @@ let package = Package(
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
-        // What the NIO clients (PBSRemote, S3Client) share: the handler that waits for the TLS
-        // handshake, and the SHA-256 fingerprint of a certificate.
+        // What the NIO clients (PBSRemote, S3Client) share: a TCP connect that awaits the TLS
+        // handshake with a deadline, and the SHA-256 fingerprint of a certificate.
         .target(name: "NIOSupport", dependencies: [
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOTLS", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Crypto", package: "swift-crypto"),

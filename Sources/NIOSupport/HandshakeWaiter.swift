@@ -1,5 +1,6 @@
 import Crypto
 import NIOCore
+import NIOPosix
 import NIOSSL
 import NIOTLS
 
@@ -47,4 +48,38 @@ public func sha256Fingerprint(of cert: NIOSSLCertificate) -> String? {
         let h = String(b, radix: 16)
         return h.count == 1 ? "0" + h : h
     }.joined(separator: ":")
+}
+
+/// A TCP connection (no Nagle) whose TLS handshake is awaited. `initialize` sets up the new
+/// channel's pipeline and gets the promise to hand to a `HandshakeWaiter` (or to succeed at once
+/// when the connection has no TLS). The future fails with the connect error, the handshake's
+/// error, or `handshakeTimeout()` when no handshake completes within `timeout` of connecting (a
+/// server that accepts and then says nothing); the channel is closed then. `timeout` bounds the
+/// TCP connect too.
+public func connectAwaitingHandshake(
+    group: EventLoopGroup, host: String, port: Int, timeout: TimeAmount,
+    handshakeTimeout: @escaping @Sendable () -> any Error,
+    initialize: @escaping @Sendable (Channel, EventLoopPromise<Void>) throws -> Void
+) -> EventLoopFuture<Channel> {
+    let loop = group.next()
+    let handshake = loop.makePromise(of: Void.self)
+    let connected = ClientBootstrap(group: loop)
+        .connectTimeout(timeout)
+        .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        .channelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture { try initialize(channel, handshake) }
+        }
+        .connect(host: host, port: port)
+    connected.whenFailure { handshake.fail($0) }
+    return connected.flatMap { ch in
+        let timer = ch.eventLoop.scheduleTask(in: timeout) { handshake.fail(handshakeTimeout()) }
+        return handshake.futureResult.map { _ -> Channel in
+            timer.cancel()
+            return ch
+        }.flatMapErrorThrowing { e in
+            timer.cancel()
+            ch.close(promise: nil)
+            throw e
+        }
+    }
 }

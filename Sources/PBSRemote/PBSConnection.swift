@@ -90,48 +90,28 @@ final class PBSConnector: Sendable {
         let context = try NIOSSLContext(configuration: tls)
         let hostname = repository.hostIsIPAddress ? nil : repository.connectHost
         let expected = expectedFingerprint
-        let handshake = group.next().makePromise(of: Void.self)
-        let bootstrap = ClientBootstrap(group: group)
-            .connectTimeout(Self.connectTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let handler: NIOSSLClientHandler
-                    switch mode {
-                    case .systemRoots:
-                        handler = try NIOSSLClientHandler(context: context, serverHostname: hostname)
-                    case .fingerprint:
-                        handler = try NIOSSLClientHandler(context: context, serverHostname: hostname) { certs, promise in
-                            let fp = certs.first.flatMap(sha256Fingerprint(of:))
-                            seenBox.withLockedValue { $0 = fp }
-                            promise.succeed(fp != nil && fp == expected ? .certificateVerified : .failed)
-                        }
-                    }
-                    try channel.pipeline.syncOperations.addHandler(handler)
-                    try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(
-                        promise: handshake,
-                        closedError: PBSTransportError.connectionLost("the server closed the connection during the TLS handshake")))
-                    try configure(channel)
+        // A server that accepts and then says nothing must not hang the restore.
+        return try connectAwaitingHandshake(
+            group: group, host: repository.connectHost, port: repository.port, timeout: Self.connectTimeout,
+            handshakeTimeout: { PBSTransportError.connectionLost("no TLS handshake within \(Self.connectTimeout.nanoseconds / 1_000_000_000) s") }
+        ) { channel, handshake in
+            let handler: NIOSSLClientHandler
+            switch mode {
+            case .systemRoots:
+                handler = try NIOSSLClientHandler(context: context, serverHostname: hostname)
+            case .fingerprint:
+                handler = try NIOSSLClientHandler(context: context, serverHostname: hostname) { certs, promise in
+                    let fp = certs.first.flatMap(sha256Fingerprint(of:))
+                    seenBox.withLockedValue { $0 = fp }
+                    promise.succeed(fp != nil && fp == expected ? .certificateVerified : .failed)
                 }
             }
-        let ch: Channel
-        do {
-            ch = try bootstrap.connect(host: repository.connectHost, port: repository.port).wait()
-        } catch {
-            handshake.fail(error)
-            throw error
-        }
-        // A server that accepts and then says nothing must not hang the restore.
-        ch.eventLoop.scheduleTask(in: Self.connectTimeout) {
-            handshake.fail(PBSTransportError.connectionLost("no TLS handshake within \(Self.connectTimeout.nanoseconds / 1_000_000_000) s"))
-        }
-        do {
-            try handshake.futureResult.wait()
-        } catch {
-            ch.close(promise: nil)
-            throw error
-        }
-        return ch
+            try channel.pipeline.syncOperations.addHandler(handler)
+            try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(
+                promise: handshake,
+                closedError: PBSTransportError.connectionLost("the server closed the connection during the TLS handshake")))
+            try configure(channel)
+        }.wait()
     }
 
     static func isTLSFailure(_ e: Error) -> Bool {

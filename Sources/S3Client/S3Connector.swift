@@ -68,50 +68,31 @@ struct S3Connector: Sendable {
         let pinned = endpoint.fingerprint
         let context = tlsContext
         let idleTimeout = idleTimeout
-        let loop = group.next()
-        let handshake = loop.makePromise(of: Void.self)
-        let bootstrap = ClientBootstrap(group: loop)
-            .connectTimeout(Self.connectTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    if let context {
-                        let ssl: NIOSSLClientHandler
-                        if pinned != nil || probe {
-                            ssl = try NIOSSLClientHandler(context: context, serverHostname: serverName) { certs, promise in
-                                let fp = certs.first.flatMap(sha256Fingerprint(of:))
-                                seen.value.withLock { $0 = fp }
-                                promise.succeed(!probe && fp != nil && fp == pinned ? .certificateVerified : .failed)
-                            }
-                        } else {
-                            ssl = try NIOSSLClientHandler(context: context, serverHostname: serverName)
-                        }
-                        try channel.pipeline.syncOperations.addHandler(ssl)
-                        try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(
-                            promise: handshake,
-                            closedError: S3TransportError.tls("the server closed the connection during the TLS handshake")))
-                    } else {
-                        handshake.succeed(())
+        // A server that accepts and then says nothing must not hang the request.
+        return connectAwaitingHandshake(
+            group: group, host: endpoint.connectHost(bucket: bucket), port: endpoint.port, timeout: Self.connectTimeout,
+            handshakeTimeout: { S3TransportError.timeout("no TLS handshake within \(S3ResponseHandler.seconds(Self.connectTimeout))") }
+        ) { channel, handshake in
+            if let context {
+                let ssl: NIOSSLClientHandler
+                if pinned != nil || probe {
+                    ssl = try NIOSSLClientHandler(context: context, serverHostname: serverName) { certs, promise in
+                        let fp = certs.first.flatMap(sha256Fingerprint(of:))
+                        seen.value.withLock { $0 = fp }
+                        promise.succeed(!probe && fp != nil && fp == pinned ? .certificateVerified : .failed)
                     }
-                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                    try channel.pipeline.syncOperations.addHandler(S3ResponseHandler(seen: seen, idleTimeout: idleTimeout))
+                } else {
+                    ssl = try NIOSSLClientHandler(context: context, serverHostname: serverName)
                 }
+                try channel.pipeline.syncOperations.addHandler(ssl)
+                try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(
+                    promise: handshake,
+                    closedError: S3TransportError.tls("the server closed the connection during the TLS handshake")))
+            } else {
+                handshake.succeed(())
             }
-        let connected = bootstrap.connect(host: endpoint.connectHost(bucket: bucket), port: endpoint.port)
-        connected.whenFailure { handshake.fail($0) }
-        return connected.flatMap { ch in
-            // A server that accepts and then says nothing must not hang the request.
-            let timer = ch.eventLoop.scheduleTask(in: Self.connectTimeout) {
-                handshake.fail(S3TransportError.timeout("no TLS handshake within \(S3ResponseHandler.seconds(Self.connectTimeout))"))
-            }
-            return handshake.futureResult.map { _ -> Channel in
-                timer.cancel()
-                return ch
-            }.flatMapErrorThrowing { e in
-                timer.cancel()
-                ch.close(promise: nil)
-                throw e
-            }
+            try channel.pipeline.syncOperations.addHTTPClientHandlers()
+            try channel.pipeline.syncOperations.addHandler(S3ResponseHandler(seen: seen, idleTimeout: idleTimeout))
         }.flatMapErrorThrowing { e in
             if let t = e as? S3TransportError { throw t }
             if e is NIOSSLError || e is BoringSSLError {

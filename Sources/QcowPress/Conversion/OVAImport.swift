@@ -62,11 +62,13 @@ public struct OVAImport: Sendable {
     /// Runs the import. `started` is told each image's encoder as it starts.
     public func run(encoder template: EncoderOptions, started: @escaping (Qcow2Encoder) -> Void = { _ in }) throws(QcowPressError) -> Summary {
         if FileNames.exists(outdir) && !FileNames.isDirectory(outdir) { throw .invalidArgument("\(outdir): is not a directory") }
-        let out = OVAOutputs(outdir: outdir, overwrite: overwrite, template: template, started: started)
         if source.lowercased().hasSuffix(".ovf") && source != "-" {
+            let out = OVAOutputs(outdir: outdir, overwrite: overwrite, template: template, started: started)
             return try OVAFolder(ovfPath: source, outputs: out, readers: readers).run()
         }
         let regular = source != "-" && FileNames.status(source)?.kind == .regular
+        // A stream's disks pass through inflate buffers that come out of the limit.
+        let out = OVAOutputs(outdir: outdir, overwrite: overwrite, template: regular ? template : try OVAStreamVMDK.engineOptions(template), started: started)
         if regular { return try OVAArchiveFile(path: source, outputs: out, readers: readers).run() }
         return try OVAStream(path: source, outputs: out).run()
     }

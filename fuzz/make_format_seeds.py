@@ -8,7 +8,7 @@ and qemu-img is asked to read each one that it can (it mishandles 4096-byte logi
 refuses a log to replay). VHD and VDI seeds are qemu-img-made, trimmed to the part the guest sees,
 plus a hand-made VHD with 4 KiB blocks. Usage: fuzz/make_format_seeds.py [REPO_ROOT]
 """
-import os, struct, subprocess, sys, uuid, zlib
+import os, re, struct, subprocess, sys, tempfile, uuid, zlib
 
 root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..")
 out = os.path.join(root, "Fixtures", "fuzz")
@@ -111,11 +111,29 @@ seeds = {
     # 256 MiB blocks: a chunk is 16 blocks, so BAT entry 16 is a sector bitmap and block 16 is entry 17.
     "interleave.vhdx": vhdx(17 * 256 * MIB, 256 * MIB, [2] * 16 + [0] + [3]),
 }
-for name, data in seeds.items():
-    p = write("vhdx", name, data)
-    if "4k" not in name:
-        qemu_reads(p, "vhdx")
-write("vhdx", "log.vhdx", vhdx(65536, MIB, [0], log_entry=True))
+def pack(img):
+    """The sparse-file form the vhdx target reads (SparseInput in Sources/qcowpress-fuzz/FormatTargets.swift):
+    size u32, then offset u32, length u16 and the bytes of each non-zero run (runs joined across
+    fewer than 16 zeros); a run is cut to 512 bytes (only block data is longer), so that mutations
+    land on the structures."""
+    out = bytearray(struct.pack("<I", len(img)))
+    for m in re.finditer(rb"[^\x00]+(?:\x00{1,15}[^\x00]+)*", img):
+        run = m.group()[:512]
+        out += struct.pack("<IH", m.start(), len(run)) + run
+    return bytes(out)
+
+
+for old in os.listdir(os.path.join(out, "vhdx")) if os.path.isdir(os.path.join(out, "vhdx")) else []:
+    os.remove(os.path.join(out, "vhdx", old))
+seeds["log.vhdx"] = vhdx(65536, MIB, [0], log_entry=True)
+with tempfile.TemporaryDirectory() as tmp:
+    for name, data in seeds.items():
+        if "4k" not in name and "log" not in name:
+            p = os.path.join(tmp, name)
+            with open(p, "wb") as f:
+                f.write(data)
+            qemu_reads(p, "vhdx")
+        write("vhdx", name.replace(".vhdx", ".pieces"), pack(data))
 
 def qemu(*args):
     subprocess.run(["qemu-img", *args], check=True, capture_output=True)

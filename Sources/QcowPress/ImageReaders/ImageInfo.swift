@@ -32,7 +32,9 @@ public struct ImageInfo: Sendable, Codable, Equatable {
             case .vmdk: type = "vmdk"
             }
         }
+        /// The qcow2 fields, nil for another format.
         public var qcow2: Qcow2Specific? { if case .qcow2(let q) = data { q } else { nil } }
+        /// The vmdk fields, nil for another format.
         public var vmdk: VMDKSpecific? { if case .vmdk(let v) = data { v } else { nil } }
         enum CodingKeys: String, CodingKey { case type, data }
         public init(from decoder: any Decoder) throws {

@@ -14,7 +14,8 @@ public final class VMDKImage: GuestImage {
     public let createType: String
     /// The grain size of the first sparse extent (qemu-img info's cluster-size), nil when flat.
     public let grainSize: Int?
-    /// The descriptor's CID and parentCID as qemu reads them (``VMDKDescriptor/hexKey(_:in:)``).
+    /// The descriptor's CID and parentCID as qemu reads them (the first `CID` in its first
+    /// 10 KiB, a hex number; nil when absent).
     public let cid: UInt32?
     public let parentCID: UInt32?
     /// The extents as `info` lists them (ZERO extents left out, as qemu leaves them out).

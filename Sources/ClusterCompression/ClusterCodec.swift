@@ -41,7 +41,7 @@ public struct CompressionSettings: Sendable, Equatable, CustomStringConvertible 
     public var implementation: String {
         switch algorithm {
         case .zlib: level == 1 ? "isa-l igzip level 1, 4 KiB history" : "zlib level \(level), 4 KiB window"
-        case .zstd: "zstd level \(level)"
+        case .zstd: "zstd level \(level)\(level == 3 ? " (hashLog 12 for clusters up to 64 KiB)" : "")"
         }
     }
     public var description: String { "\(algorithm.rawValue) level \(level)" }
@@ -69,7 +69,8 @@ public enum Codecs {
     public static func contextBytes(_ s: CompressionSettings, clusterSize: Int) -> Int {
         switch s.algorithm {
         case .zstd:
-            let p = ZSTD_getCParams(Int32(s.level), UInt64(clusterSize), 0)
+            var p = ZSTD_getCParams(Int32(s.level), UInt64(clusterSize), 0)
+            if let h = ZstdClusterCompressor.tunedHashLog(level: s.level, clusterSize: clusterSize) { p.hashLog = UInt32(h) }
             return ZSTD_estimateCCtxSize_usingCParams(p)
         case .zlib where s.level == 1: return Int(CISAL_LVL1_BUF_SIZE) + 16 << 10
         case .zlib: return (1 << 14) + (1 << 18) + 8 << 10
@@ -81,7 +82,7 @@ public enum Codecs {
         switch s.algorithm {
         case .zlib where s.level == 1: IsalDeflateCompressor(clusterSize: clusterSize)
         case .zlib: ZlibDeflateCompressor(level: s.level)
-        case .zstd: ZstdClusterCompressor(level: s.level)
+        case .zstd: ZstdClusterCompressor(level: s.level, clusterSize: clusterSize)
         }
     }
 

@@ -3,17 +3,36 @@ import CZstd
 /// One zstd frame per cluster (QEMU writes level 3). The `ZSTD_CCtx` lives as long as the worker.
 public final class ZstdClusterCompressor: ClusterCompressor {
     private let cctx: OpaquePointer?
-    private let level: Int32
-    public init(level: Int) {
+    private let ok: Bool
+    /// Level 3's hash table for a cluster of at most 64 KiB: `hashLog` 12 (16 KiB, fits the L1
+    /// cache) instead of the 16 zstd picks for a 64 KiB input. Measured on the bench disk's first
+    /// GiB (16,046 non-zero 64 KiB clusters, thread CPU, zstd 1.5.4, twice each, interleaved):
+    /// 4.57–4.76 s and 353.8 MiB at zstd's level 3, 4.12–4.27 s and 355.2 MiB with hashLog 12 —
+    /// 10 % less CPU for 0.4 % more bytes. 13 saved half as much; 11 cost 0.6 % in size; at level 5
+    /// the same table cost 4.8 % in size, so other levels keep zstd's own parameters, as do
+    /// clusters over 64 KiB (not measured). The stream is ordinary zstd: QEMU reads it as any other.
+    public static func tunedHashLog(level: Int, clusterSize: Int) -> Int32? {
+        level == 3 && clusterSize <= 64 << 10 ? 12 : nil
+    }
+
+    public init(level: Int, clusterSize: Int = 64 << 10) {
         cctx = ZSTD_createCCtx()
-        self.level = Int32(level)
+        var good = cctx != nil
+        if let cctx {
+            good = ZSTD_isError(ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, Int32(level))) == 0
+            if good, let h = Self.tunedHashLog(level: level, clusterSize: clusterSize) {
+                good = ZSTD_isError(ZSTD_CCtx_setParameter(cctx, ZSTD_c_hashLog, h)) == 0
+            }
+        }
+        ok = good
     }
     deinit { ZSTD_freeCCtx(cctx) }
 
     public func compress(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer) -> CompressionResult {
-        guard let cctx else { return .didNotFit }
+        guard ok, let cctx else { return .didNotFit }
         let cap = min(destination.count, source.count - 1)
-        let n = ZSTD_compressCCtx(cctx, destination.baseAddress, cap, source.baseAddress, source.count, level)
+        // compress2 starts a new frame each call (the parameters stay; the frame's state does not).
+        let n = ZSTD_compress2(cctx, destination.baseAddress, cap, source.baseAddress, source.count)
         if ZSTD_isError(n) != 0 { return .didNotFit }
         return .compressed(length: n)
     }

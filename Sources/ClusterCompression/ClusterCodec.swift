@@ -64,7 +64,7 @@ public enum Codecs {
     /// memory plan counts it). zstd: libzstd's own estimate, which equals `ZSTD_sizeof_CCtx` after
     /// compressing one cluster (measured here: 64 KiB clusters 304 KB at level 1, 664 KB at 3,
     /// 1.8 MB at 19; 2 MiB clusters 1.3 MB at 3, 35 MB at 19). zlib with a 4 KiB window and
-    /// memLevel 9: zlib's documented (1 << (windowBits + 2)) + (1 << (memLevel + 9)) plus its state.
+    /// memLevel 8: zlib's documented (1 << (windowBits + 2)) + (1 << (memLevel + 9)) plus its state.
     /// ISA-L level 1: the level buffer it is given.
     public static func contextBytes(_ s: CompressionSettings, clusterSize: Int) -> Int {
         switch s.algorithm {
@@ -73,7 +73,7 @@ public enum Codecs {
             if let h = ZstdClusterCompressor.tunedHashLog(level: s.level, clusterSize: clusterSize) { p.hashLog = UInt32(h) }
             return ZSTD_estimateCCtxSize_usingCParams(p)
         case .zlib where s.level == 1: return Int(CISAL_LVL1_BUF_SIZE) + 16 << 10
-        case .zlib: return (1 << 14) + (1 << 18) + 8 << 10
+        case .zlib: return (1 << 14) + (1 << 17) + 8 << 10
         }
     }
 

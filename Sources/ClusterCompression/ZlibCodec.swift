@@ -1,11 +1,16 @@
 import CZlib
 
 /// Raw deflate with a 4 KiB window (`windowBits = −12`), exactly what QEMU's qcow2 reader inflates.
-/// memLevel 9 as QEMU writes. One `z_stream` per instance, reset between clusters.
+/// One `z_stream` per instance, reset between clusters.
 public final class ZlibDeflateCompressor: ClusterCompressor {
     /// QEMU: `deflateInit2(&strm, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY)`.
     static let windowBits: Int32 = -12
-    static let memLevel: Int32 = 9
+    /// 8 (zlib's default; QEMU passes 9): a 64 KiB hash table instead of 128 KiB, which stays in
+    /// cache. Measured on the bench disk's first 512 MiB in 64 KiB clusters (thread CPU, zlib
+    /// 1.2.13, twice each, interleaved): level 6 12.17–12.20 s and 162.4 MiB against 14.09–14.19 s
+    /// and 162.5 MiB with 9 — 14 % less CPU, no larger; level 4 −16 %, level 9 −9 %, sizes equal.
+    /// The bytes differ from QEMU's; any inflate with a 4 KiB window reads them.
+    static let memLevel: Int32 = 8
     private var stream = z_stream()
     private let ok: Bool
 

@@ -178,7 +178,13 @@ extension ImageInfo {
         virtualSize = size
         filename = path
         self.format = format
-        actualSize = (try? FileStatus.of(path: path))?.allocated ?? 0
+        // As qemu's vmdk_get_allocated_file_size: the descriptor's file plus every other file an
+        // extent reads (a twoGbMaxExtent or flat disk is mostly its extents).
+        var files = [path]
+        if let v = formatSpecific?.vmdk {
+            for e in v.extents where !files.contains(e.filename) { files.append(e.filename) }
+        }
+        actualSize = files.reduce(0) { $0 + ((try? FileStatus.of(path: $1))?.allocated ?? 0) }
         dirtyFlag = false
     }
 }

@@ -12,9 +12,9 @@ public enum ImageFormat {
     /// qemu reads the first 512 bytes (BLOCK_PROBE_BUF_SIZE) and gives them to every probe.
     static let probeBytes = 512
 
-    /// The format of `path` by magic: "qcow2", "vdi", "vpc" (a dynamic VHD: `conectix` at 0), "raw"
-    /// (no magic; a fixed VHD too, as qemu-img, whose vpc probe looks only at offset 0), or the
-    /// qemu-img name of a format QcowPress does not read ("vmdk", "vhdx", "qed", …).
+    /// The format of `path` by magic: "qcow2", "vmdk", "vhdx", "vdi", "vpc" (a dynamic VHD:
+    /// `conectix` at 0), "raw" (no magic; a fixed VHD too, as qemu-img, whose vpc probe looks only
+    /// at offset 0), or the qemu-img name of a format QcowPress does not read ("qed", "dmg", …).
     public static func probe(path: String) throws(QcowPressError) -> String {
         let f: InputFile
         do { f = try InputFile(path: path, direct: false) } catch { throw .from(error) }

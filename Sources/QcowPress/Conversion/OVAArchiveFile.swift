@@ -60,6 +60,7 @@ struct OVARandomAccess {
         var verified = verifiedBefore
         var disks: [(OVADiskJob, UInt64)] = []
         try outputs.check(jobs, protecting: protecting)
+        if jobs.contains(where: { $0.file?.gzip == true }) { try outputs.reserveForStreams() }
         do throws(QcowPressError) {
             for job in jobs {
                 guard let file = job.file, let href = job.href else {

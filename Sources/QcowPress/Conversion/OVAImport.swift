@@ -67,9 +67,9 @@ public struct OVAImport: Sendable {
             return try OVAFolder(ovfPath: source, outputs: out, readers: readers).run()
         }
         let regular = source != "-" && FileNames.status(source)?.kind == .regular
-        // A stream's disks pass through inflate buffers that come out of the limit.
-        let out = OVAOutputs(outdir: outdir, overwrite: overwrite, template: regular ? template : try OVAStreamVMDK.engineOptions(template), started: started)
+        let out = OVAOutputs(outdir: outdir, overwrite: overwrite, template: template, started: started)
         if regular { return try OVAArchiveFile(path: source, outputs: out, readers: readers).run() }
+        try out.reserveForStreams()
         return try OVAStream(path: source, outputs: out).run()
     }
 }
@@ -131,7 +131,8 @@ struct OVADiskJob: Sendable {
 final class OVAOutputs {
     let outdir: String
     let overwrite: Bool
-    let template: EncoderOptions
+    private(set) var template: EncoderOptions
+    private var reservedForStreams = false
     let started: (Qcow2Encoder) -> Void
     let set: OutputSet
     private var group: EncoderGroup?
@@ -146,6 +147,16 @@ final class OVAOutputs {
     }
 
     func path(_ name: String) -> String { outdir + "/" + name }
+
+    /// A disk that streams (stdin, a gzip-stored file) passes through inflate buffers that come
+    /// out of the memory limit: the engine gets the rest (``OVAStreamVMDK/engineOptions(_:)``).
+    /// Called before the first encoder (all disks share one group); once is enough.
+    func reserveForStreams() throws(QcowPressError) {
+        guard !reservedForStreams else { return }
+        guard group == nil else { throw .misuse("OVAOutputs.reserveForStreams after the first encoder") }
+        template = try OVAStreamVMDK.engineOptions(template)
+        reservedForStreams = true
+    }
 
     /// Checks every destination before anything is written (exists without --force, or is an input).
     func check(_ jobs: [OVADiskJob], protecting: [ProtectedInput]) throws(QcowPressError) {

@@ -3,10 +3,10 @@
 # C libraries: liburing, libzstd, zlib, ISA-L (fast deflate); qemu-utils is the test oracle and
 # libnbd-bin (nbdinfo, nbdcopy) and qemu-system-common (qemu-storage-daemon) the NBD and QMP peers
 # of the serve and live-restore tests; dpkg-dev gives scripts/package.sh dpkg-shlibdeps (the
-# .deb's Depends).
+# .deb's Depends); zstd (the command) packs the tests' .vma.zst archives.
 set -euo pipefail
 need=()
-for pkg in liburing-dev libzstd-dev zlib1g-dev libisal-dev qemu-utils pkg-config libnbd-bin qemu-system-common dpkg-dev; do
+for pkg in liburing-dev libzstd-dev zlib1g-dev libisal-dev qemu-utils pkg-config libnbd-bin qemu-system-common dpkg-dev zstd; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -18,6 +18,8 @@ public final class ArchiveStream {
     private var inLen = 0
     private var inEOF = false
     private var zstd: OpaquePointer?
+    /// ZSTD_decompressStream's last answer: 0 once a frame is decoded, checked and flushed.
+    private var zstdHint = 1
     private var gzip: GzipStreamInflater?
 
     public init(file: StreamFile) throws(SourceError) {
@@ -87,13 +89,12 @@ public final class ArchiveStream {
                 if ZSTD_isError(r) != 0 {
                     throw SourceError(.damaged, path: file.path, "zstd stream is damaged near archive offset \(offset + UInt64(produced)): \(String(cString: ZSTD_getErrorName(r)))")
                 }
+                zstdHint = r
                 inPos = input.pos
                 produced += output.pos
                 if output.pos == 0 && input.pos == inLen && inEOF { break }
                 continue
             case .gzip:
-                // The stream ends where the file does, inside a member or not: the VMA reader
-                // names a short archive by what it was reading.
                 if inPos == inLen && inEOF { break }
                 guard let gzip else { break }
                 let r: (consumed: Int, produced: Int)
@@ -111,8 +112,24 @@ public final class ArchiveStream {
             }
             break
         }
+        if produced == 0 && count > 0 { try checkEnded() }
         offset += UInt64(produced)
         return produced
+    }
+
+    /// At the end of the file: the compressed stream must end where a frame or member does. A
+    /// stream cut there has lost its integrity check (gzip's CRC-32 and length, zstd's checksum)
+    /// even when every byte of the archive decoded: refused, as `zcat` and `zstd -d` refuse it.
+    /// (A stream cut earlier also lacks archive bytes; this names the cause first.)
+    private func checkEnded() throws(SourceError) {
+        switch compression {
+        case .none: return
+        case .zstd where zstdHint != 0:
+            throw SourceError(.damaged, path: file.path, "zstd stream ends inside a frame at archive offset \(offset): the file is truncated (the rest of the frame and its checksum are missing)")
+        case .gzip where gzip?.atMemberBoundary == false:
+            throw SourceError(.damaged, path: file.path, "gzip stream ends inside a member at archive offset \(offset): the file is truncated (the rest of the member and its CRC-32 are missing)")
+        default: return
+        }
     }
 
     private func damagedGzip(at produced: Int, zlibCode: Int32) -> SourceError {

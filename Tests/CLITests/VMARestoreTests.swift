@@ -87,6 +87,30 @@ struct VMARestoreTests {
         #expect(unknown.status == 1 && unknown.stderr.contains("nope"))
     }
 
+    /// A compressed archive cut where its integrity check is (gzip's CRC-32 and length, zstd's
+    /// frame checksum): every archive byte still decodes, but the check is gone — refused, as zcat
+    /// and zstd -d refuse it (it restored with exit 0 before).
+    @Test(arguments: [("a.vma.gz", 8), ("a.vma.zst", 4)])
+    func compressedStreamCutBeforeItsCheckIsRefused(name: String, cut: Int) throws {
+        let dir = try Harness.tempDir()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let disks = try Self.makeDisks(in: dir, count: 1)
+        let plain = try Self.makeArchive(dir, disks: disks, name: "a.vma")
+        let gz = name.hasSuffix(".gz")
+        let packed = try Harness.run(gz ? "/usr/bin/gzip" : "/usr/bin/zstd", gz ? ["-k", "-n", "-f", plain] : ["-q", "-f", "--check", plain, "-o", plain + ".zst"])
+        #expect(packed.status == 0, "\(packed.stderr)")
+        let whole = try Data(contentsOf: URL(fileURLWithPath: plain + (gz ? ".gz" : ".zst")))
+        let archive = dir.appendingPathComponent("cut-" + name).path
+        try whole.prefix(whole.count - cut).write(to: URL(fileURLWithPath: archive))
+        let out = dir.appendingPathComponent("out").path
+        let r = try Harness.qcowpress(["restore", "vma", archive, out, "-c"])
+        #expect(r.status == 1 && r.stderr.contains("truncated") && r.stderr.split(separator: "\n").count == 1, "\(name): \(r.status) \(r.stderr)")
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: out)) ?? []).isEmpty)
+        // The whole stream restores.
+        try whole.write(to: URL(fileURLWithPath: archive))
+        #expect(try Harness.qcowpress(["restore", "vma", archive, out, "-c"]).status == 0)
+    }
+
     @Test(arguments: ["magic", "header-md5", "extent-md5", "truncate-header", "truncate-extent", "bad-devid",
                       "cluster-beyond-size", "missing-cluster", "repeated-cluster", "extent-uuid", "block-count",
                       "duplicate-device-name", "device-name-slash", "config-name-dotdot"])

@@ -13,17 +13,12 @@ struct CompareMapMeasureTests {
         return r
     }
 
-    static func qemuIO(_ image: String, _ cmds: [String], format: String = "qcow2") throws {
-        let r = try Harness.run("/usr/bin/qemu-io", ["-f", format] + cmds.flatMap { ["-c", $0] } + [image])
-        #expect(r.status == 0, "qemu-io \(cmds): \(r.stderr)")
-    }
-
     /// A 10 MiB qcow2 with data, a zero cluster, compressed clusters and unallocated runs (whole
     /// clusters only), and its raw, vdi and vpc conversions made by qemu-img.
     static func images(_ dir: URL) throws -> (qcow2: String, raw: String, vdi: String, vpc: String) {
         let q = dir.appendingPathComponent("a.qcow2").path
         try qemu(["create", "-q", "-f", "qcow2", q, "10M"])
-        try qemuIO(q, ["write -P 1 0 64k", "write -z 1M 64k", "write -c -P 3 2M 128k", "write -P 5 4M 192k", "write -P 6 9M 64k"])
+        try Harness.qemuIO(q, ["write -P 1 0 64k", "write -z 1M 64k", "write -c -P 3 2M 128k", "write -P 5 4M 192k", "write -P 6 9M 64k"])
         let raw = dir.appendingPathComponent("a.raw").path
         let vdi = dir.appendingPathComponent("a.vdi").path
         let vpc = dir.appendingPathComponent("a.vhd").path
@@ -100,7 +95,7 @@ struct CompareMapMeasureTests {
         }
         let sparse = dir.appendingPathComponent("sparse.vhdx").path
         try Self.qemu(["create", "-q", "-f", "vhdx", "-o", "block_size=1M", sparse, "64M"])
-        try Self.qemuIO(sparse, ["write -P 1 3M 64k"], format: "vhdx")
+        try Harness.qemuIO(sparse, ["write -P 1 3M 64k"], format: "vhdx")
         for sub in ["dynamic", "fixed"] {
             let x = dir.appendingPathComponent("\(sub).vhdx").path
             try Self.qemu(["convert", "-O", "vhdx", "-o", "subformat=\(sub)", i.qcow2, x])
@@ -122,9 +117,9 @@ struct CompareMapMeasureTests {
         let base = dir.appendingPathComponent("base.qcow2").path
         let top = dir.appendingPathComponent("top.qcow2").path
         try Self.qemu(["create", "-q", "-f", "qcow2", base, "4M"])
-        try Self.qemuIO(base, ["write -P 7 0 1M"])
+        try Harness.qemuIO(base, ["write -P 7 0 1M"])
         try Self.qemu(["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top, "8M"])
-        try Self.qemuIO(top, ["write -P 9 512k 64k", "write -z 2M 64k"])
+        try Harness.qemuIO(top, ["write -P 9 512k 64k", "write -z 2M 64k"])
         try Self.expectSame(["map", "--output=json"], [top])
         try Self.expectSame(["map"], [top])
         // The human table cannot show compressed clusters: one line, exit 1.

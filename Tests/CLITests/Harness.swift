@@ -55,6 +55,12 @@ enum Harness {
         try run("/usr/bin/qemu-img", args)
     }
 
+    /// qemu-io's commands (`write -P 0x5a 0 64k`, …) on `image` of `format`; it must succeed.
+    static func qemuIO(_ image: String, _ cmds: [String], format: String = "qcow2") throws {
+        let r = try run("/usr/bin/qemu-io", ["-f", format] + cmds.flatMap { ["-c", $0] } + [image])
+        #expect(r.status == 0, "qemu-io \(cmds): \(r.stderr)")
+    }
+
     static var haveQemuImg: Bool { FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-img") }
 
     /// A fresh directory for one test, removed by the caller's defer.

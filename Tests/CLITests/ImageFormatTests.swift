@@ -144,8 +144,7 @@ struct ImageFormatTests {
             // Written with qemu-io after creation: scattered patterns in a fresh image.
             let fresh = dir.appendingPathComponent("fresh-\(kind).vdi").path
             #expect(try Harness.qemuImg(["create", "-q", "-f", "vdi", "-o", "static=\(kind == "static" ? "on" : "off")", fresh, "7340544"]).status == 0)
-            let io = try Harness.run("/usr/bin/qemu-io", ["-f", "vdi", "-c", "write -P 0x5a 1048064 4096", "-c", "write -P 0xc3 6291456 512", fresh])
-            #expect(io.status == 0, "\(io.stderr)")
+            try Harness.qemuIO(fresh, ["write -P 0x5a 1048064 4096", "write -P 0xc3 6291456 512"], format: "vdi")
             try Self.expectConverts(fresh, format: "vdi", subformat: kind, dir: dir)
         }
         // A zeroed block (map entry 0xfffffffe) reads as zeros, as qemu-img reads it.
@@ -211,8 +210,7 @@ struct ImageFormatTests {
         // Written with qemu-io into a fresh dynamic image of an odd size.
         let fresh = dir.appendingPathComponent("fresh.vhd").path
         #expect(try Harness.qemuImg(["create", "-q", "-f", "vpc", fresh, "9000000"]).status == 0)
-        let io = try Harness.run("/usr/bin/qemu-io", ["-f", "vpc", "-c", "write -P 0x5a 2096640 4096", "-c", "write -P 0xc3 6291456 512", fresh])
-        #expect(io.status == 0, "\(io.stderr)")
+        try Harness.qemuIO(fresh, ["write -P 0x5a 2096640 4096", "write -P 0xc3 6291456 512"], format: "vpc")
         try Self.expectConverts(fresh, format: "vpc", subformat: "dynamic", dir: dir)
         // Hyper-V's creator ("win ") sizes by current_size: the footer copy at 0 says so.
         let win = dir.appendingPathComponent("win.vhd").path

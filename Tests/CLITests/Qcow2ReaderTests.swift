@@ -15,13 +15,6 @@ struct Qcow2ReaderTests {
         ["-o", "refcount_bits=64,lazy_refcounts=on"],
     ]
 
-    func io(_ image: String, _ cmds: [String]) throws {
-        var args = ["-f", "qcow2"]
-        for c in cmds { args += ["-c", c] }
-        let r = try Harness.run("/usr/bin/qemu-io", args + [image])
-        #expect(r.status == 0, "qemu-io \(cmds): \(r.stderr)")
-    }
-
     /// Converts `image` with qcowpress to qcow2 (compressed) and to raw; both must read like it.
     func expectConvertsLikeQemu(_ image: String, in dir: URL, sourceLocation: SourceLocation = #_sourceLocation) throws {
         let q = dir.appendingPathComponent("out-\(UUID().uuidString).qcow2").path
@@ -48,7 +41,7 @@ struct Qcow2ReaderTests {
         let img = dir.appendingPathComponent("img.qcow2").path
         #expect(try Harness.qemuImg(["convert", "-O", "qcow2"] + options + [src.path, img]).status == 0)
         // Zero clusters, partial (subcluster) writes and discards on top.
-        try io(img, ["write -z 64k 128k", "write -P 0x5a 300k 4k", "write -P 0x11 1000k 1k", "discard 1536k 64k"])
+        try Harness.qemuIO(img, ["write -z 64k 128k", "write -P 0x5a 300k 4k", "write -P 0x11 1000k 1k", "discard 1536k 64k"])
         try expectConvertsLikeQemu(img, in: dir)
     }
 
@@ -61,24 +54,24 @@ struct Qcow2ReaderTests {
         #expect(try Harness.qemuImg(["convert", "-c", "-O", "qcow2", src.path, base]).status == 0)
         let mid = dir.appendingPathComponent("mid.qcow2").path
         #expect(try Harness.qemuImg(["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", mid]).status == 0)
-        try io(mid, ["write -P 0x55 1M 512k", "write -z 3M 64k"])
+        try Harness.qemuIO(mid, ["write -P 0x55 1M 512k", "write -z 3M 64k"])
         // A raw backing file under a qcow2 with extended L2 and a snapshot.
         let top = dir.appendingPathComponent("top.qcow2").path
         #expect(try Harness.qemuImg(["create", "-f", "qcow2", "-o", "extended_l2=on", "-b", "mid.qcow2", "-F", "qcow2", top]).status == 0)
-        try io(top, ["write -P 0x66 2M 4k", "write -z 100k 8k"])
+        try Harness.qemuIO(top, ["write -P 0x66 2M 4k", "write -z 100k 8k"])
         #expect(try Harness.qemuImg(["snapshot", "-c", "s1", top]).status == 0)
-        try io(top, ["write -P 0x77 3M 64k"])
+        try Harness.qemuIO(top, ["write -P 0x77 3M 64k"])
         try expectConvertsLikeQemu(top, in: dir)
         let rawBacked = dir.appendingPathComponent("rawbacked.qcow2").path
         #expect(try Harness.qemuImg(["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", rawBacked]).status == 0)
-        try io(rawBacked, ["write -P 0x21 512k 64k"])
+        try Harness.qemuIO(rawBacked, ["write -P 0x21 512k 64k"])
         try expectConvertsLikeQemu(rawBacked, in: dir)
         let ext = dir.appendingPathComponent("ext.qcow2").path
         // Absolute: qemu-img resolves a relative data_file name against its current directory,
         // QcowPress against the image's directory (as for backing files).
         let extData = dir.appendingPathComponent("ext.raw").path
         #expect(try Harness.qemuImg(["create", "-f", "qcow2", "-o", "data_file=\(extData),data_file_raw=on", ext, "4M"]).status == 0)
-        try io(ext, ["write -P 0x12 0 1M", "write -P 0x13 2M 64k"])
+        try Harness.qemuIO(ext, ["write -P 0x12 0 1M", "write -P 0x13 2M 64k"])
         try expectConvertsLikeQemu(ext, in: dir)
         // -B keeps the chain: the output holds only what differs from mid.
         let kept = dir.appendingPathComponent("kept.qcow2").path

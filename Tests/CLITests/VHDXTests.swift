@@ -107,9 +107,7 @@ struct VHDXTests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let img = dir.appendingPathComponent("big.vhdx").path
         #expect(try Harness.qemuImg(["create", "-q", "-f", "vhdx", "-o", "block_size=32M", img, "10G"]).status == 0)
-        let io = try Harness.run("/usr/bin/qemu-io", ["-f", "vhdx", "-c", "write -P 0x5a 0 65536", "-c", "write -P 0xc3 4295999488 4096",
-                                                       "-c", "write -P 0x17 10737414144 4096", img])
-        #expect(io.status == 0, "\(io.stderr)")
+        try Harness.qemuIO(img, ["write -P 0x5a 0 65536", "write -P 0xc3 4295999488 4096", "write -P 0x17 10737414144 4096"], format: "vhdx")
         try ImageFormatTests.expectConverts(img, format: "vhdx", subformat: "dynamic", dir: dir)
 
         let k4 = dir.appendingPathComponent("4k.vhdx").path
@@ -136,9 +134,7 @@ struct VHDXTests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let fresh = dir.appendingPathComponent("fresh.vhdx").path
         #expect(try Harness.qemuImg(["create", "-q", "-f", "vhdx", "-o", "block_size=1M", fresh, "9000448"]).status == 0)
-        let io = try Harness.run("/usr/bin/qemu-io", ["-f", "vhdx", "-c", "write -P 0x5a 1048064 4096", "-c", "write -z 2097152 1048576",
-                                                       "-c", "write -P 0xc3 8999936 512", fresh])
-        #expect(io.status == 0, "\(io.stderr)")
+        try Harness.qemuIO(fresh, ["write -P 0x5a 1048064 4096", "write -z 2097152 1048576", "write -P 0xc3 8999936 512"], format: "vhdx")
         try ImageFormatTests.expectConverts(fresh, format: "vhdx", subformat: "dynamic", dir: dir)
         let pristine = dir.appendingPathComponent("pristine.vhdx").path
         try VHDXBytes.copy(fresh, pristine)

@@ -99,9 +99,7 @@ struct VMDKTests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let vmdk = dir.appendingPathComponent("z.vmdk").path
         #expect(try Harness.qemuImg(["create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", vmdk, "3000000"]).status == 0)
-        let io = try Harness.run("/usr/bin/qemu-io", ["-f", "vmdk", "-c", "write -P 0x5a 0 1M", "-c", "write -z 65536 131072",
-                                                       "-c", "write -P 0x33 2000000 5000", vmdk])
-        #expect(io.status == 0, "\(io.stderr)")
+        try Harness.qemuIO(vmdk, ["write -P 0x5a 0 1M", "write -z 65536 131072", "write -P 0x33 2000000 5000"], format: "vmdk")
         try ImageFormatTests.expectConverts(vmdk, format: "vmdk", subformat: "monolithicSparse", dir: dir)
     }
 
@@ -302,7 +300,7 @@ extension VMDKTests {
         }
         let z = dir.appendingPathComponent("zeroed.vmdk").path
         #expect(try Harness.qemuImg(["create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", z, "3000000"]).status == 0)
-        #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "vmdk", "-c", "write -P 0x5a 0 1M", "-c", "write -z 65536 131072", z]).status == 0)
+        try Harness.qemuIO(z, ["write -P 0x5a 0 1M", "write -z 65536 131072"], format: "vmdk")
         images.append(z)
         for img in images {
             try CompareMapMeasureTests.expectSame(["map", "--output=json"], [img])

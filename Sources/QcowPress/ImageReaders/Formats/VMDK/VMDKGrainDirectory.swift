@@ -59,14 +59,13 @@ struct VMDKGrainDirectory {
             return (primary, hasCopy ? VMDKRedundantDirectory(file: file, header: h, headerAt: headerAt) : nil)
         } catch {
             guard hasCopy else { throw error }
-            let copy: VMDKGrainDirectory
-            do {
-                copy = try read(file, header: h, headerAt: headerAt, sector: h.redundantGDOffset, field: ("rgdOffset", 48), redundant: true)
-            } catch let other {
-                throw .inputDamaged(path: file.path, location: "\(error.why); the redundant copy is unusable too: \(other.why)")
+            let redundant = VMDKRedundantDirectory(file: file, header: h, headerAt: headerAt)
+            switch redundant.directory() {
+            case .failure(let other): throw redundant.bothUnusable(error, other.why)
+            case .success(let copy):
+                VMDKRedundantDirectory.warn(file.path, "\(error.why); reading the redundant grain directory at \(copy.at) (rgdOffset) instead")
+                return (copy, nil)
             }
-            VMDKRedundantDirectory.warn(file.path, "\(error.why); reading the redundant grain directory at \(copy.at) (rgdOffset) instead")
-            return (copy, nil)
         }
     }
 }
@@ -90,21 +89,32 @@ final class VMDKRedundantDirectory: Sendable {
         Logger(label: "qcowpress.vmdk").warning("\(path): \(what)")
     }
 
+    /// The redundant directory, read and checked on first use (its failure is kept too).
+    func directory() -> Result<VMDKGrainDirectory, QcowPressError> {
+        state.withLock { s in
+            if let d = s.directory { return d }
+            let d = Result { () throws(QcowPressError) in
+                try VMDKGrainDirectory.read(file, header: header, headerAt: headerAt, sector: header.redundantGDOffset, field: ("rgdOffset", 48), redundant: true)
+            }
+            s.directory = d
+            return d
+        }
+    }
+
+    /// The one-line error when the redundant copy cannot stand in for what `failure` says.
+    func bothUnusable(_ failure: QcowPressError, _ why: String) -> QcowPressError {
+        .inputDamaged(path: file.path, location: "\(failure.why); the redundant copy is unusable too: \(why)")
+    }
+
     /// Grain table `t` from the redundant copy, after `failure` of the primary one; `load` reads
     /// and checks a table at a sector. Said once per extent on stderr.
     func table(_ t: Int, after failure: QcowPressError, load: (UInt64, String) throws(QcowPressError) -> [UInt64]) throws(QcowPressError) -> [UInt64] {
-        let (directory, first) = state.withLock { s in
-            if s.directory == nil {
-                s.directory = Result { () throws(QcowPressError) in
-                    try VMDKGrainDirectory.read(file, header: header, headerAt: headerAt, sector: header.redundantGDOffset, field: ("rgdOffset", 48), redundant: true)
-                }
-            }
+        let directory = directory()
+        let first = state.withLock { s in
             defer { s.warned = true }
-            return (s.directory!, !s.warned)
+            return !s.warned
         }
-        func both(_ why: String) -> QcowPressError {
-            .inputDamaged(path: file.path, location: "\(failure.why); the redundant copy is unusable too: \(why)")
-        }
+        func both(_ why: String) -> QcowPressError { bothUnusable(failure, why) }
         let table: [UInt64]
         switch directory {
         case .failure(let e): throw both(e.why)

@@ -3,7 +3,6 @@ import CZstd
 /// One zstd frame per cluster (QEMU writes level 3). The `ZSTD_CCtx` lives as long as the worker.
 public final class ZstdClusterCompressor: ClusterCompressor {
     private let cctx: OpaquePointer?
-    private let ok: Bool
     /// Level 3's hash table for a cluster of at most 64 KiB: `hashLog` 12 (16 KiB, fits the L1
     /// cache) instead of the 16 zstd picks for a 64 KiB input. Measured on the bench disk's first
     /// GiB (16,046 non-zero 64 KiB clusters, thread CPU, zstd 1.5.4, twice each, interleaved):
@@ -15,21 +14,22 @@ public final class ZstdClusterCompressor: ClusterCompressor {
         level == 3 && clusterSize <= 64 << 10 ? 12 : nil
     }
 
+    /// nil when the context could not be made or take its parameters: every cluster is then
+    /// stored uncompressed (didNotFit), never compressed with other settings.
     public init(level: Int, clusterSize: Int = 64 << 10) {
-        cctx = ZSTD_createCCtx()
-        var good = cctx != nil
-        if let cctx {
-            good = ZSTD_isError(ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, Int32(level))) == 0
-            if good, let h = Self.tunedHashLog(level: level, clusterSize: clusterSize) {
-                good = ZSTD_isError(ZSTD_CCtx_setParameter(cctx, ZSTD_c_hashLog, h)) == 0
-            }
+        var c = ZSTD_createCCtx()
+        func set(_ p: ZSTD_cParameter, _ v: Int32) -> Bool { ZSTD_isError(ZSTD_CCtx_setParameter(c, p, v)) == 0 }
+        let h = Self.tunedHashLog(level: level, clusterSize: clusterSize)
+        if c != nil && !(set(ZSTD_c_compressionLevel, Int32(level)) && (h.map { set(ZSTD_c_hashLog, $0) } ?? true)) {
+            ZSTD_freeCCtx(c)
+            c = nil
         }
-        ok = good
+        cctx = c
     }
     deinit { ZSTD_freeCCtx(cctx) }
 
     public func compress(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer) -> CompressionResult {
-        guard ok, let cctx else { return .didNotFit }
+        guard let cctx else { return .didNotFit }
         let cap = min(destination.count, source.count - 1)
         // compress2 starts a new frame each call (the parameters stay; the frame's state does not).
         let n = ZSTD_compress2(cctx, destination.baseAddress, cap, source.baseAddress, source.count)

@@ -38,10 +38,7 @@ struct FormatDamageTests {
     @Test func damagedVHDX() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let src = dir.appendingPathComponent("src.raw")
-        try ImageFormatTests.mixedRaw(src, size: 5 * 1_048_576, seed: 5)
-        let good = dir.appendingPathComponent("good.vhdx").path
-        #expect(try Harness.qemuImg(["convert", "-O", "vhdx", "-o", "block_size=1M", src.path, good]).status == 0)
+        let (_, good) = try ImageFormatTests.qemuMade("vhdx", named: "good.vhdx", options: ["-o", "block_size=1M"], size: 5 * 1_048_576, seed: 5, in: dir)
         let bat = try VHDXBytes.bat(good), meta = try VHDXBytes.metadata(good)
         let params = try VHDXBytes.item(good, guid: 0xCAA1_6737), vsize = try VHDXBytes.item(good, guid: 0x2FA5_4224)
         let logical = try VHDXBytes.item(good, guid: 0x8141_BF1D)
@@ -96,10 +93,7 @@ struct FormatDamageTests {
     @Test func damagedVHD() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let src = dir.appendingPathComponent("src.raw")
-        try ImageFormatTests.mixedRaw(src, size: 5 * 1_048_576, seed: 9)
-        let good = dir.appendingPathComponent("good.vhd").path
-        #expect(try Harness.qemuImg(["convert", "-O", "vpc", src.path, good]).status == 0)
+        let (src, good) = try ImageFormatTests.qemuMade("vpc", named: "good.vhd", size: 5 * 1_048_576, seed: 9, in: dir)
         let batAt = 1536
         let e0 = try VHDXBytes.read(good, at: batAt, count: 4)
         #expect(e0 != [0xFF, 0xFF, 0xFF, 0xFF], "block 0 of the test image is allocated")
@@ -134,10 +128,7 @@ struct FormatDamageTests {
     @Test func damagedVDI() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let src = dir.appendingPathComponent("src.raw")
-        try ImageFormatTests.mixedRaw(src, size: 5 * 1_048_576, seed: 13)
-        let good = dir.appendingPathComponent("good.vdi").path
-        #expect(try Harness.qemuImg(["convert", "-O", "vdi", src.path, good]).status == 0)
+        let (_, good) = try ImageFormatTests.qemuMade("vdi", named: "good.vdi", size: 5 * 1_048_576, seed: 13, in: dir)
         let h = try VHDXBytes.read(good, at: 0, count: 512)
         let mapAt = VHDXBytes.le(h, 340, 4), dataAt = VHDXBytes.le(h, 344, 4)
         let e0 = try VHDXBytes.read(good, at: mapAt, count: 4)
@@ -166,10 +157,7 @@ extension FormatDamageTests {
     @Test func vmdkRedundantGrainDirectory() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let src = dir.appendingPathComponent("src.raw")
-        try ImageFormatTests.mixedRaw(src, size: 3 * 1_048_576, seed: 21)
-        let good = dir.appendingPathComponent("good.vmdk").path
-        #expect(try Harness.qemuImg(["convert", "-O", "vmdk", src.path, good]).status == 0)
+        let (src, good) = try ImageFormatTests.qemuMade("vmdk", named: "good.vmdk", size: 3 * 1_048_576, seed: 21, in: dir)
         let h = try VHDXBytes.read(good, at: 0, count: 512)
         #expect(VHDXBytes.le(h, 8, 4) & 2 != 0, "qemu-img writes a redundant grain directory")
         let rgd = VHDXBytes.le(h, 48, 8) * 512, gd = VHDXBytes.le(h, 56, 8) * 512

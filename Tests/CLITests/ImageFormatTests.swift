@@ -84,6 +84,16 @@ struct ImageFormatTests {
 
     /// A raw source of an odd size (whole sectors) with seeded data at scattered offsets, a run of
     /// written zeros and holes.
+    /// A mixed raw `src.raw` in `dir` and its conversion by qemu-img to `format` (with `options`)
+    /// as `name`: the fixture the damage tests start from.
+    static func qemuMade(_ format: String, named name: String, options: [String] = [], size: Int, seed: UInt64, in dir: URL) throws -> (src: URL, image: String) {
+        let src = dir.appendingPathComponent("src.raw")
+        try mixedRaw(src, size: size, seed: seed)
+        let image = dir.appendingPathComponent(name).path
+        #expect(try Harness.qemuImg(["convert", "-O", format] + options + [src.path, image]).status == 0)
+        return (src, image)
+    }
+
     static func mixedRaw(_ url: URL, size: Int, seed: UInt64) throws {
         FileManager.default.createFile(atPath: url.path, contents: nil)
         let h = try FileHandle(forWritingTo: url)
@@ -156,10 +166,7 @@ struct ImageFormatTests {
     @Test func damagedVDIIsRefused() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let src = dir.appendingPathComponent("src.raw")
-        try Self.mixedRaw(src, size: 3 * 1_048_576, seed: 7)
-        let good = dir.appendingPathComponent("good.vdi").path
-        #expect(try Harness.qemuImg(["convert", "-O", "vdi", src.path, good]).status == 0)
+        let (src, good) = try ImageFormatTests.qemuMade("vdi", named: "good.vdi", size: 3 * 1_048_576, seed: 7, in: dir)
         let cases: [(String, Int, [UInt8], String)] = [
             ("bmap-eof", 340, Self.le32(0x4000_0000), "offset_bmap"),
             ("entry-eof", 512, Self.le32(1000), "block map entry 0"),
@@ -222,10 +229,7 @@ struct ImageFormatTests {
     @Test func damagedVHDIsRefused() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let src = dir.appendingPathComponent("src.raw")
-        try Self.mixedRaw(src, size: 5 * 1_048_576, seed: 9)
-        let good = dir.appendingPathComponent("good.vhd").path
-        #expect(try Harness.qemuImg(["convert", "-O", "vpc", src.path, good]).status == 0)
+        let (src, good) = try ImageFormatTests.qemuMade("vpc", named: "good.vhd", size: 5 * 1_048_576, seed: 9, in: dir)
         func copy(_ name: String) throws -> String {
             let p = dir.appendingPathComponent(name).path
             try FileManager.default.copyItem(atPath: good, toPath: p)

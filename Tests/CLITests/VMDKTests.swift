@@ -83,10 +83,7 @@ struct VMDKTests {
     @Test func vmwareStreamWithFooter() throws {
         let dir = try Harness.tempDir()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let src = dir.appendingPathComponent("src.raw")
-        try ImageFormatTests.mixedRaw(src, size: 40 * 1_048_576 + 7 * 512, seed: 52)
-        let qemu = dir.appendingPathComponent("q.vmdk").path
-        #expect(try Harness.qemuImg(["convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src.path, qemu]).status == 0)
+        let (src, qemu) = try ImageFormatTests.qemuMade("vmdk", named: "q.vmdk", options: ["-o", "subformat=streamOptimized"], size: 40 * 1_048_576 + 7 * 512, seed: 52, in: dir)
         let vmw = dir.appendingPathComponent("vmware.vmdk").path
         try Self.vmwareStream(from: qemu, to: vmw)
         try ImageFormatTests.expectConverts(vmw, format: "vmdk", subformat: "streamOptimized", dir: dir)
@@ -180,10 +177,7 @@ extension Harness {
 extension VMDKTests {
     /// A 3 MiB monolithicSparse and a VMware-style stream of the same data, made fresh.
     static func images(_ dir: URL) throws -> (sparse: String, stream: String) {
-        let src = dir.appendingPathComponent("src.raw")
-        try ImageFormatTests.mixedRaw(src, size: 3 * 1_048_576, seed: 9)
-        let sparse = dir.appendingPathComponent("good.vmdk").path
-        #expect(try Harness.qemuImg(["convert", "-O", "vmdk", src.path, sparse]).status == 0)
+        let (src, sparse) = try ImageFormatTests.qemuMade("vmdk", named: "good.vmdk", size: 3 * 1_048_576, seed: 9, in: dir)
         let q = dir.appendingPathComponent("q.vmdk").path
         #expect(try Harness.qemuImg(["convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src.path, q]).status == 0)
         let stream = dir.appendingPathComponent("stream.vmdk").path
